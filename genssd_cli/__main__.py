@@ -1,0 +1,3 @@
+from genssd_cli.cli import main
+
+main()

@@ -1,0 +1,109 @@
+"""Final-answer extraction and equivalence.
+
+Fast path: plain numbers compared exactly (fractions, decimals, thousands separators, `$`,
+`\\$`, `%`, trailing units). Anything else goes to math-verify, run in a worker process with a
+hard timeout because it relies on `signal.alarm` (useless off the main thread) and can hang on
+pathological LaTeX.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import re
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from fractions import Fraction
+
+_BOXED = "\\boxed{"
+_ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*:?\s*([^\n]+)", re.IGNORECASE)
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+
+
+def extract_answer(text: str) -> str | None:
+    """The last `\\boxed{}`, else the text after the last `####`, else after 'the answer is',
+    else the last number in the text."""
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return boxed.strip()
+    if "####" in text:
+        tail = text.rpartition("####")[2].strip().splitlines()
+        if tail and tail[0].strip():
+            return tail[0].strip()
+    matches = _ANSWER_IS.findall(text)
+    if matches:
+        return matches[-1].strip().rstrip(".").strip()
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def _last_boxed(text: str) -> str | None:
+    start = text.rfind(_BOXED)
+    if start < 0:
+        return None
+    depth, i = 1, start + len(_BOXED)
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i:j]
+    return None
+
+
+def to_number(text: str) -> Fraction | None:
+    """A plain numeric answer as an exact Fraction, or None when it is not plainly numeric."""
+    s = text.strip().replace("\\$", "").replace("$", "").replace("\\%", "%").replace("\\!", "")
+    s = re.sub(r"^\\text\{(.*)\}$", r"\1", s).strip().rstrip(".").strip()
+    percent = s.endswith("%")
+    s = s.rstrip("%").strip()
+    match = re.fullmatch(r"(-?[\d,]*\.?\d+(?:/\d+)?)\s*[A-Za-z ]*", s)
+    if not match:
+        frac = re.fullmatch(r"(-?)\\d?frac\{(-?\d+)\}\{(\d+)\}", s)
+        if not frac or int(frac.group(3)) == 0:
+            return None
+        value = Fraction(int(frac.group(2)), int(frac.group(3)))
+        return -value if frac.group(1) else value
+    number = match.group(1).replace(",", "")
+    try:
+        value = Fraction(number)
+    except (ValueError, ZeroDivisionError):
+        return None
+    return value / 100 if percent else value
+
+
+def answers_match(reference: str, predicted: str | None, timeout_s: float = 5.0) -> bool:
+    if predicted is None or not predicted.strip():
+        return False
+    ref, pred = to_number(reference), to_number(predicted)
+    if ref is not None and pred is not None:
+        return ref == pred
+    return _math_verify(reference, predicted, timeout_s)
+
+
+_pool: ProcessPoolExecutor | None = None
+
+
+def _math_verify(reference: str, predicted: str, timeout_s: float) -> bool:
+    global _pool
+    if _pool is None:
+        _pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    future = _pool.submit(_verify_worker, reference, predicted)
+    try:
+        return future.result(timeout=timeout_s)
+    except FutureTimeout:
+        # The worker may be stuck for good: kill it, a fresh pool starts next time.
+        for process in list(getattr(_pool, "_processes", {}).values()):
+            process.kill()
+        _pool.shutdown(wait=False, cancel_futures=True)
+        _pool = None
+        return False
+
+
+def _verify_worker(reference: str, predicted: str) -> bool:
+    from math_verify import parse, verify
+
+    clean = predicted.replace("\\$", "")
+    gold = parse(reference if "$" in reference else f"${reference}$")
+    pred = parse(clean if "$" in clean or "\\boxed" in clean else f"${clean}$")
+    return bool(verify(gold, pred))  # gold first: verify is not symmetric

@@ -1,0 +1,78 @@
+"""The `genssd` command. Commands stay thin and import their machinery when called, so
+`genssd --help` never pays for torch."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from genssd_cli.errors import GenssdError
+
+app = typer.Typer(
+    help="Gen-SSD: grow a teacher's chain of thought chunk by chunk, keep the chunks a small "
+    "student can follow, and distill them into the student.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+err_console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from genssd_cli import __version__
+
+        print(f"genssd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version"),
+) -> None:
+    """Gen-SSD: grow a teacher's chain of thought chunk by chunk, keep the chunks a small student
+    can follow, and distill them into the student."""
+
+
+@app.command()
+def run(
+    config: Path | None = typer.Argument(None, help="run config YAML (default: the bundled demo)"),
+    out: Path | None = typer.Option(None, "--out", help="run directory (default: runs/CONFIG_NAME)"),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="only the first N problems"),
+    overrides: list[str] = typer.Option([], "--set", help="override a setting: --set search.n=8"),
+    force: bool = typer.Option(False, "--force", help="resume even though result settings changed"),
+) -> None:
+    """Generate Gen-SSD trajectories; running it again on the same --out resumes."""
+    from genssd_cli.runner import default_run_dir, run_command
+
+    console = Console()
+    run_dir = out or default_run_dir(config)
+    try:
+        summary = run_command(config, out, limit, overrides, force, console)
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted; resume with: {_resume_command()}")
+        raise typer.Exit(130) from None
+    t = summary["trajectories"]
+    console.print(
+        f"done: {t['finished']} finished, {t['truncated']} truncated, {t['pruned']} pruned, "
+        f"{t['failed']} failed, {summary['correct']} correct -> {run_dir}/trajectories.jsonl"
+    )
+    if t["failed"] or t["pending"]:
+        console.print(f"some trajectories did not end; resume with: {_resume_command()}")
+
+
+def _resume_command() -> str:
+    return "genssd " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def main() -> None:
+    try:
+        app()
+    except GenssdError as exc:
+        err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)

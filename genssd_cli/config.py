@@ -1,0 +1,219 @@
+"""Run configuration: pydantic models, YAML loading with `--set key=value` overrides, and the
+hash of the settings that change results (so a resume with other settings is caught)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from genssd_cli.errors import UsageError
+from genssd_cli.paths import bundled_dir
+
+METHODS = ("genssd",)  # standard-kd and posthoc-ppl join this registry with their policies
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LaunchConfig(_Strict):
+    """genssd starts a local llama.cpp OpenAI-compatible server for the run and stops it after."""
+
+    gguf: str = Field(description="a shipped model name (gemma-3-270m) or a path to a .gguf file")
+    port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
+    n_ctx: int = Field(4096, ge=256)
+    startup_timeout_s: float = Field(180.0, gt=0)
+    extra_args: list[str] = Field(default_factory=list)
+
+
+class TeacherConfig(_Strict):
+    model: str = Field(min_length=1, description="the model name the endpoint serves")
+    base_url: str | None = None
+    api_key_env: str | None = Field(None, description="name of the env var holding the API key")
+    launch: LaunchConfig | None = None
+    temperature: float = Field(0.8, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: list[str] = Field(default_factory=list)
+    seed: int = 0
+    max_concurrency: int = Field(4, ge=1)
+    timeout_s: float = Field(120.0, gt=0)
+    retries: int = Field(5, ge=0)
+
+    @model_validator(mode="after")
+    def _one_endpoint(self) -> TeacherConfig:
+        if (self.base_url is None) == (self.launch is None):
+            raise ValueError("set exactly one of teacher.base_url and teacher.launch")
+        return self
+
+
+class StudentConfig(_Strict):
+    model: str = Field(min_length=1, description="shipped name, HF model id, or local folder")
+    gguf_file: str | None = None
+    adapter: str | None = None
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    batch_tokens: int = Field(8192, ge=64, description="padded tokens per scoring forward")
+
+
+class SearchConfig(_Strict):
+    n: int = Field(4, ge=1, description="candidate chunks per step")
+    chunk_tokens: int = Field(64, ge=1)
+    max_steps: int = Field(16, ge=1)
+    max_new_tokens: int = Field(1024, ge=1)
+    prune_ppl: float | None = Field(None, gt=0, description="null: never prune")
+    retries: int = Field(1, ge=0, description="re-samples of a step before pruning")
+    samples: int = Field(1, ge=1, description="trajectories per problem")
+
+
+class DataConfig(_Strict):
+    source: str = Field(min_length=1, description="arith | gsm8k-test | path to a JSONL file")
+    count: int = Field(64, ge=1, description="arith: problems to generate")
+    seed: int = Field(0, description="arith: generator seed")
+    question_field: str = "question"
+    answer_field: str = "answer"
+    id_field: str = "id"
+    limit: int | None = Field(None, ge=1)
+
+
+class PromptsConfig(_Strict):
+    teacher: str = "teacher_fewshot"
+    student: str = "student"
+
+
+class EngineConfig(_Strict):
+    max_active_problems: int = Field(8, ge=1)
+    progress_interval_s: float = Field(10.0, gt=0)
+
+
+class RunConfig(_Strict):
+    method: Literal[METHODS] = "genssd"  # type: ignore[valid-type]
+    teacher: TeacherConfig
+    student: StudentConfig
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    data: DataConfig
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+
+def default_config_path() -> Path:
+    return bundled_dir("configs") / "demo.yaml"
+
+
+def load_run_config(path: Path | None, overrides: list[str] = ()) -> RunConfig:
+    path = path or default_config_path()
+    raw = _read_yaml(path)
+    for item in overrides:
+        _apply_override(raw, item)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise UsageError(f"config {path}: {format_validation_error(exc)}") from None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise UsageError(f"config path is a folder, not a YAML file: {path}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"config file is not UTF-8 text: {path}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise UsageError(f"config {path} is not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"config {path} must be a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    """`--set search.n=8`: the value is parsed as YAML, so numbers, null and lists work."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"--set expects KEY=VALUE (e.g. search.n=8), got {item!r}")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UsageError(f"--set {key}: {part!r} is not a section")
+        node = child
+    try:
+        node[leaf] = yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise UsageError(f"--set {key}: value {value!r} is not valid YAML") from None
+
+
+# Settings that do not change what the run produces: where the teacher lives, how fast we go.
+_NOT_RESULTS = {
+    "teacher.base_url",
+    "teacher.api_key_env",
+    "teacher.max_concurrency",
+    "teacher.timeout_s",
+    "teacher.retries",
+    "teacher.launch.port",
+    "teacher.launch.startup_timeout_s",
+    "teacher.launch.extra_args",
+    "student.device",
+    "student.batch_tokens",
+    "data.limit",
+}
+
+
+def results_settings(config: RunConfig, prompt_texts: dict[str, str]) -> dict[str, Any]:
+    """Flat `{dotted.key: value}` of everything that changes results, prompt texts by sha256."""
+    flat = _flatten(config.model_dump(mode="json"))
+    flat = {
+        k: v
+        for k, v in flat.items()
+        if k not in _NOT_RESULTS and not k.startswith("engine.")
+    }
+    for role, text in prompt_texts.items():
+        flat[f"prompts.{role}.sha256"] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return flat
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    blob = json.dumps(settings, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+def dump_config_yaml(config: RunConfig, config_hash: str) -> str:
+    header = (
+        "# Resolved genssd run config (API keys are never stored: only env var names).\n"
+        f"# results hash: {config_hash}\n"
+    )
+    return header + yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

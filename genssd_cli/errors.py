@@ -1,0 +1,34 @@
+"""The error hierarchy the CLI maps to one-line messages and exit codes.
+
+A `UsageError` is the user's to fix (bad config, flag, data): exit 2. A `RuntimeFailure` is
+something that went wrong while doing the work (endpoint unreachable, model missing): exit 1.
+Anything else is a bug and keeps its traceback.
+"""
+
+
+class GenssdError(Exception):
+    exit_code = 1
+
+
+class UsageError(GenssdError):
+    exit_code = 2
+
+
+class RuntimeFailure(GenssdError):
+    exit_code = 1
+
+
+class TeacherFatalError(RuntimeFailure):
+    """The teacher endpoint refused in a way retrying cannot fix (auth, unknown model, bad request)."""
+
+
+class TeacherUnavailable(RuntimeFailure):
+    """Retries ran out: the trajectory fails, the run goes on."""
+
+    def __init__(self, message: str, error_class: str):
+        super().__init__(message)
+        self.error_class = error_class
+
+
+class ContextTooLong(RuntimeFailure):
+    """The prompt plus prefix no longer fits the teacher's context: the trajectory ends truncated."""

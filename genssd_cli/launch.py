@@ -1,0 +1,99 @@
+"""Start a local llama.cpp OpenAI-compatible server for a run, and always stop it after."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from genssd_cli.config import LaunchConfig
+from genssd_cli.errors import RuntimeFailure, UsageError
+from genssd_cli.models import resolve_gguf
+
+STOP_GRACE_S = 5.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LocalServer:
+    def __init__(self, cfg: LaunchConfig, model_alias: str, log_path: Path):
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise UsageError(
+                "teacher.launch needs llama.cpp's server: pip install 'llama-cpp-python[server]' "
+                "(or install genssd with the demo extra)"
+            )
+        self.cfg = cfg
+        self.gguf = resolve_gguf(cfg.gguf)
+        self.port = cfg.port or free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.alias = model_alias
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        cmd = [
+            sys.executable, "-m", "llama_cpp.server",
+            "--model", str(self.gguf), "--model_alias", self.alias,
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--n_ctx", str(self.cfg.n_ctx), *self.cfg.extra_args,
+        ]  # fmt: skip
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            # Own session: a Ctrl-C in the terminal reaches genssd, which stops the server itself.
+            self.process = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+
+    def wait_ready(self) -> None:
+        """Poll /v1/models with a short backoff until it answers, the process dies, or time is up."""
+        deadline = time.monotonic() + self.cfg.startup_timeout_s
+        delay = 0.2
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeFailure(
+                    f"teacher server exited with code {self.process.returncode} while starting; see {self.log_path}"
+                )
+            try:
+                if httpx.get(f"{self.base_url}/models", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(delay)
+            delay = min(delay * 1.5, 2.0)
+        raise RuntimeFailure(
+            f"teacher server did not answer within {self.cfg.startup_timeout_s:.0f} s; see {self.log_path}"
+        )
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL: llama.cpp finishes its running request before exiting on TERM."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        except ProcessLookupError:
+            pass
+
+
+@contextmanager
+def launched(server: LocalServer):
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,120 @@
+"""Reading meaning back out of events.jsonl: what a resumed run can reuse (`Replay`), and the
+files materialised from it (trajectories.jsonl, failures.jsonl, summary.json)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import Counter
+from typing import Any
+
+from genssd_cli.config import changed_keys
+from genssd_cli.data import Problem
+from genssd_cli.errors import UsageError
+
+StepKey = tuple[str, int, int, int]  # (problem_id, sample, step, attempt)
+END_TYPES = ("finish", "prune")
+
+
+def step_key(event: dict[str, Any]) -> StepKey:
+    return (event["problem_id"], event["sample"], event["step"], event["attempt"])
+
+
+class Replay:
+    """Every received teacher response and every recorded choice, by step, so the engine can walk
+    its deterministic loop again and only ask the teacher for what it never received."""
+
+    def __init__(self, events: list[dict[str, Any]]):
+        self.candidates: dict[StepKey, dict] = {}
+        self.choices: dict[StepKey, dict] = {}
+        self.ended: dict[tuple[str, int], dict] = {}
+        for event in events:
+            kind = event.get("type")
+            if kind == "candidates":
+                self.candidates[step_key(event)] = event
+            elif kind == "choice":
+                self.choices[step_key(event)] = event
+            elif kind in END_TYPES:
+                self.ended[(event["problem_id"], event["sample"])] = event
+
+
+def last_run_start(events: list[dict[str, Any]]) -> dict[str, Any] | None:
+    starts = [e for e in events if e.get("type") == "run_start"]
+    return starts[-1] if starts else None
+
+
+def check_resume(events: list[dict[str, Any]], settings: dict[str, Any], force: bool) -> None:
+    """Refuse to mix results of different settings in one run directory, unless forced."""
+    previous = last_run_start(events)
+    if previous is None or force:
+        return
+    changed = changed_keys(previous["settings"], settings)
+    if changed:
+        raise UsageError(
+            f"this run directory was made with other settings (changed: {', '.join(changed)}); "
+            "use another --out, or --force to continue anyway"
+        )
+
+
+def trajectory_rows(events: list[dict[str, Any]], problems: list[Problem]) -> list[dict[str, Any]]:
+    """Finished and truncated trajectories in problem order then sample: a resumed run writes the
+    same file as an uninterrupted one."""
+    order = {p.id: i for i, p in enumerate(problems)}
+    rows = [e["row"] for e in events if e.get("type") == "finish"]
+    return sorted(rows, key=lambda r: (order.get(r["problem_id"], len(order)), r["problem_id"], r["sample"]))
+
+
+def failure_rows(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Errors of trajectories that did not end later (a resumed run retries failed ones)."""
+    ended = {(e["problem_id"], e["sample"]) for e in events if e.get("type") in END_TYPES}
+    latest: dict[tuple[str, int], dict] = {}
+    for event in events:
+        if event.get("type") == "error" and (event["problem_id"], event["sample"]) not in ended:
+            latest[(event["problem_id"], event["sample"])] = event
+    return [{k: v for k, v in e.items() if k not in ("v", "type")} for e in latest.values()]
+
+
+def _stats(values: list[float]) -> dict[str, float | None]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return {"mean": None, "median": None}
+    return {"mean": round(statistics.fmean(finite), 4), "median": round(statistics.median(finite), 4)}
+
+
+def summarize(events: list[dict[str, Any]], problems: list[Problem], samples: int) -> dict[str, Any]:
+    rows = trajectory_rows(events, problems)
+    pruned = sum(1 for e in events if e.get("type") == "prune")
+    failed = len(failure_rows(events))
+    wanted = {(p.id, s) for p in problems for s in range(samples)}
+    ended = {(e["problem_id"], e["sample"]) for e in events if e.get("type") in END_TYPES}
+    candidate_events = [e for e in events if e.get("type") == "candidates"]
+    sessions = [e for e in events if e.get("type") == "session_end"]
+    retries: Counter[str] = Counter()
+    for session in sessions:
+        retries.update(session.get("retries", {}))
+    return {
+        "problems": len(problems),
+        "trajectories": {
+            "finished": sum(1 for r in rows if r["finish"] == "stop"),
+            "truncated": sum(1 for r in rows if r["finish"] == "truncated"),
+            "pruned": pruned,
+            "failed": failed,
+            "pending": len(wanted - ended) - failed,
+        },
+        "correct": sum(1 for r in rows if r["correct"]),
+        "steps": sum(1 for e in events if e.get("type") == "choice"),
+        "teacher": {
+            "requests": sum(e["requests"] for e in candidate_events),
+            "prompt_tokens": sum(e["prompt_tokens"] for e in candidate_events),
+            "completion_tokens": sum(e["completion_tokens"] for e in candidate_events),
+            "candidates": sum(len(e["candidates"]) for e in candidate_events),
+            "retries": dict(sorted(retries.items())),
+        },
+        "kept": {
+            "student_ppl": _stats([r["student_ppl"] for r in rows]),
+            "completion_tokens": _stats([r["completion_tokens"] for r in rows]),
+        },
+        "sessions": len(sessions),
+        "wall_s": round(sum(s.get("wall_s", 0.0) for s in sessions), 1),
+        "config_hash": (last_run_start(events) or {}).get("config_hash"),
+    }

@@ -1,0 +1,122 @@
+"""The run directory. `events.jsonl` is the append-only source of truth; trajectories.jsonl,
+failures.jsonl and summary.json are materialised from it (atomically), so a crash can never leave
+them disagreeing with the log.
+
+Only the event-loop thread writes, so one `RunStore` owns the log file alone.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from genssd_cli.errors import RuntimeFailure, UsageError
+
+EVENTS = "events.jsonl"
+TRAJECTORIES = "trajectories.jsonl"
+FAILURES = "failures.jsonl"
+SUMMARY = "summary.json"
+CONFIG = "config.yaml"
+LOCK = ".lock"
+SCHEMA_VERSION = 1
+
+
+def read_events(run_dir: Path) -> list[dict[str, Any]]:
+    """Parse the log. A torn last line (crash mid-write) is dropped, never fatal; a corrupt line
+    anywhere else means the file was edited or damaged, and we stop rather than guess."""
+    path = run_dir / EVENTS
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    events = []
+    for number, line in enumerate(lines[:-1], start=1):
+        try:
+            events.append(json.loads(line))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RuntimeFailure(f"{path} line {number} is corrupt; the log cannot be replayed") from None
+    return events
+
+
+def torn_tail(run_dir: Path) -> bytes:
+    """Bytes after the last newline: a record whose write was cut short."""
+    path = run_dir / EVENTS
+    if not path.exists():
+        return b""
+    data = path.read_bytes()
+    return data[data.rfind(b"\n") + 1 :]
+
+
+class RunStore:
+    """Holds the directory's advisory lock for the whole run (the OS releases it on crash)."""
+
+    def __init__(self, run_dir: Path, fsync: bool = False):
+        self.dir = run_dir
+        self._fsync = fsync
+        self._lock_file = None
+        self._events = None
+
+    def __enter__(self) -> RunStore:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            lock = open(self.dir / LOCK, "a+")
+        except OSError as exc:
+            raise UsageError(f"cannot write to run directory {self.dir}: {exc.strerror}") from None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            lock.close()
+            raise RuntimeFailure(
+                f"run directory {self.dir} is in use by another genssd run (pid {holder})"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        self._lock_file = lock
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._events is not None:
+            self._events.close()
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing releases the flock
+
+    def open_log(self) -> None:
+        """Set a torn tail aside (kept in events.jsonl.torn for inspection) and open for append."""
+        path = self.dir / EVENTS
+        tail = torn_tail(self.dir)
+        if tail:
+            with open(path.with_suffix(".jsonl.torn"), "ab") as torn:
+                torn.write(tail + b"\n")
+            with open(path, "r+b") as log:
+                log.truncate(path.stat().st_size - len(tail))
+        self._events = open(path, "a", encoding="utf-8")  # noqa: SIM115 -- the run's log
+
+    @property
+    def log_open(self) -> bool:
+        return self._events is not None
+
+    def append(self, event: dict[str, Any]) -> None:
+        # One write of one whole line, then flush: a crash leaves at most a torn last line.
+        line = json.dumps({"v": SCHEMA_VERSION, **event}, ensure_ascii=False) + "\n"
+        self._events.write(line)
+        self._events.flush()
+        if self._fsync:
+            os.fsync(self._events.fileno())
+
+    def write_text(self, name: str, text: str) -> None:
+        tmp = self.dir / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, self.dir / name)
+
+    def write_jsonl(self, name: str, rows: list[dict[str, Any]]) -> None:
+        self.write_text(name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+    def write_json(self, name: str, obj: dict[str, Any]) -> None:
+        self.write_text(name, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")

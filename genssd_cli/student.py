@@ -1,0 +1,191 @@
+"""The student side: perplexity of each teacher candidate under the student, given the problem
+(rendered with the student's chat template) and the accepted prefix.
+
+PPL(candidate) = exp(mean NLL of the candidate's tokens). Chunk boundaries cut words, so the
+context and context+candidate are tokenized separately and the candidate's tokens are those past
+their longest common token prefix: a token that merges across the seam counts as the
+candidate's. Scoring here recomputes the whole sequence; it is exact and is the reference that
+any faster scorer must match.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import anyio
+
+from genssd_cli.data import render_prompt
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    context: str  # student prompt + accepted prefix
+    candidates: list[str]
+
+
+@dataclass(frozen=True)
+class Score:
+    ppl: float  # inf when the candidate has no tokens of its own
+    tokens: int
+
+
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class StudentScorer:
+    def __init__(self, model, tokenizer, device: str, user_template: str, batch_tokens: int = 8192):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.user_template = user_template
+        self.batch_tokens = batch_tokens
+        self.forward_tokens = 0  # padded tokens pushed through the model, for benchmarks
+
+    @classmethod
+    def load(cls, cfg, user_template: str) -> StudentScorer:
+        from genssd_cli.models import load_causal_lm, pick_device
+
+        device = pick_device(cfg.device)
+        model, tokenizer = load_causal_lm(cfg.model, cfg.gguf_file, cfg.adapter, device, cfg.dtype)
+        return cls(model, tokenizer, device, user_template, cfg.batch_tokens)
+
+    def user_message(self, question: str) -> str:
+        return render_prompt(self.user_template, question)
+
+    def prompt_text(self, question: str) -> str:
+        """The student-side prompt: its own chat template with the generation prompt opened."""
+        message = self.user_message(question)
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
+            )
+        return message + "\n"
+
+    def _encode(self, text: str) -> list[int]:
+        # The chat template already holds the special tokens.
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def score(self, requests: list[ScoreRequest]) -> list[list[Score]]:
+        sequences: list[tuple[list[int], int]] = []
+        for request in requests:
+            context = self._encode(request.context)
+            for text in request.candidates:
+                full = self._encode(request.context + text)
+                start = max(common_prefix_len(context, full), 1)
+                sequences.append((full, start))
+        nll = self._sequence_nll(sequences)
+        scores: list[Score] = []
+        for (ids, start), total in zip(sequences, nll, strict=True):
+            count = len(ids) - start
+            scores.append(Score(math.exp(total / count) if count else math.inf, count))
+        out, i = [], 0
+        for request in requests:
+            out.append(scores[i : i + len(request.candidates)])
+            i += len(request.candidates)
+        return out
+
+    def _sequence_nll(self, sequences: list[tuple[list[int], int]]) -> list[float]:
+        """Summed NLL of tokens[start:] per sequence, in padded batches under the token budget."""
+        import torch
+
+        totals = [0.0] * len(sequences)
+        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0]))
+        batch: list[int] = []
+        for index in order:
+            width = len(sequences[batch[0]][0]) if batch else len(sequences[index][0])
+            if batch and (len(batch) + 1) * width > self.batch_tokens:
+                self._nll_batch(sequences, batch, totals, torch)
+                batch = []
+            batch.append(index)
+        if batch:
+            self._nll_batch(sequences, batch, totals, torch)
+        return totals
+
+    def _nll_batch(self, sequences, batch: list[int], totals: list[float], torch) -> None:
+        pad = self.tokenizer.pad_token_id
+        width = max(len(sequences[i][0]) for i in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            seq = sequences[i][0]
+            ids[row, width - len(seq) :] = torch.tensor(seq)  # left padding: targets end aligned
+            mask[row, width - len(seq) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        keep = max(len(sequences[i][0]) - sequences[i][1] for i in batch) + 1
+        self.forward_tokens += int(ids.numel())
+        with torch.inference_mode():
+            logits = self.model(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=positions.to(self.device),
+                logits_to_keep=keep,
+                use_cache=False,
+            ).logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        for row, i in enumerate(batch):
+            seq, start = sequences[i]
+            count = len(seq) - start
+            if count == 0:
+                continue
+            # logits index j is absolute position width-keep+j and predicts the token after it.
+            first = keep - 1 - count
+            targets = torch.tensor(seq[start:], device=logprobs.device)
+            picked = logprobs[row, first : first + count].gather(-1, targets[:, None])
+            totals[i] = -float(picked.sum())
+
+
+@dataclass
+class _Pending:
+    request: ScoreRequest
+    done: anyio.Event = field(default_factory=anyio.Event)
+    result: list[Score] | None = None
+    error: BaseException | None = None
+
+
+class ScoringQueue:
+    """Gathers the score requests of all trajectories in flight and runs them as one batched call
+    in a worker thread: the event loop never blocks on the model, and whatever arrives while
+    the model is busy goes into the next batch."""
+
+    def __init__(self, scorer: StudentScorer):
+        self.scorer = scorer
+        self._pending: list[_Pending] = []
+        self._wakeup = anyio.Event()
+        self.batches = 0
+
+    async def score(self, request: ScoreRequest) -> list[Score]:
+        item = _Pending(request)
+        self._pending.append(item)
+        self._wakeup.set()
+        await item.done.wait()
+        if item.error is not None:
+            raise item.error
+        return item.result
+
+    async def serve(self) -> None:
+        """Runs until cancelled (the engine cancels it when the last trajectory ends)."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = anyio.Event()
+            batch, self._pending = self._pending, []
+            if not batch:
+                continue
+            self.batches += 1
+            try:
+                results = await anyio.to_thread.run_sync(
+                    self.scorer.score, [p.request for p in batch], abandon_on_cancel=False
+                )
+            except Exception as exc:  # handed to every waiter; the engine decides
+                for item in batch:
+                    item.error = exc
+                    item.done.set()
+                continue
+            for item, result in zip(batch, results, strict=True):
+                item.result = result
+                item.done.set()

@@ -1,0 +1,227 @@
+"""The teacher side: an OpenAI-compatible `/v1/completions` endpoint asked for `n` candidate
+continuations of a prompt, with retries, a concurrency limit and usage accounting."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter
+from dataclasses import dataclass
+
+import anyio
+import openai
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from genssd_cli.config import TeacherConfig
+from genssd_cli.errors import ContextTooLong, RuntimeFailure, TeacherFatalError, TeacherUnavailable
+
+
+@dataclass(frozen=True)
+class Candidate:
+    text: str
+    finish_reason: str  # "stop" or "length"
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class TeacherResponse:
+    candidates: list[Candidate]
+    prompt_tokens: int
+    completion_tokens: int
+    requests: int
+
+
+class _ShortResponse(Exception):
+    """Malformed or empty body: worth another try."""
+
+
+def request_seed(base: int, *key: object) -> int:
+    """A stable per-step seed: the same (problem, sample, step, attempt) always asks the same."""
+    digest = hashlib.blake2b(repr((base, *key)).encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big") % (2**31 - 1024)
+
+
+def error_class(exc: BaseException) -> str:
+    if isinstance(exc, openai.APITimeoutError):
+        return "timeout"
+    if isinstance(exc, openai.APIConnectionError):
+        return "connection"
+    if isinstance(exc, openai.APIStatusError):
+        return f"http_{exc.status_code}"
+    if isinstance(exc, (_ShortResponse, openai.APIResponseValidationError, ValueError)):
+        return "malformed"
+    return type(exc).__name__
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code in (408, 409, 429) or exc.status_code >= 500
+    return isinstance(
+        exc, (openai.APIConnectionError, openai.APIResponseValidationError, _ShortResponse, ValueError)
+    )
+
+
+class _WaitRetryAfter:
+    """Exponential backoff with jitter, but never sooner than the server's Retry-After."""
+
+    def __init__(self, initial: float, maximum: float):
+        self._backoff = wait_exponential_jitter(initial=initial, max=maximum)
+        self._max = maximum
+
+    def __call__(self, state) -> float:
+        wait = self._backoff(state)
+        exc = state.outcome.exception() if state.outcome else None
+        response = getattr(exc, "response", None)
+        header = response.headers.get("retry-after") if response is not None else None
+        try:
+            return max(wait, min(float(header), self._max)) if header else wait
+        except ValueError:
+            return wait
+
+
+class TeacherClient:
+    """One endpoint. Servers that ignore `n` (llama.cpp's) are detected on the first short
+    answer and from then on asked once per candidate with seeds seed+i, which gives the same
+    candidates as the top-up path, so the mode switch never changes results."""
+
+    def __init__(self, cfg: TeacherConfig, base_url: str, backoff_s: float = 0.5):
+        api_key = "EMPTY"
+        if cfg.api_key_env:
+            api_key = os.environ.get(cfg.api_key_env, "")
+            if not api_key:
+                raise RuntimeFailure(f"teacher API key: environment variable {cfg.api_key_env} is not set")
+        self.cfg = cfg
+        self.base_url = base_url
+        # Retries are ours (tenacity), so the SDK's own are off.
+        self._client = openai.AsyncOpenAI(
+            base_url=base_url, api_key=api_key, max_retries=0, timeout=cfg.timeout_s
+        )
+        self._limit = anyio.CapacityLimiter(cfg.max_concurrency)
+        self._backoff_s = backoff_s
+        self.honours_n: bool | None = None
+        self.requests = 0
+        self.in_flight = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.retries: Counter[str] = Counter()
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    async def check(self) -> None:
+        """Reachable and serving the configured model, or one clear line."""
+        try:
+            models = await self._client.models.list()
+        except openai.AuthenticationError:
+            raise TeacherFatalError(f"teacher {self.base_url} rejected the API key (401)") from None
+        except (openai.APIConnectionError, openai.APIStatusError) as exc:
+            reason = error_class(exc)
+            raise RuntimeFailure(f"teacher endpoint {self.base_url} is unreachable ({reason})") from None
+        served = [m.id for m in models.data]
+        if served and self.cfg.model not in served:
+            listed = ", ".join(served[:5])
+            raise TeacherFatalError(
+                f"teacher model {self.cfg.model!r} is not served at {self.base_url} (it serves: {listed})"
+            )
+
+    async def sample(self, prompt: str, n: int, max_tokens: int, seed: int) -> TeacherResponse:
+        if max_tokens < 1:  # 0 or None makes some servers generate to the end of the context
+            raise ValueError("max_tokens must be at least 1")
+        if self.honours_n is False or n == 1:
+            parts = await self._fan_out(prompt, range(n), max_tokens, seed)
+        else:
+            first = await self._request(prompt, n, max_tokens, seed)
+            got = len(first[0])
+            if got < n:
+                self.honours_n = False if got == 1 else self.honours_n
+                parts = [first, *await self._fan_out(prompt, range(got, n), max_tokens, seed)]
+            else:
+                self.honours_n = True
+                parts = [first]
+        candidates = [c for cands, _, _ in parts for c in cands][:n]
+        return TeacherResponse(
+            candidates=candidates,
+            prompt_tokens=sum(p for _, p, _ in parts),
+            completion_tokens=sum(c for _, _, c in parts),
+            requests=len(parts),
+        )
+
+    async def _fan_out(self, prompt: str, indices: range, max_tokens: int, seed: int) -> list:
+        results: list = [None] * len(indices)
+
+        async def one(slot: int, index: int) -> None:
+            results[slot] = await self._request(prompt, 1, max_tokens, seed + index)
+
+        async with anyio.create_task_group() as group:
+            for slot, index in enumerate(indices):
+                group.start_soon(one, slot, index)
+        return results
+
+    async def _request(self, prompt: str, n: int, max_tokens: int, seed: int):
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.cfg.retries + 1),
+            wait=_WaitRetryAfter(self._backoff_s, 30.0),
+            retry=retry_if_exception(_retryable),
+            before_sleep=lambda state: self.retries.update([error_class(state.outcome.exception())]),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    async with self._limit:
+                        return await self._request_once(prompt, n, max_tokens, seed)
+        except openai.BadRequestError as exc:
+            if "context" in str(exc).lower():
+                raise ContextTooLong(str(exc)) from None
+            raise TeacherFatalError(f"teacher {self.base_url} refused the request (400): {_brief(exc)}") from None
+        except openai.AuthenticationError:
+            raise TeacherFatalError(f"teacher {self.base_url} rejected the API key (401)") from None
+        except openai.PermissionDeniedError:
+            raise TeacherFatalError(f"teacher {self.base_url} denied access (403)") from None
+        except openai.NotFoundError:
+            raise TeacherFatalError(f"teacher model {self.cfg.model!r} not found at {self.base_url} (404)") from None
+        except Exception as exc:
+            if _retryable(exc):
+                kind = error_class(exc)
+                raise TeacherUnavailable(
+                    f"teacher failed after {self.cfg.retries + 1} attempts: {kind}", kind
+                ) from None
+            raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _request_once(self, prompt: str, n: int, max_tokens: int, seed: int):
+        self.in_flight += 1
+        try:
+            response = await self._client.completions.create(
+                model=self.cfg.model,
+                prompt=prompt,
+                max_tokens=max_tokens,
+                n=n,
+                temperature=self.cfg.temperature,
+                top_p=self.cfg.top_p,
+                stop=self.cfg.stop or None,
+                seed=seed,
+            )
+        finally:
+            self.in_flight -= 1
+        self.requests += 1
+        choices = sorted(response.choices or [], key=lambda c: c.index)
+        if not choices or any(c.text is None for c in choices):
+            raise _ShortResponse("response had no choices")
+        usage = response.usage
+        prompt_tokens = usage.prompt_tokens if usage else 0
+        completion_tokens = usage.completion_tokens if usage else 0
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+        # Usage is per request; split it over choices for the per-candidate count.
+        per_choice = completion_tokens // len(choices) if completion_tokens else 0
+        candidates = [
+            Candidate(c.text, c.finish_reason or "length", per_choice) for c in choices
+        ]
+        return candidates, prompt_tokens, completion_tokens
+
+
+def _brief(exc: openai.APIStatusError) -> str:
+    body = exc.body if isinstance(exc.body, dict) else {}
+    message = body.get("message") or (body.get("error") or {}).get("message") if body else None
+    return (message or str(exc)).splitlines()[0][:200]

@@ -1,0 +1,91 @@
+"""Progress for `genssd run`: a rich live panel on a terminal, plain periodic lines otherwise."""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import anyio
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+
+@dataclass
+class RunStats:
+    problems_total: int
+    problems_done: int = 0
+    problems_active: int = 0
+    finished: int = 0
+    truncated: int = 0
+    pruned: int = 0
+    failed: int = 0
+    correct: int = 0
+    steps: int = 0
+    candidates: int = 0
+    teacher_tokens: int = 0
+    ppl_sum: float = 0.0
+    ppl_count: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def add_ppl(self, ppl: float) -> None:
+        self.ppl_sum += ppl
+        self.ppl_count += 1
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.started
+        rate = self.candidates / elapsed if elapsed > 0 else 0.0
+        mean_ppl = f"{self.ppl_sum / self.ppl_count:.2f}" if self.ppl_count else "-"
+        return (
+            f"problems {self.problems_done}/{self.problems_total} (active {self.problems_active}) | "
+            f"finished {self.finished} truncated {self.truncated} pruned {self.pruned} failed {self.failed} "
+            f"correct {self.correct} | steps {self.steps} | cand/s {rate:.2f} | "
+            f"teacher tokens {self.teacher_tokens} | mean chosen PPL {mean_ppl} | ETA {self.eta()}"
+        )
+
+    def eta(self) -> str:
+        elapsed = time.monotonic() - self.started
+        if not self.problems_done or self.problems_done >= self.problems_total:
+            return "-"
+        seconds = elapsed / self.problems_done * (self.problems_total - self.problems_done)
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+    def table(self) -> Table:
+        elapsed = time.monotonic() - self.started
+        table = Table(title="genssd run", show_header=False, min_width=60)
+        rows = [
+            ("problems", f"{self.problems_done}/{self.problems_total} done, {self.problems_active} active"),
+            ("trajectories", f"{self.finished} finished, {self.truncated} truncated, "
+                             f"{self.pruned} pruned, {self.failed} failed"),
+            ("correct", str(self.correct)),
+            ("steps", str(self.steps)),
+            ("candidates/s", f"{self.candidates / elapsed:.2f}" if elapsed > 0 else "-"),
+            ("teacher tokens", str(self.teacher_tokens)),
+            ("mean chosen PPL", f"{self.ppl_sum / self.ppl_count:.3f}" if self.ppl_count else "-"),
+            ("elapsed / ETA", f"{int(elapsed)}s / {self.eta()}"),
+        ]  # fmt: skip
+        for key, value in rows:
+            table.add_row(key, value)
+        return table
+
+
+@asynccontextmanager
+async def progress_display(stats: RunStats, console: Console, interval_s: float):
+    if console.is_terminal:
+        with Live(get_renderable=stats.table, console=console, refresh_per_second=2):
+            yield
+        return
+    async with anyio.create_task_group() as group:
+
+        async def ticker() -> None:
+            while True:
+                await anyio.sleep(interval_s)
+                console.print(stats.line(), soft_wrap=True)
+
+        group.start_soon(ticker)
+        try:
+            yield
+        finally:
+            group.cancel_scope.cancel()
+    console.print(stats.line(), soft_wrap=True)

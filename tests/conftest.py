@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKE_TEACHER = Path(__file__).with_name("fake_teacher.py")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, process: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            httpx.get(url, timeout=1.0)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer")
+
+
+class FakeTeacher:
+    def __init__(self, tmp: Path, *args: str):
+        self.port = free_port()
+        self.log = tmp / f"requests-{self.port}.jsonl"
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.process = subprocess.Popen(
+            [sys.executable, str(FAKE_TEACHER), "--port", str(self.port), "--log", str(self.log), *args]
+        )
+        wait_http(f"{self.base_url}/models", self.process)
+
+    def requests(self) -> list[dict]:
+        if not self.log.exists():
+            return []
+        return [json.loads(line) for line in self.log.read_text().splitlines()]
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+@pytest.fixture
+def fake_teacher(tmp_path):
+    servers: list[FakeTeacher] = []
+
+    def start(*args: str) -> FakeTeacher:
+        server = FakeTeacher(tmp_path, *args)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def run_config(base_url: str, **sections) -> dict:
+    """A small run config against a test teacher and the real demo student."""
+    config = {
+        "method": "genssd",
+        "teacher": {"model": "fake-teacher", "base_url": base_url, "stop": ["\nQuestion:"],
+                    "max_concurrency": 4, "retries": 3, "timeout_s": 10},
+        "student": {"model": "smollm2-135m-instruct"},
+        "search": {"n": 3, "chunk_tokens": 8, "max_steps": 4, "max_new_tokens": 64,
+                   "prune_ppl": None, "retries": 1, "samples": 1},
+        "data": {"source": "arith", "count": 4, "seed": 0},
+        "engine": {"max_active_problems": 4, "progress_interval_s": 60},
+    }  # fmt: skip
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            config.setdefault(section, {}).update(values)
+        else:
+            config[section] = values
+    return config
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def genssd(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "genssd_cli", *args],
+        capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env,
+    )  # fmt: skip

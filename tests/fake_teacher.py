@@ -1,0 +1,144 @@
+"""A deterministic OpenAI-compatible teacher for tests, run as its own process on 127.0.0.1.
+
+Completions depend only on (prompt, seed): the same request always gets the same text. Every
+request is appended to a JSONL log (prompt, seed, n) so tests can count repeats. Faults are
+injected at a configurable rate, deterministically by request number.
+
+    python tests/fake_teacher.py --port P --log requests.jsonl [--ignore-n] [--fault-rate 0.2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+FAULTS = ["500", "502", "503", "504", "429", "malformed", "empty", "reset"]
+
+
+def continuation(prompt: str, seed: int, max_tokens: int, stop: list[str]) -> tuple[str, str, int]:
+    """Words 'wN' as tokens; with some chance the chunk ends the solution with an answer."""
+    rng = random.Random(hashlib.sha256(f"{seed}\x00{prompt}".encode()).digest())
+    words = [f" w{rng.randint(0, 99)}" for _ in range(max_tokens)]
+    if rng.random() < 0.35 and max_tokens >= 4:
+        answer = rng.randint(0, 60)
+        cut = rng.randint(1, max_tokens - 3)
+        text = "".join(words[:cut]) + f" The answer is {answer}.\nQuestion: next"
+        for s in stop:
+            if s and s in text:
+                return text[: text.index(s)], "stop", cut + 4
+        return text, "length", max_tokens
+    return "".join(words), "length", max_tokens
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: FakeServer
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _send(self, status: int, body: dict | bytes, headers: dict | None = None) -> None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        if self.path.rstrip("/") == "/v1/models":
+            self._send(200, {"object": "list", "data": [{"id": self.server.model, "object": "model"}]})
+        else:
+            self._send(404, {"error": {"message": "not found"}})
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", 0))
+        req = json.loads(self.rfile.read(length))
+        if self.server.status:
+            return self._send(self.server.status, {"error": {"message": f"forced {self.server.status}"}})
+        if req.get("model") != self.server.model:
+            return self._send(404, {"error": {"message": f"model {req.get('model')} not found"}})
+        fault = self.server.next_fault()
+        self.server.record(req, fault)
+        if fault == "reset":
+            self.connection.close()
+            return
+        if fault == "malformed":
+            return self._send(200, b"{not json")
+        if fault == "empty":
+            return self._send(200, {"id": "x", "object": "text_completion", "created": 0,
+                                    "model": self.server.model, "choices": []})
+        if fault in ("500", "502", "503", "504", "429"):
+            headers = {"Retry-After": "0"} if fault == "429" else {}
+            return self._send(int(fault), {"error": {"message": f"injected {fault}"}}, headers)
+        n = 1 if self.server.ignore_n else int(req.get("n") or 1)
+        seed = int(req.get("seed") or 0)
+        max_tokens = int(req["max_tokens"])
+        stop = req.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        choices, total = [], 0
+        for i in range(n):
+            text, finish, tokens = continuation(req["prompt"], seed + i, max_tokens, stop)
+            choices.append({"index": i, "text": text, "finish_reason": finish, "logprobs": None})
+            total += tokens
+        if self.server.latency_per_token:
+            time.sleep(self.server.latency_per_token * total)
+        self._send(200, {
+            "id": "cmpl-fake", "object": "text_completion", "created": 0, "model": self.server.model,
+            "choices": choices,
+            "usage": {"prompt_tokens": len(req["prompt"].split()), "completion_tokens": total,
+                      "total_tokens": total + len(req["prompt"].split())},
+        })  # fmt: skip
+
+
+class FakeServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, port: int, args: argparse.Namespace):
+        super().__init__(("127.0.0.1", port), Handler)
+        self.model = args.model
+        self.ignore_n = args.ignore_n
+        self.status = args.status
+        self.latency_per_token = args.latency_per_token
+        self.fault_rate = args.fault_rate
+        self._faults = random.Random(args.fault_seed)
+        self._lock = threading.Lock()
+        self._log = open(args.log, "a", encoding="utf-8") if args.log else None  # noqa: SIM115
+
+    def next_fault(self) -> str | None:
+        with self._lock:
+            if self._faults.random() < self.fault_rate:
+                return self._faults.choice(FAULTS)
+        return None
+
+    def record(self, req: dict, fault: str | None) -> None:
+        if self._log is None:
+            return
+        line = json.dumps({"prompt": req["prompt"], "seed": req.get("seed"), "n": req.get("n"), "fault": fault})
+        with self._lock:
+            self._log.write(line + "\n")
+            self._log.flush()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--model", default="fake-teacher")
+    parser.add_argument("--log")
+    parser.add_argument("--ignore-n", action="store_true", help="answer one choice, like llama.cpp")
+    parser.add_argument("--status", type=int, default=0, help="answer every POST with this status")
+    parser.add_argument("--fault-rate", type=float, default=0.0)
+    parser.add_argument("--fault-seed", type=int, default=0)
+    parser.add_argument("--latency-per-token", type=float, default=0.0)
+    args = parser.parse_args()
+    FakeServer(args.port, args).serve_forever()
+
+
+if __name__ == "__main__":
+    main()
