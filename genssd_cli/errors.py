@@ -32,3 +32,11 @@ class TeacherUnavailable(RuntimeFailure):
 
 class ContextTooLong(RuntimeFailure):
     """The prompt plus prefix no longer fits the teacher's context: the trajectory ends truncated."""
+
+
+def unwrap_group(exc: BaseException) -> BaseException:
+    """Task groups wrap errors in (nested) exception groups: surface the one that matters."""
+    while isinstance(exc, BaseExceptionGroup):
+        leaves = exc.exceptions
+        exc = next((e for e in leaves if isinstance(e, (GenssdError, KeyboardInterrupt))), leaves[0])
+    return exc

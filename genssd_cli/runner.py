@@ -17,7 +17,7 @@ from genssd_cli import __version__
 from genssd_cli.config import RunConfig, dump_config_yaml, load_run_config, results_settings, settings_hash
 from genssd_cli.data import Problem, load_problems, load_prompt
 from genssd_cli.engine import Engine
-from genssd_cli.errors import UsageError
+from genssd_cli.errors import UsageError, unwrap_group
 from genssd_cli.launch import LocalServer, launched
 from genssd_cli.results import Replay, check_resume, failure_rows, summarize, trajectory_rows
 from genssd_cli.store import CONFIG, FAILURES, SUMMARY, TRAJECTORIES, RunStore, read_events
@@ -80,7 +80,10 @@ def run_command(
         started = time.monotonic()
         interrupted = True
         try:
-            anyio.run(_session, teacher, begin, problems, stats, console, cfg)
+            try:
+                anyio.run(_session, teacher, begin, problems, stats, console, cfg)
+            except BaseExceptionGroup as group_error:
+                raise unwrap_group(group_error) from None
             interrupted = False
         finally:
             if store.log_open:

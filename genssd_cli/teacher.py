@@ -13,7 +13,13 @@ import openai
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from genssd_cli.config import TeacherConfig
-from genssd_cli.errors import ContextTooLong, RuntimeFailure, TeacherFatalError, TeacherUnavailable
+from genssd_cli.errors import (
+    ContextTooLong,
+    RuntimeFailure,
+    TeacherFatalError,
+    TeacherUnavailable,
+    unwrap_group,
+)
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,7 @@ class _WaitRetryAfter:
     """Exponential backoff with jitter, but never sooner than the server's Retry-After."""
 
     def __init__(self, initial: float, maximum: float):
-        self._backoff = wait_exponential_jitter(initial=initial, max=maximum)
+        self._backoff = wait_exponential_jitter(multiplier=initial, jitter=initial, max=maximum)
         self._max = maximum
 
     def __call__(self, state) -> float:
@@ -152,9 +158,12 @@ class TeacherClient:
         async def one(slot: int, index: int) -> None:
             results[slot] = await self._request(prompt, 1, max_tokens, seed + index)
 
-        async with anyio.create_task_group() as group:
-            for slot, index in enumerate(indices):
-                group.start_soon(one, slot, index)
+        try:
+            async with anyio.create_task_group() as group:
+                for slot, index in enumerate(indices):
+                    group.start_soon(one, slot, index)
+        except BaseExceptionGroup as group_error:
+            raise unwrap_group(group_error) from None
         return results
 
     async def _request(self, prompt: str, n: int, max_tokens: int, seed: int):
