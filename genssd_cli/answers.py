@@ -31,7 +31,8 @@ def extract_answer(text: str) -> str | None:
             return tail[0].strip()
     matches = _ANSWER_IS.findall(text)
     if matches:
-        return matches[-1].strip().rstrip(".").strip()
+        # "The answer is 18 - 4 = 14 cookies." -> the value after the last '='.
+        return matches[-1].rpartition("=")[2].strip().rstrip(".").strip()
     numbers = _NUMBER.findall(text)
     return numbers[-1] if numbers else None
 

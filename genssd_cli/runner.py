@@ -71,6 +71,7 @@ def run_command(
                 "type": "run_start", "config_hash": config_hash, "settings": settings,
                 "forced": force, "limit": limit, "problems": len(problems),
                 "genssd": __version__, "time": time.time(),
+                "teacher_server": {"pid": server.process.pid, "port": server.port} if server else None,
             })  # fmt: skip
             store.write_text(CONFIG, dump_config_yaml(cfg, config_hash))
             scoring = ScoringQueue(scorer)

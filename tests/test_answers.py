@@ -10,6 +10,7 @@ from genssd_cli.answers import answers_match, extract_answer
         ("work\n#### 1,234\n", "1,234"),
         ("Thus the answer is 19.", "19"),
         ("The answer is: $42", "$42"),
+        ("The answer is 18 - 4 = 14 cookies.", "14 cookies"),
         ("3 + 4 = 7 then 7 * 2 = 14", "14"),
         ("no numbers here", None),
         ("\\boxed{a} then \\boxed{\\sqrt{2}}", "\\sqrt{2}"),

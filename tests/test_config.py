@@ -65,3 +65,13 @@ def test_results_hash_tracks_what_changes_results():
     assert changed_keys(base, other) == ["search.n", "teacher.temperature"]
     edited = results_settings(load_run_config(None), {**prompts, "teacher": "T2 {question}"})
     assert changed_keys(base, edited) == ["prompts.teacher.sha256"]
+
+
+def test_every_bundled_config_is_valid():
+    from genssd_cli.data import load_prompt
+    from genssd_cli.paths import bundled_dir
+
+    for path in sorted(bundled_dir("configs").glob("*.yaml")):
+        cfg = load_run_config(path)
+        load_prompt(cfg.prompts.teacher)
+        load_prompt(cfg.prompts.student)

@@ -1,0 +1,104 @@
+"""The real thing: llama.cpp's OpenAI-compatible server with the demo teacher (Gemma-3-270M GGUF),
+started by genssd, and the real demo student. Slow; run in .ci/run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import anyio
+import pytest
+from conftest import genssd
+
+from genssd_cli.config import LaunchConfig, TeacherConfig
+from genssd_cli.data import load_prompt, render_prompt
+from genssd_cli.launch import LocalServer, launched
+from genssd_cli.store import read_events
+from genssd_cli.teacher import TeacherClient
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory):
+    pytest.importorskip("llama_cpp", reason="the demo extra is not installed")
+    server = LocalServer(LaunchConfig(gguf="gemma-3-270m", n_ctx=2048), "gemma-3-270m",
+                         tmp_path_factory.mktemp("llama") / "server.log")
+    with launched(server):
+        server.wait_ready()
+        yield server
+    assert server.process.poll() is not None, "the server must be stopped"
+
+
+def test_steps_through_the_real_client(llama_server):
+    cfg = TeacherConfig(model="gemma-3-270m", base_url=llama_server.base_url, max_concurrency=1,
+                        stop=["\nQuestion:"], temperature=0.8)
+    prompt = render_prompt(load_prompt("teacher_fewshot"), "Tom has 3 bags of 5 apples. How many apples?")
+
+    async def steps():
+        teacher = TeacherClient(cfg, llama_server.base_url)
+        try:
+            await teacher.check()
+            first = await teacher.sample(prompt, 3, 12, 1234)
+            again = await teacher.sample(prompt, 3, 12, 1234)
+            continued = await teacher.sample(prompt + first.candidates[0].text, 2, 12, 99)
+            return teacher, first, again, continued
+        finally:
+            await teacher.aclose()
+
+    teacher, first, again, continued = anyio.run(steps)
+    assert teacher.honours_n is False  # llama.cpp answers one choice: topped up with seed+i
+    assert len(first.candidates) == 3 and first.requests == 3
+    assert first == again  # per-request seeds are honoured: a resumed run asks the same
+    assert len({c.text for c in first.candidates}) > 1
+    for candidate in first.candidates + continued.candidates:
+        assert candidate.finish_reason in ("stop", "length")
+        assert 0 < candidate.completion_tokens <= 12
+        assert "\nQuestion:" not in candidate.text
+    assert teacher.prompt_tokens > 0 and teacher.completion_tokens > 0
+
+
+def test_demo_run_limit_2(tmp_path):
+    pytest.importorskip("llama_cpp", reason="the demo extra is not installed")
+    result = genssd("run", "--limit", "2", "--out", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    t = summary["trajectories"]
+    assert summary["problems"] == 2
+    assert t["finished"] + t["truncated"] + t["pruned"] + t["failed"] == 2 and t["failed"] == 0
+    assert summary["teacher"]["requests"] >= 4 and summary["steps"] >= 1
+    rows = [json.loads(line) for line in (run / "trajectories.jsonl").read_text().splitlines()]
+    assert len(rows) == t["finished"] + t["truncated"]
+    for row in rows:
+        assert row["completion"][0]["content"].strip()
+        assert row["student_ppl"] > 1.0
+    server = read_events(run)[0]["teacher_server"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(server["pid"], 0)  # stopped with the run
+
+
+def test_ctrl_c_stops_the_server_and_says_how_to_resume(tmp_path):
+    pytest.importorskip("llama_cpp", reason="the demo extra is not installed")
+    run = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "genssd_cli", "run", "--limit", "4", "--out", str(run)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if (run / "events.jsonl").exists() and '"candidates"' in (run / "events.jsonl").read_text():
+            break
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "resume with: genssd run --limit 4 --out" in stderr
+    assert "Traceback" not in stderr
+    server = read_events(run)[0]["teacher_server"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(server["pid"], 0)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["teacher"]["requests"] >= 1
