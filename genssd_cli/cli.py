@@ -55,15 +55,17 @@ def run(
     try:
         summary = run_command(config, out, limit, overrides, force, console)
     except KeyboardInterrupt:
-        err_console.print(f"interrupted; resume with: {_resume_command()}")
+        err_console.print(f"interrupted; resume with: {_resume_command()}", markup=False, soft_wrap=True)
         raise typer.Exit(130) from None
     t = summary["trajectories"]
     console.print(
         f"done: {t['finished']} finished, {t['truncated']} truncated, {t['pruned']} pruned, "
-        f"{t['failed']} failed, {summary['correct']} correct -> {run_dir}/trajectories.jsonl"
+        f"{t['failed']} failed, {summary['correct']} correct -> {run_dir}/trajectories.jsonl",
+        markup=False,
+        soft_wrap=True,
     )
     if t["failed"] or t["pending"]:
-        console.print(f"some trajectories did not end; resume with: {_resume_command()}")
+        console.print(f"some trajectories did not end; resume with: {_resume_command()}", markup=False, soft_wrap=True)
 
 
 def _resume_command() -> str:

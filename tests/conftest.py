@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,14 +11,10 @@ import httpx
 import pytest
 import yaml
 
+from genssd_cli.launch import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_TEACHER = Path(__file__).with_name("fake_teacher.py")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_http(url: str, process: subprocess.Popen, timeout: float = 30.0) -> None:
