@@ -15,7 +15,7 @@ from genssd_cli.errors import GenssdError
 app = typer.Typer(
     help="Gen-SSD: grow a teacher's chain of thought chunk by chunk, keep the chunks a small "
     "student can follow, and distill them into the student.",
-    no_args_is_help=True,
+    invoke_without_command=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
@@ -33,10 +33,13 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version"),
 ) -> None:
     """Gen-SSD: grow a teacher's chain of thought chunk by chunk, keep the chunks a small student
     can follow, and distill them into the student."""
+    if ctx.invoked_subcommand is None:
+        print(ctx.get_help())
 
 
 @app.command()
@@ -74,7 +77,16 @@ def _resume_command() -> str:
 
 def main() -> None:
     try:
-        app()
+        code = app(standalone_mode=False)
+    except typer.Abort:  # Ctrl-C outside a command's own handling
+        _fail("interrupted", 130)
+    except typer.TyperException as exc:  # a bad flag or argument (click's usage errors): one line
+        _fail(f"{exc.format_message()} (see --help)", getattr(exc, "exit_code", 2))
     except GenssdError as exc:
-        err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
+        _fail(str(exc), exc.exit_code)
+    sys.exit(code or 0)
+
+
+def _fail(message: str, code: int) -> None:
+    err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    sys.exit(code)
