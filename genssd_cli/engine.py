@@ -102,7 +102,7 @@ class Engine:
                 for attempt in range(search.retries + 1):
                     response = await self._candidates(t, attempt, teacher_prompt + t.text, max_tokens)
                     scores = await self._choose(t, attempt, student_prompt + t.text, response)
-                    best = min(range(len(scores)), key=lambda i: scores[i].ppl)
+                    best = lowest_ppl(scores)
                     if not self._too_hard(scores[best].ppl):
                         break
                 else:
@@ -159,7 +159,7 @@ class Engine:
             ]
         texts = [c.text for c in response.candidates]
         scores = await self.scoring.score(ScoreRequest(context, texts))
-        best = min(range(len(scores)), key=lambda i: scores[i].ppl)
+        best = lowest_ppl(scores)
         self.store.append(t.event(
             "choice", step=t.steps, attempt=attempt, chosen=best,
             ppl=[s.ppl if math.isfinite(s.ppl) else None for s in scores],
@@ -216,6 +216,11 @@ class Engine:
         else:
             self.stats.truncated += 1
         self.stats.correct += bool(row["correct"])
+
+
+def lowest_ppl(scores: list[Score]) -> int:
+    """The selection rule: the candidate the student finds easiest (first one on ties)."""
+    return min(range(len(scores)), key=lambda i: scores[i].ppl)
 
 
 def _longest(stops: list[str]) -> int:

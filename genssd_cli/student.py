@@ -45,7 +45,6 @@ class StudentScorer:
         self.device = device
         self.user_template = user_template
         self.batch_tokens = batch_tokens
-        self.forward_tokens = 0  # padded tokens pushed through the model, for benchmarks
 
     @classmethod
     def load(cls, cfg, user_template: str) -> StudentScorer:
@@ -118,7 +117,6 @@ class StudentScorer:
             mask[row, width - len(seq) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         keep = max(len(sequences[i][0]) - sequences[i][1] for i in batch) + 1
-        self.forward_tokens += int(ids.numel())
         with torch.inference_mode():
             logits = self.model(
                 input_ids=ids.to(self.device),
