@@ -51,13 +51,14 @@ def run(
     force: bool = typer.Option(False, "--force", help="resume even though result settings changed"),
 ) -> None:
     """Generate Gen-SSD trajectories; running it again on the same --out resumes."""
+    from genssd_cli.errors import Interrupted
     from genssd_cli.runner import default_run_dir, run_command
 
     console = Console()
     run_dir = out or default_run_dir(config)
     try:
-        summary = run_command(config, out, limit, overrides, force, console)
-    except KeyboardInterrupt:
+        summary = run_command(config, out, limit, overrides, force, console, _resume_command())
+    except (KeyboardInterrupt, Interrupted):
         err_console.print(f"interrupted; resume with: {_resume_command()}", markup=False, soft_wrap=True)
         raise typer.Exit(130) from None
     t = summary["trajectories"]

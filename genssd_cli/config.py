@@ -88,6 +88,10 @@ class PromptsConfig(_Strict):
 class EngineConfig(_Strict):
     max_active_problems: int = Field(8, ge=1)
     progress_interval_s: float = Field(10.0, gt=0)
+    # Every record is flushed to the OS at once (a killed process loses nothing); fsync decides
+    # what survives a machine crash: "record" syncs each one, "interval" at most every N ms.
+    fsync: Literal["record", "interval", "never"] = "interval"
+    fsync_interval_ms: int = Field(1000, ge=1)
 
 
 class RunConfig(_Strict):
@@ -183,11 +187,7 @@ _NOT_RESULTS = {
 def results_settings(config: RunConfig, prompt_texts: dict[str, str]) -> dict[str, Any]:
     """Flat `{dotted.key: value}` of everything that changes results, prompt texts by sha256."""
     flat = _flatten(config.model_dump(mode="json"))
-    flat = {
-        k: v
-        for k, v in flat.items()
-        if k not in _NOT_RESULTS and not k.startswith("engine.")
-    }
+    flat = {k: v for k, v in flat.items() if k not in _NOT_RESULTS and not k.startswith("engine.")}
     for role, text in prompt_texts.items():
         flat[f"prompts.{role}.sha256"] = hashlib.sha256(text.encode()).hexdigest()[:16]
     return flat

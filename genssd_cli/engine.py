@@ -6,6 +6,9 @@ trajectory is pruned.
 The loop is deterministic given the teacher's responses and the student's scores, and both are
 logged before they are used. Resuming walks the same loop with the log as a cache: nothing that
 was received is asked for again, nothing that was scored is scored again.
+
+A stop request (first Ctrl-C / SIGTERM) lets requests in flight finish and be recorded, then
+each trajectory returns at its next teacher request, leaving no record: it is simply resumed.
 """
 
 from __future__ import annotations
@@ -18,11 +21,11 @@ import anyio
 from genssd_cli.answers import answers_match, extract_answer
 from genssd_cli.config import RunConfig
 from genssd_cli.data import Problem, render_prompt
-from genssd_cli.errors import ContextTooLong, TeacherUnavailable
+from genssd_cli.errors import ContextTooLong, StopRequested, TeacherUnavailable
 from genssd_cli.results import Replay
 from genssd_cli.store import RunStore
 from genssd_cli.student import Score, ScoreRequest, ScoringQueue
-from genssd_cli.teacher import Candidate, TeacherClient, TeacherResponse, request_seed
+from genssd_cli.teacher import Candidate, TeacherClient, TeacherPart, request_seed
 from genssd_cli.ui import RunStats
 
 
@@ -33,9 +36,7 @@ class Trajectory:
     text: str = ""
     steps: int = 0
     kept_tokens: int = 0  # teacher tokens of the kept chunks
-    teacher_tokens: int = 0  # teacher tokens of every candidate asked for (what was paid)
-    nll: float = 0.0  # student NLL summed over the kept chunks
-    scored_tokens: int = 0
+    teacher_tokens: int = 0  # teacher tokens of every candidate received (what was paid)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -55,6 +56,7 @@ class Engine:
         stats: RunStats,
         teacher_template: str,
         replay: Replay,
+        stop: anyio.Event,
     ):
         self.cfg = cfg
         self.search = cfg.search
@@ -65,6 +67,7 @@ class Engine:
         self.stats = stats
         self.teacher_template = teacher_template
         self.replay = replay
+        self.stop = stop
 
     async def run(self, problems: list[Problem]) -> None:
         limiter = anyio.CapacityLimiter(self.cfg.engine.max_active_problems)
@@ -77,6 +80,8 @@ class Engine:
 
     async def _problem(self, problem: Problem, limiter: anyio.CapacityLimiter) -> None:
         async with limiter:
+            if self.stop.is_set():
+                return
             self.stats.problems_active += 1
             try:
                 async with anyio.create_task_group() as group:
@@ -84,7 +89,8 @@ class Engine:
                         group.start_soon(self._trajectory, Trajectory(problem, sample))
             finally:
                 self.stats.problems_active -= 1
-            self.stats.problems_done += 1
+            if not self.stop.is_set():
+                self.stats.problems_done += 1
 
     async def _trajectory(self, t: Trajectory) -> None:
         ended = self.replay.ended.get(t.key)
@@ -100,8 +106,8 @@ class Engine:
                     return await self._finish(t, "truncated")
                 max_tokens = min(search.chunk_tokens, search.max_new_tokens - t.kept_tokens)
                 for attempt in range(search.retries + 1):
-                    response = await self._candidates(t, attempt, teacher_prompt + t.text, max_tokens)
-                    scores = await self._choose(t, attempt, student_prompt + t.text, response)
+                    candidates = await self._candidates(t, attempt, teacher_prompt + t.text, max_tokens)
+                    scores = await self._choose(t, attempt, student_prompt + t.text, candidates)
                     best = lowest_ppl(scores)
                     if not self._too_hard(scores[best].ppl):
                         break
@@ -109,55 +115,66 @@ class Engine:
                     self.store.append(t.event("prune", step=t.steps, best_ppl=scores[best].ppl))
                     self.stats.pruned += 1
                     return
-                if self._accept(t, response.candidates[best], scores[best]):
+                if self._accept(t, candidates[best], scores[best]):
                     return await self._finish(t, "stop")
+        except StopRequested:
+            return
         except ContextTooLong:
             return await self._finish(t, "truncated")
         except TeacherUnavailable as exc:
-            self.store.append(
-                t.event("error", step=t.steps, error_class=exc.error_class, message=str(exc))
-            )
+            self.store.append(t.event("error", step=t.steps, error_class=exc.error_class, message=str(exc)))
             self.stats.failed += 1
+            self.stats.failures.update([exc.error_class])
 
     def _too_hard(self, ppl: float) -> bool:
         # inf means no candidate had tokens of its own (the teacher just stopped): not "hard".
         return self.search.prune_ppl is not None and math.isfinite(ppl) and ppl > self.search.prune_ppl
 
-    async def _candidates(self, t: Trajectory, attempt: int, prompt: str, max_tokens: int) -> TeacherResponse:
+    async def _candidates(self, t: Trajectory, attempt: int, prompt: str, max_tokens: int) -> list[Candidate]:
+        """The step's n candidates: those already received (from the log), then the rest from
+        the teacher, each response logged the moment it arrives."""
         key = (*t.key, t.steps, attempt)
-        recorded = self.replay.candidates.get(key)
-        if recorded is not None:
-            response = TeacherResponse(
-                [Candidate(c["text"], c["finish_reason"], c["tokens"]) for c in recorded["candidates"]],
-                recorded["prompt_tokens"],
-                recorded["completion_tokens"],
-                recorded["requests"],
-            )
-        else:
-            seed = request_seed(self.cfg.teacher.seed, *key)
-            response = await self.teacher.sample(prompt, self.search.n, max_tokens, seed)
+        have: dict[int, Candidate] = {}
+
+        def absorb(part: TeacherPart) -> None:
+            for offset, candidate in enumerate(part.candidates):
+                have[part.start + offset] = candidate
+            t.teacher_tokens += part.completion_tokens
+            self.stats.candidates += len(part.candidates)
+            self.stats.teacher_tokens += part.completion_tokens
+
+        def receive(part: TeacherPart) -> None:
             self.store.append(t.event(
-                "candidates", step=t.steps, attempt=attempt, seed=seed,
-                requests=response.requests, prompt_tokens=response.prompt_tokens,
-                completion_tokens=response.completion_tokens,
+                "response", step=t.steps, attempt=attempt, start=part.start, seed=part.seed, n=part.n,
+                prompt_tokens=part.prompt_tokens, completion_tokens=part.completion_tokens,
                 candidates=[
                     {"text": c.text, "finish_reason": c.finish_reason, "tokens": c.completion_tokens}
-                    for c in response.candidates
+                    for c in part.candidates
                 ],
             ))  # fmt: skip
-        t.teacher_tokens += response.completion_tokens
-        self.stats.candidates += len(response.candidates)
-        self.stats.teacher_tokens += response.completion_tokens
-        return response
+            absorb(part)
 
-    async def _choose(self, t: Trajectory, attempt: int, context: str, response: TeacherResponse) -> list[Score]:
+        for event in self.replay.responses.get(key, []):
+            absorb(TeacherPart(
+                event["start"], event["seed"], event["n"],
+                [Candidate(c["text"], c["finish_reason"], c["tokens"]) for c in event["candidates"]],
+                event["prompt_tokens"], event["completion_tokens"],
+            ))  # fmt: skip
+        n = self.search.n
+        if len(have) < n:
+            if self.stop.is_set():
+                raise StopRequested
+            seed = request_seed(self.cfg.teacher.seed, *key)
+            await self.teacher.sample(prompt, n, max_tokens, seed, have, receive)
+        return [have[i] for i in range(n)]
+
+    async def _choose(self, t: Trajectory, attempt: int, context: str, candidates: list[Candidate]) -> list[Score]:
         recorded = self.replay.choices.get((*t.key, t.steps, attempt))
         if recorded is not None:
             return [
-                Score(math.inf if p is None else p, n)
-                for p, n in zip(recorded["ppl"], recorded["tokens"], strict=True)
+                Score(math.inf if p is None else p, n) for p, n in zip(recorded["ppl"], recorded["tokens"], strict=True)
             ]
-        texts = [c.text for c in response.candidates]
+        texts = [c.text for c in candidates]
         scores = await self.scoring.score(ScoreRequest(context, texts))
         best = lowest_ppl(scores)
         self.store.append(t.event(
@@ -173,9 +190,7 @@ class Engine:
         t.text += chosen.text
         t.steps += 1
         t.kept_tokens += chosen.completion_tokens
-        if math.isfinite(score.ppl) and score.tokens:
-            t.nll += math.log(score.ppl) * score.tokens
-            t.scored_tokens += score.tokens
+        if math.isfinite(score.ppl):
             self.stats.add_ppl(score.ppl)
         self.stats.steps += 1
         # A stop string can straddle two chunks, where the server cannot see it.
@@ -186,6 +201,9 @@ class Engine:
         return chosen.finish_reason == "stop"
 
     async def _finish(self, t: Trajectory, finish: str) -> None:
+        # The kept trajectory's PPL, scored whole and alone: a pure function of its text.
+        student_prompt = self.scorer.prompt_text(t.problem.question)
+        [whole] = await self.scoring.score(ScoreRequest(student_prompt, [t.text]), solo=True)
         answer = extract_answer(t.text)
         correct = await anyio.to_thread.run_sync(answers_match, t.problem.reference, answer)
         row = {
@@ -199,7 +217,7 @@ class Engine:
             "correct": correct,
             "finish": finish,
             "steps": t.steps,
-            "student_ppl": round(math.exp(t.nll / t.scored_tokens), 6) if t.scored_tokens else None,
+            "student_ppl": round(whole.ppl, 6) if math.isfinite(whole.ppl) else None,
             "teacher_tokens": t.teacher_tokens,
             "completion_tokens": t.kept_tokens,
         }

@@ -30,6 +30,16 @@ class TeacherUnavailable(RuntimeFailure):
         self.error_class = error_class
 
 
+class Interrupted(GenssdError):
+    """The user asked the run to stop (Ctrl-C / SIGTERM); what was received is on disk."""
+
+    exit_code = 130
+
+
+class StopRequested(Exception):
+    """Raised instead of sending a teacher request once a stop was asked for."""
+
+
 class ContextTooLong(RuntimeFailure):
     """The prompt plus prefix no longer fits the teacher's context: the trajectory ends truncated."""
 

@@ -83,11 +83,20 @@ class LocalServer:
         try:
             os.killpg(self.process.pid, signal.SIGTERM)
             self.process.wait(timeout=STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):  # slow, or the user insists
+            self.kill()
         except ProcessLookupError:
             pass
+
+    def kill(self) -> None:
+        """At once, no grace: for a second Ctrl-C."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        self.process.wait()
 
 
 @contextmanager

@@ -11,6 +11,7 @@ from typing import Any
 from genssd_cli.config import changed_keys
 from genssd_cli.data import Problem
 from genssd_cli.errors import UsageError
+from genssd_cli.store import SCHEMA_VERSION
 
 StepKey = tuple[str, int, int, int]  # (problem_id, sample, step, attempt)
 END_TYPES = ("finish", "prune")
@@ -25,13 +26,13 @@ class Replay:
     its deterministic loop again and only ask the teacher for what it never received."""
 
     def __init__(self, events: list[dict[str, Any]]):
-        self.candidates: dict[StepKey, dict] = {}
+        self.responses: dict[StepKey, list[dict]] = {}
         self.choices: dict[StepKey, dict] = {}
         self.ended: dict[tuple[str, int], dict] = {}
         for event in events:
             kind = event.get("type")
-            if kind == "candidates":
-                self.candidates[step_key(event)] = event
+            if kind == "response":
+                self.responses.setdefault(step_key(event), []).append(event)
             elif kind == "choice":
                 self.choices[step_key(event)] = event
             elif kind in END_TYPES:
@@ -46,7 +47,14 @@ def last_run_start(events: list[dict[str, Any]]) -> dict[str, Any] | None:
 def check_resume(events: list[dict[str, Any]], settings: dict[str, Any], force: bool) -> None:
     """Refuse to mix results of different settings in one run directory, unless forced."""
     previous = last_run_start(events)
-    if previous is None or force:
+    if previous is None:
+        return
+    if previous.get("v") != SCHEMA_VERSION:
+        raise UsageError(
+            f"this run directory was written by another genssd version (log format {previous.get('v')}, "
+            f"this one reads {SCHEMA_VERSION}); use another --out"
+        )
+    if force:
         return
     changed = changed_keys(previous["settings"], settings)
     if changed:
@@ -87,11 +95,12 @@ def summarize(events: list[dict[str, Any]], problems: list[Problem], samples: in
     failed = len(failure_rows(events))
     wanted = {(p.id, s) for p in problems for s in range(samples)}
     ended = {(e["problem_id"], e["sample"]) for e in events if e.get("type") in END_TYPES}
-    candidate_events = [e for e in events if e.get("type") == "candidates"]
+    responses = [e for e in events if e.get("type") == "response"]
     sessions = [e for e in events if e.get("type") == "session_end"]
     retries: Counter[str] = Counter()
     for session in sessions:
         retries.update(session.get("retries", {}))
+    failures = Counter(row["error_class"] for row in failure_rows(events))
     return {
         "problems": len(problems),
         "trajectories": {
@@ -104,11 +113,12 @@ def summarize(events: list[dict[str, Any]], problems: list[Problem], samples: in
         "correct": sum(1 for r in rows if r["correct"]),
         "steps": sum(1 for e in events if e.get("type") == "choice"),
         "teacher": {
-            "requests": sum(e["requests"] for e in candidate_events),
-            "prompt_tokens": sum(e["prompt_tokens"] for e in candidate_events),
-            "completion_tokens": sum(e["completion_tokens"] for e in candidate_events),
-            "candidates": sum(len(e["candidates"]) for e in candidate_events),
+            "requests": len(responses),  # answered ones; retried attempts are under "retries"
+            "prompt_tokens": sum(e["prompt_tokens"] for e in responses),
+            "completion_tokens": sum(e["completion_tokens"] for e in responses),
+            "candidates": sum(len(e["candidates"]) for e in responses),
             "retries": dict(sorted(retries.items())),
+            "failures": dict(sorted(failures.items())),
         },
         "kept": {
             "student_ppl": _stats([r["student_ppl"] for r in rows]),

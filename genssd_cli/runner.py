@@ -2,12 +2,20 @@
 
 Every check that can fail on user input runs before the run directory is touched, so a bad
 config or dataset never damages an earlier run's files.
+
+Signals: the first Ctrl-C or SIGTERM stops sending, lets requests in flight finish and be
+recorded, writes the summary and exits 130; a second one exits at once. Either way every line
+of events.jsonl is whole (only the event-loop thread writes it), so the run resumes.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
 import time
-from contextlib import ExitStack
+from collections.abc import Callable
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import anyio
@@ -17,12 +25,12 @@ from genssd_cli import __version__
 from genssd_cli.config import RunConfig, dump_config_yaml, load_run_config, results_settings, settings_hash
 from genssd_cli.data import Problem, load_problems, load_prompt
 from genssd_cli.engine import Engine
-from genssd_cli.errors import UsageError, unwrap_group
+from genssd_cli.errors import Interrupted, UsageError, unwrap_group
 from genssd_cli.launch import LocalServer, launched
 from genssd_cli.results import Replay, check_resume, failure_rows, summarize, trajectory_rows
 from genssd_cli.store import CONFIG, FAILURES, SUMMARY, TRAJECTORIES, RunStore, read_events
 from genssd_cli.student import ScoringQueue, StudentScorer
-from genssd_cli.teacher import TeacherClient
+from genssd_cli.teacher import TeacherClient, api_key
 from genssd_cli.ui import RunStats, progress_display
 
 
@@ -37,11 +45,13 @@ def run_command(
     overrides: list[str],
     force: bool,
     console: Console,
+    resume_hint: str,
 ) -> dict:
     cfg = load_run_config(config_path, overrides)
     problems = load_problems(cfg.data, limit)
     teacher_template = load_prompt(cfg.prompts.teacher)
     student_template = load_prompt(cfg.prompts.student)
+    api_key(cfg.teacher)  # the named environment variable is set
     settings = results_settings(cfg, {"teacher": teacher_template, "student": student_template})
     config_hash = settings_hash(settings)
     run_dir = out or default_run_dir(config_path)
@@ -49,7 +59,8 @@ def run_command(
         raise UsageError(f"--out {run_dir} exists and is not a directory")
     check_resume(read_events(run_dir), settings, force)
 
-    with RunStore(run_dir) as store, ExitStack() as stack:
+    store = RunStore(run_dir, cfg.engine.fsync, cfg.engine.fsync_interval_ms)
+    with _sigterm_as_keyboard_interrupt(), store, ExitStack() as stack:
         events = read_events(run_dir)  # again, now that we hold the lock
         check_resume(events, settings, force)
         server = None
@@ -63,8 +74,9 @@ def run_command(
             server.wait_ready()
         base_url = server.base_url if server else cfg.teacher.base_url
         teacher = TeacherClient(cfg.teacher, base_url)
+        stats = RunStats(problems_total=len(problems), retries=teacher.retries)
 
-        def begin() -> Engine:
+        def begin(stop: anyio.Event) -> Engine:
             """Called once the teacher answered: only now does the run directory change."""
             store.open_log()
             store.append({
@@ -74,36 +86,90 @@ def run_command(
                 "teacher_server": {"pid": server.process.pid, "port": server.port} if server else None,
             })  # fmt: skip
             store.write_text(CONFIG, dump_config_yaml(cfg, config_hash))
-            scoring = ScoringQueue(scorer)
-            return Engine(cfg, teacher, scoring, store, stats, teacher_template, Replay(events))
+            replay = Replay(events)
+            return Engine(cfg, teacher, ScoringQueue(scorer), store, stats, teacher_template, replay, stop)
 
-        stats = RunStats(problems_total=len(problems))
+        def abort() -> None:
+            """Second signal: no draining. Every logged line is already whole."""
+            print(f"\nstopped at once; resume with: {resume_hint}", file=sys.stderr, flush=True)
+            if server is not None:
+                server.kill()
+            os._exit(130)
+
         started = time.monotonic()
-        interrupted = True
+        end = "failed"
         try:
             try:
-                anyio.run(_session, teacher, begin, problems, stats, console, cfg)
+                stopped = anyio.run(_session, teacher, begin, store, problems, stats, console, cfg, abort)
             except BaseExceptionGroup as group_error:
                 raise unwrap_group(group_error) from None
-            interrupted = False
+            finally:
+                signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # the loop reset it
+            end = "stopped" if stopped else "completed"
+        except KeyboardInterrupt:
+            end = "stopped"
+            raise
         finally:
             if store.log_open:
                 store.append({
                     "type": "session_end", "wall_s": round(time.monotonic() - started, 3),
-                    "interrupted": interrupted, "retries": dict(teacher.retries),
+                    "end": end, "retries": dict(teacher.retries),
                 })  # fmt: skip
                 summary = _materialise(store, problems, cfg)
+    if end == "stopped":
+        raise Interrupted("stopped")
     return summary
 
 
-async def _session(teacher: TeacherClient, begin, problems, stats: RunStats, console: Console, cfg: RunConfig) -> None:
+async def _session(
+    teacher: TeacherClient,
+    begin: Callable[[anyio.Event], Engine],
+    store: RunStore,
+    problems: list[Problem],
+    stats: RunStats,
+    console: Console,
+    cfg: RunConfig,
+    abort: Callable[[], None],
+) -> bool:
+    """The whole asynchronous part of a run; True when it was stopped by a signal."""
+    stop = anyio.Event()
+    teacher.stop = stop
     try:
-        await teacher.check()
-        engine = begin()
-        async with progress_display(stats, console, cfg.engine.progress_interval_s):
-            await engine.run(problems)
+        async with anyio.create_task_group() as helpers:
+            helpers.start_soon(_watch_signals, stop, stats, console, abort)
+            await teacher.check()
+            engine = begin(stop)
+            helpers.start_soon(store.sync_every_interval)
+            async with progress_display(stats, console, cfg.engine.progress_interval_s):
+                await engine.run(problems)
+            helpers.cancel_scope.cancel()
     finally:
         await teacher.aclose()
+    return stop.is_set()
+
+
+async def _watch_signals(stop: anyio.Event, stats: RunStats, console: Console, abort: Callable[[], None]) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            if stop.is_set():
+                abort()
+            stop.set()
+            stats.stopping = True
+            console.print("stopping: finishing the requests in flight (Ctrl-C again to stop at once) …")
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def _sigterm_as_keyboard_interrupt():
+    """Outside the event loop, SIGTERM unwinds like Ctrl-C, so the teacher server is stopped."""
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _materialise(store: RunStore, problems: list[Problem], cfg: RunConfig) -> dict:

@@ -10,8 +10,11 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
+
+import anyio
 
 from genssd_cli.errors import RuntimeFailure, UsageError
 
@@ -21,7 +24,7 @@ FAILURES = "failures.jsonl"
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 LOCK = ".lock"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: one `response` event per received teacher response
 
 
 def read_events(run_dir: Path) -> list[dict[str, Any]]:
@@ -53,9 +56,12 @@ def torn_tail(run_dir: Path) -> bytes:
 class RunStore:
     """Holds the directory's advisory lock for the whole run (the OS releases it on crash)."""
 
-    def __init__(self, run_dir: Path, fsync: bool = False):
+    def __init__(self, run_dir: Path, fsync: str = "interval", fsync_interval_ms: int = 1000):
         self.dir = run_dir
         self._fsync = fsync
+        self._fsync_interval_s = fsync_interval_ms / 1000
+        self._last_sync = time.monotonic()
+        self._unsynced = False
         self._lock_file = None
         self._events = None
 
@@ -71,9 +77,7 @@ class RunStore:
             lock.seek(0)
             holder = lock.read().strip() or "?"
             lock.close()
-            raise RuntimeFailure(
-                f"run directory {self.dir} is in use by another genssd run (pid {holder})"
-            ) from None
+            raise RuntimeFailure(f"run directory {self.dir} is in use by another genssd run (pid {holder})") from None
         lock.seek(0)
         lock.truncate()
         lock.write(str(os.getpid()))
@@ -83,6 +87,7 @@ class RunStore:
 
     def __exit__(self, *exc: object) -> None:
         if self._events is not None:
+            self.sync()
             self._events.close()
         if self._lock_file is not None:
             self._lock_file.close()  # closing releases the flock
@@ -107,8 +112,28 @@ class RunStore:
         line = json.dumps({"v": SCHEMA_VERSION, **event}, ensure_ascii=False) + "\n"
         self._events.write(line)
         self._events.flush()
-        if self._fsync:
+        self._unsynced = True
+        if self._fsync == "record":
+            self.sync()
+        elif self._fsync == "interval":
+            self.sync_if_due()
+
+    def sync(self) -> None:
+        """Make every appended record durable against a machine crash, not just a process one."""
+        if self._events is not None and self._unsynced and self._fsync != "never":
             os.fsync(self._events.fileno())
+        self._unsynced = False
+        self._last_sync = time.monotonic()
+
+    def sync_if_due(self) -> None:
+        if self._unsynced and time.monotonic() - self._last_sync >= self._fsync_interval_s:
+            self.sync()
+
+    async def sync_every_interval(self) -> None:
+        """Run as a task: records written just before a quiet spell get synced too."""
+        while True:
+            await anyio.sleep(self._fsync_interval_s)
+            self.sync_if_due()
 
     def write_text(self, name: str, text: str) -> None:
         tmp = self.dir / f".{name}.tmp"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import anyio
@@ -16,9 +17,10 @@ from genssd_cli.config import TeacherConfig
 from genssd_cli.errors import (
     ContextTooLong,
     RuntimeFailure,
+    StopRequested,
     TeacherFatalError,
     TeacherUnavailable,
-    unwrap_group,
+    UsageError,
 )
 
 
@@ -30,11 +32,15 @@ class Candidate:
 
 
 @dataclass(frozen=True)
-class TeacherResponse:
+class TeacherPart:
+    """One received response: candidates `start, start+1, …` of a step (logged on arrival)."""
+
+    start: int
+    seed: int
+    n: int  # choices asked for
     candidates: list[Candidate]
     prompt_tokens: int
     completion_tokens: int
-    requests: int
 
 
 class _ShortResponse(Exception):
@@ -62,9 +68,7 @@ def error_class(exc: BaseException) -> str:
 def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, openai.APIStatusError):
         return exc.status_code in (408, 409, 429) or exc.status_code >= 500
-    return isinstance(
-        exc, (openai.APIConnectionError, openai.APIResponseValidationError, _ShortResponse, ValueError)
-    )
+    return isinstance(exc, (openai.APIConnectionError, openai.APIResponseValidationError, _ShortResponse, ValueError))
 
 
 class _WaitRetryAfter:
@@ -88,20 +92,18 @@ class _WaitRetryAfter:
 class TeacherClient:
     """One endpoint. Servers that ignore `n` (llama.cpp's) are detected on the first short
     answer and from then on asked once per candidate with seeds seed+i, which gives the same
-    candidates as the top-up path, so the mode switch never changes results."""
+    candidates as the top-up path, so the mode switch never changes results.
+
+    Every received response goes to the caller's `on_response` as soon as it arrives, so a
+    step interrupted half-way (a sibling failed, the process was killed) keeps what it got and
+    a resumed run asks only for the missing candidates. Once `stop` is set no request is sent
+    (requests already in flight finish and are reported)."""
 
     def __init__(self, cfg: TeacherConfig, base_url: str, backoff_s: float = 0.5):
-        api_key = "EMPTY"
-        if cfg.api_key_env:
-            api_key = os.environ.get(cfg.api_key_env, "")
-            if not api_key:
-                raise RuntimeFailure(f"teacher API key: environment variable {cfg.api_key_env} is not set")
         self.cfg = cfg
         self.base_url = base_url
         # Retries are ours (tenacity), so the SDK's own are off.
-        self._client = openai.AsyncOpenAI(
-            base_url=base_url, api_key=api_key, max_retries=0, timeout=cfg.timeout_s
-        )
+        self._client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key(cfg), max_retries=0, timeout=cfg.timeout_s)
         self._limit = anyio.CapacityLimiter(cfg.max_concurrency)
         self._backoff_s = backoff_s
         self.honours_n: bool | None = None
@@ -110,6 +112,7 @@ class TeacherClient:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.retries: Counter[str] = Counter()
+        self.stop: anyio.Event | None = None  # set by the runner inside the event loop
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -130,55 +133,68 @@ class TeacherClient:
                 f"teacher model {self.cfg.model!r} is not served at {self.base_url} (it serves: {listed})"
             )
 
-    async def sample(self, prompt: str, n: int, max_tokens: int, seed: int) -> TeacherResponse:
+    async def sample(
+        self,
+        prompt: str,
+        n: int,
+        max_tokens: int,
+        seed: int,
+        have: Mapping[int, Candidate],
+        on_response: Callable[[TeacherPart], None],
+    ) -> None:
+        """Ask for the candidates of a step that are not in `have` (index → candidate)."""
         if max_tokens < 1:  # 0 or None makes some servers generate to the end of the context
             raise ValueError("max_tokens must be at least 1")
-        if self.honours_n is False or n == 1:
-            parts = await self._fan_out(prompt, range(n), max_tokens, seed)
-        else:
-            first = await self._request(prompt, n, max_tokens, seed)
-            got = len(first[0])
-            if got < n:
-                self.honours_n = False if got == 1 else self.honours_n
-                parts = [first, *await self._fan_out(prompt, range(got, n), max_tokens, seed)]
-            else:
+        missing = [i for i in range(n) if i not in have]
+        if not missing:
+            return
+        if len(missing) == n and n > 1 and self.honours_n is not False:
+            first = await self._request(prompt, n, max_tokens, seed, start=0)
+            on_response(first)
+            got = len(first.candidates)
+            if got == n:
                 self.honours_n = True
-                parts = [first]
-        candidates = [c for cands, _, _ in parts for c in cands][:n]
-        return TeacherResponse(
-            candidates=candidates,
-            prompt_tokens=sum(p for _, p, _ in parts),
-            completion_tokens=sum(c for _, _, c in parts),
-            requests=len(parts),
-        )
+                return
+            if got == 1 and self.honours_n is None:
+                self.honours_n = False  # llama.cpp and friends answer one choice whatever n says
+            else:
+                self.retries.update(["fewer_choices"])  # topped up below, never asked again
+            missing = missing[got:]
+        await self._fan_out(prompt, missing, max_tokens, seed, on_response)
 
-    async def _fan_out(self, prompt: str, indices: range, max_tokens: int, seed: int) -> list:
-        results: list = [None] * len(indices)
+    async def _fan_out(self, prompt: str, indices: list[int], max_tokens: int, seed: int, on_response) -> None:
+        """One request per candidate (seed+i). A failing request does not cancel its siblings:
+        what they receive is reported, then the most serious error is raised."""
+        errors: list[Exception] = []
 
-        async def one(slot: int, index: int) -> None:
-            results[slot] = await self._request(prompt, 1, max_tokens, seed + index)
+        async def one(index: int) -> None:
+            try:
+                on_response(await self._request(prompt, 1, max_tokens, seed + index, start=index))
+            except Exception as exc:  # collected, the worst re-raised below
+                errors.append(exc)
 
-        try:
-            async with anyio.create_task_group() as group:
-                for slot, index in enumerate(indices):
-                    group.start_soon(one, slot, index)
-        except BaseExceptionGroup as group_error:
-            raise unwrap_group(group_error) from None
-        return results
+        async with anyio.create_task_group() as group:
+            for index in indices:
+                group.start_soon(one, index)
+        if errors:
+            raise min(errors, key=_severity)
 
-    async def _request(self, prompt: str, n: int, max_tokens: int, seed: int):
+    async def _request(self, prompt: str, n: int, max_tokens: int, seed: int, start: int) -> TeacherPart:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.cfg.retries + 1),
             wait=_WaitRetryAfter(self._backoff_s, 30.0),
             retry=retry_if_exception(_retryable),
             before_sleep=lambda state: self.retries.update([error_class(state.outcome.exception())]),
+            sleep=self._sleep,
             reraise=True,
         )
         try:
             async for attempt in retrying:
                 with attempt:
+                    self._check_stop()
                     async with self._limit:
-                        return await self._request_once(prompt, n, max_tokens, seed)
+                        self._check_stop()
+                        return await self._request_once(prompt, n, max_tokens, seed, start)
         except openai.BadRequestError as exc:
             if "context" in str(exc).lower():
                 raise ContextTooLong(str(exc)) from None
@@ -198,7 +214,19 @@ class TeacherClient:
             raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _request_once(self, prompt: str, n: int, max_tokens: int, seed: int):
+    def _check_stop(self) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise StopRequested
+
+    async def _sleep(self, seconds: float) -> None:
+        """Backoff that a stop request cuts short (the next attempt then raises StopRequested)."""
+        if self.stop is None:
+            await anyio.sleep(seconds)
+            return
+        with anyio.move_on_after(seconds):
+            await self.stop.wait()
+
+    async def _request_once(self, prompt: str, n: int, max_tokens: int, seed: int, start: int) -> TeacherPart:
         self.in_flight += 1
         try:
             response = await self._client.completions.create(
@@ -214,7 +242,7 @@ class TeacherClient:
         finally:
             self.in_flight -= 1
         self.requests += 1
-        choices = sorted(response.choices or [], key=lambda c: c.index)
+        choices = sorted(response.choices or [], key=lambda c: c.index)[:n]
         if not choices or any(c.text is None for c in choices):
             raise _ShortResponse("response had no choices")
         usage = response.usage
@@ -224,10 +252,26 @@ class TeacherClient:
         self.completion_tokens += completion_tokens
         # Usage is per request; split it over choices for the per-candidate count.
         per_choice = completion_tokens // len(choices) if completion_tokens else 0
-        candidates = [
-            Candidate(c.text, c.finish_reason or "length", per_choice) for c in choices
-        ]
-        return candidates, prompt_tokens, completion_tokens
+        candidates = [Candidate(c.text, c.finish_reason or "length", per_choice) for c in choices]
+        return TeacherPart(start, seed, n, candidates, prompt_tokens, completion_tokens)
+
+
+def api_key(cfg: TeacherConfig) -> str:
+    """The key, read only from the environment variable the config names (never from a file)."""
+    if not cfg.api_key_env:
+        return "EMPTY"  # local servers ignore it; the SDK insists on one
+    key = os.environ.get(cfg.api_key_env, "")
+    if not key:
+        raise UsageError(f"teacher.api_key_env: environment variable {cfg.api_key_env} is not set")
+    return key
+
+
+def _severity(exc: Exception) -> int:
+    """Which of several sibling errors decides what happens to the step."""
+    for rank, kind in enumerate((TeacherFatalError, ContextTooLong, StopRequested, TeacherUnavailable)):
+        if isinstance(exc, kind):
+            return rank
+    return -1  # anything unexpected is a bug: surface it first
 
 
 def _brief(exc: openai.APIStatusError) -> str:

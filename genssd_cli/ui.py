@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -27,6 +28,9 @@ class RunStats:
     teacher_tokens: int = 0
     ppl_sum: float = 0.0
     ppl_count: int = 0
+    retries: Counter[str] = field(default_factory=Counter)  # the teacher client's, by class
+    failures: Counter[str] = field(default_factory=Counter)  # failed trajectories, by class
+    stopping: bool = False
     started: float = field(default_factory=time.monotonic)
 
     def add_ppl(self, ppl: float) -> None:
@@ -41,7 +45,9 @@ class RunStats:
             f"problems {self.problems_done}/{self.problems_total} (active {self.problems_active}) | "
             f"finished {self.finished} truncated {self.truncated} pruned {self.pruned} failed {self.failed} "
             f"correct {self.correct} | steps {self.steps} | cand/s {rate:.2f} | "
-            f"teacher tokens {self.teacher_tokens} | mean chosen PPL {mean_ppl} | ETA {self.eta()}"
+            f"teacher tokens {self.teacher_tokens} | mean chosen PPL {mean_ppl} | "
+            f"retries {_by_class(self.retries)} | failures {_by_class(self.failures)} | ETA {self.eta()}"
+            + (" | stopping" if self.stopping else "")
         )
 
     def eta(self) -> str:
@@ -63,11 +69,23 @@ class RunStats:
             ("candidates/s", f"{self.candidates / elapsed:.2f}" if elapsed > 0 else "-"),
             ("teacher tokens", str(self.teacher_tokens)),
             ("mean chosen PPL", f"{self.ppl_sum / self.ppl_count:.3f}" if self.ppl_count else "-"),
+            ("teacher retries", _by_class(self.retries)),
+            ("failures", _by_class(self.failures)),
             ("elapsed / ETA", f"{int(elapsed)}s / {self.eta()}"),
         ]  # fmt: skip
+        if self.stopping:
+            rows.append(("stopping", "finishing requests in flight (Ctrl-C again: stop at once)"))
         for key, value in rows:
             table.add_row(key, value)
         return table
+
+
+def _by_class(counts: Counter[str]) -> str:
+    """`3 (http_503 2, timeout 1)` or `0`."""
+    total = sum(counts.values())
+    if not total:
+        return "0"
+    return f"{total} (" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")"
 
 
 @asynccontextmanager

@@ -1,8 +1,9 @@
 """A deterministic OpenAI-compatible teacher for tests, run as its own process on 127.0.0.1.
 
 Completions depend only on (prompt, seed): the same request always gets the same text. Every
-request is appended to a JSONL log (prompt, seed, n) so tests can count repeats. Faults are
-injected at a configurable rate, deterministically by request number.
+request is appended to a JSONL log (prompt, seed, n, fault) so tests can count repeats. Faults
+are injected at a configurable rate, drawn from a seeded generator: HTTP errors, a malformed or
+empty body, a reset connection, fewer choices than asked, and a hang past the client's timeout.
 
     python tests/fake_teacher.py --port P --log requests.jsonl [--ignore-n] [--fault-rate 0.2]
 """
@@ -17,7 +18,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-FAULTS = ["500", "502", "503", "504", "429", "malformed", "empty", "reset"]
+FAULTS = ["500", "502", "503", "504", "429", "malformed", "empty", "reset", "fewer", "hang"]
 
 
 def continuation(prompt: str, seed: int, max_tokens: int, stop: list[str]) -> tuple[str, str, int]:
@@ -43,13 +44,16 @@ class Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: dict | bytes, headers: dict | None = None) -> None:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (a 'hang' fault)
+            pass
 
     def do_GET(self) -> None:
         if self.path.rstrip("/") == "/v1/models":
@@ -60,7 +64,10 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length", 0))
         req = json.loads(self.rfile.read(length))
+        if self.server.api_key and self.headers.get("Authorization") != f"Bearer {self.server.api_key}":
+            return self._send(401, {"error": {"message": "invalid api key"}})
         if self.server.status:
+            self.server.record(req, str(self.server.status))
             return self._send(self.server.status, {"error": {"message": f"forced {self.server.status}"}})
         if req.get("model") != self.server.model:
             return self._send(404, {"error": {"message": f"model {req.get('model')} not found"}})
@@ -71,13 +78,17 @@ class Handler(BaseHTTPRequestHandler):
             return
         if fault == "malformed":
             return self._send(200, b"{not json")
-        if fault == "empty":
+        if fault == "hang":
+            time.sleep(self.server.hang_s)  # past the client's timeout; it has given up by now
+        if fault == "empty" or (fault == "fewer" and int(req.get("n") or 1) == 1):
             return self._send(200, {"id": "x", "object": "text_completion", "created": 0,
                                     "model": self.server.model, "choices": []})
         if fault in ("500", "502", "503", "504", "429"):
             headers = {"Retry-After": "0"} if fault == "429" else {}
             return self._send(int(fault), {"error": {"message": f"injected {fault}"}}, headers)
         n = 1 if self.server.ignore_n else int(req.get("n") or 1)
+        if fault == "fewer":
+            n -= 1
         seed = int(req.get("seed") or 0)
         max_tokens = int(req["max_tokens"])
         stop = req.get("stop") or []
@@ -106,6 +117,8 @@ class FakeServer(ThreadingHTTPServer):
         self.ignore_n = args.ignore_n
         self.status = args.status
         self.latency_per_token = args.latency_per_token
+        self.hang_s = args.hang_s
+        self.api_key = args.api_key
         self.fault_rate = args.fault_rate
         self._faults = random.Random(args.fault_seed)
         self._lock = threading.Lock()
@@ -136,6 +149,8 @@ def main() -> None:
     parser.add_argument("--fault-rate", type=float, default=0.0)
     parser.add_argument("--fault-seed", type=int, default=0)
     parser.add_argument("--latency-per-token", type=float, default=0.0)
+    parser.add_argument("--hang-s", type=float, default=3.0, help="how long a 'hang' fault stalls")
+    parser.add_argument("--api-key", help="require this bearer token (401 otherwise)")
     args = parser.parse_args()
     FakeServer(args.port, args).serve_forever()
 

@@ -4,8 +4,8 @@ import anyio
 import pytest
 
 from genssd_cli.config import TeacherConfig
-from genssd_cli.errors import RuntimeFailure, TeacherFatalError, TeacherUnavailable
-from genssd_cli.teacher import TeacherClient, request_seed
+from genssd_cli.errors import RuntimeFailure, StopRequested, TeacherFatalError, TeacherUnavailable, UsageError
+from genssd_cli.teacher import TeacherClient, TeacherPart, request_seed
 
 
 def client(url: str, **kw) -> TeacherClient:
@@ -13,10 +13,24 @@ def client(url: str, **kw) -> TeacherClient:
     return TeacherClient(cfg, url, backoff_s=0.01)
 
 
-def sample(teacher: TeacherClient, *args):
+async def collect(teacher: TeacherClient, prompt, n, max_tokens, seed, have=None):
+    """The step's candidates in index order, and the responses as they were reported."""
+    have = dict(have or {})
+    parts: list[TeacherPart] = []
+
+    def on_response(part: TeacherPart) -> None:
+        parts.append(part)
+        for offset, candidate in enumerate(part.candidates):
+            have[part.start + offset] = candidate
+
+    await teacher.sample(prompt, n, max_tokens, seed, have, on_response)
+    return [have[i] for i in sorted(have)], parts
+
+
+def sample(teacher: TeacherClient, *args, **kw):
     async def go():
         try:
-            return await teacher.sample(*args)
+            return await collect(teacher, *args, **kw)
         finally:
             await teacher.aclose()
 
@@ -26,8 +40,8 @@ def sample(teacher: TeacherClient, *args):
 def test_n_is_used_when_honoured(fake_teacher):
     server = fake_teacher()
     teacher = client(server.base_url)
-    response = sample(teacher, "Q: 1+1?\nA:", 4, 8, 100)
-    assert len(response.candidates) == 4 and response.requests == 1
+    candidates, parts = sample(teacher, "Q: 1+1?\nA:", 4, 8, 100)
+    assert len(candidates) == 4 and len(parts) == 1
     assert teacher.honours_n is True
     assert [(r["n"], r["seed"]) for r in server.requests()] == [(4, 100)]
 
@@ -35,14 +49,26 @@ def test_n_is_used_when_honoured(fake_teacher):
 def test_servers_ignoring_n_are_topped_up_with_seed_plus_i(fake_teacher):
     server = fake_teacher("--ignore-n")
     teacher = client(server.base_url)
-    response = sample(teacher, "Q: 1+1?\nA:", 4, 8, 100)
-    assert len(response.candidates) == 4 and response.requests == 4
+    candidates, parts = sample(teacher, "Q: 1+1?\nA:", 4, 8, 100)
+    assert len(candidates) == 4 and len(parts) == 4
     assert teacher.honours_n is False
     assert sorted(r["seed"] for r in server.requests()) == [100, 101, 102, 103]
+    assert sorted(p.start for p in parts) == [0, 1, 2, 3]
     # The fan-out used once n is known to be ignored asks exactly the same requests.
     again = client(server.base_url)
     again.honours_n = False
-    assert sample(again, "Q: 1+1?\nA:", 4, 8, 100).candidates == response.candidates
+    assert sample(again, "Q: 1+1?\nA:", 4, 8, 100)[0] == candidates
+
+
+def test_only_missing_candidates_are_asked_for(fake_teacher):
+    server = fake_teacher("--ignore-n")
+    full, _ = sample(client(server.base_url), "prompt", 3, 8, 50)
+    before = len(server.requests())
+    have = {0: full[0], 2: full[2]}
+    candidates, parts = sample(client(server.base_url), "prompt", 3, 8, 50, have=have)
+    assert candidates == full
+    assert [(p.start, p.seed) for p in parts] == [(1, 51)]
+    assert [r["seed"] for r in server.requests()[before:]] == [51]
 
 
 def test_same_seed_same_candidates_and_usage(fake_teacher):
@@ -50,20 +76,27 @@ def test_same_seed_same_candidates_and_usage(fake_teacher):
     first = sample(client(server.base_url), "prompt", 3, 16, 7)
     second = sample(client(server.base_url), "prompt", 3, 16, 7)
     assert first == second
-    assert first.completion_tokens == sum(c.completion_tokens for c in first.candidates) > 0
+    candidates, parts = first
+    assert sum(p.completion_tokens for p in parts) == sum(c.completion_tokens for c in candidates) > 0
 
 
 def test_retryable_faults_are_retried(fake_teacher):
-    server = fake_teacher("--fault-rate", "0.5", "--fault-seed", "1")
-    teacher = client(server.base_url, retries=8, timeout_s=5)
+    server = fake_teacher("--fault-rate", "0.5", "--fault-seed", "9", "--hang-s", "2")
+    teacher = client(server.base_url, retries=12, timeout_s=0.5)
+    teacher.honours_n = True  # as learned; a short first answer would otherwise mean "ignores n"
 
     async def steps():
-        return [await teacher.sample(f"p{step}", 2, 8, step) for step in range(6)]
+        return [await collect(teacher, f"p{step}", 2, 8, step) for step in range(8)]
 
-    assert all(len(r.candidates) == 2 for r in anyio.run(steps))
-    faults = [r["fault"] for r in server.requests() if r["fault"]]
-    assert faults, "the fault seed should inject some faults"
+    assert all(len(candidates) == 2 for candidates, _ in anyio.run(steps))
+    faulty = [r for r in server.requests() if r["fault"]]
+    faults = [r["fault"] for r in faulty]
+    assert {"hang", "fewer", "reset", "malformed"} <= set(faults), "the fault seed should inject these"
+    # Every fault is counted once, by class; fewer choices than asked are topped up (n > 1) and
+    # one choice short of one is an empty answer.
     assert sum(teacher.retries.values()) == len(faults)
+    assert teacher.retries["timeout"] == faults.count("hang")
+    assert teacher.retries["fewer_choices"] == sum(1 for r in faulty if r["fault"] == "fewer" and r["n"] > 1)
 
 
 def test_retries_run_out(fake_teacher):
@@ -72,14 +105,52 @@ def test_retries_run_out(fake_teacher):
         sample(client(server.base_url, retries=2), "p", 1, 8, 0)
 
 
+def test_a_failing_sibling_does_not_lose_the_others(fake_teacher):
+    """Fan-out: one request runs out of retries; the answers of the others are still reported."""
+    server = fake_teacher("--ignore-n", "--fault-rate", "0.35", "--fault-seed", "3", "--hang-s", "2")
+    teacher = client(server.base_url, retries=0, timeout_s=0.5)
+    teacher.honours_n = False
+    reported: list[TeacherPart] = []
+
+    async def go():
+        with pytest.raises(TeacherUnavailable):
+            await teacher.sample("p", 6, 8, 10, {}, reported.append)
+
+    anyio.run(go)
+    answered = sorted(r["seed"] - 10 for r in server.requests() if not r["fault"])
+    assert answered and sorted(p.start for p in reported) == answered
+
+
 @pytest.mark.parametrize(("status", "message"), [(401, "rejected the API key"), (403, "denied access"),
-                                                 (404, "not found")])
+                                                 (404, "not found")])  # fmt: skip
 def test_fatal_statuses_fail_fast(fake_teacher, status, message):
     server = fake_teacher("--status", str(status))
     teacher = client(server.base_url, retries=5)
     with pytest.raises(TeacherFatalError, match=message):
         sample(teacher, "p", 1, 8, 0)
     assert teacher.retries == {}
+
+
+def test_stop_sends_nothing_more_and_cuts_backoff_short(fake_teacher):
+    server = fake_teacher("--status", "503")
+    teacher = client(server.base_url, retries=50)
+    teacher._backoff_s = 30.0  # without the stop, this would wait for minutes
+
+    async def go():
+        teacher.stop = anyio.Event()
+        async with anyio.create_task_group() as group:
+
+            async def stop_soon():
+                while not server.requests():
+                    await anyio.sleep(0.02)
+                teacher.stop.set()
+
+            group.start_soon(stop_soon)
+            with pytest.raises(StopRequested), anyio.fail_after(20):
+                await teacher.sample("p", 1, 8, 0, {}, lambda part: None)
+
+    anyio.run(go)
+    assert len(server.requests()) == 1
 
 
 def test_check_names_the_problem(fake_teacher, monkeypatch):
@@ -90,8 +161,18 @@ def test_check_names_the_problem(fake_teacher, monkeypatch):
     with pytest.raises(RuntimeFailure, match="unreachable"):
         anyio.run(client("http://127.0.0.1:9/v1").check)
     monkeypatch.delenv("GENSSD_TEST_KEY", raising=False)
-    with pytest.raises(RuntimeFailure, match="GENSSD_TEST_KEY is not set"):
+    with pytest.raises(UsageError, match="GENSSD_TEST_KEY is not set"):
         client(server.base_url, api_key_env="GENSSD_TEST_KEY")
+
+
+def test_api_key_comes_from_the_named_variable(fake_teacher, monkeypatch):
+    server = fake_teacher("--api-key", "sk-test-123")
+    monkeypatch.setenv("GENSSD_TEST_KEY", "sk-test-123")
+    candidates, _ = sample(client(server.base_url, api_key_env="GENSSD_TEST_KEY"), "p", 1, 8, 0)
+    assert len(candidates) == 1
+    monkeypatch.setenv("GENSSD_TEST_KEY", "sk-wrong")
+    with pytest.raises(TeacherFatalError, match="rejected the API key"):
+        sample(client(server.base_url, api_key_env="GENSSD_TEST_KEY"), "p", 1, 8, 0)
 
 
 def test_never_zero_max_tokens(fake_teacher):
