@@ -155,7 +155,7 @@ class TeacherClient:
             if got == n:
                 self.honours_n = True
                 return
-            if got == 1 and self.honours_n is None:
+            if got == 1 and self.honours_n is not True:
                 self.honours_n = False  # llama.cpp and friends answer one choice whatever n says
             else:
                 self.retries.update(["fewer_choices"])  # topped up below, never asked again

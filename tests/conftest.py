@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from genssd_cli.launch import free_port
+from genssd_cli.teacher import TeacherClient, TeacherPart
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_TEACHER = Path(__file__).with_name("fake_teacher.py")
@@ -95,3 +96,17 @@ def genssd(*args: str, cwd: Path | None = None, timeout: float = 600) -> subproc
         [sys.executable, "-m", "genssd_cli", *args],
         capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env,
     )  # fmt: skip
+
+
+async def collect(teacher: TeacherClient, prompt, n, max_tokens, seed, have=None):
+    """The step's candidates in index order, and the responses as they were reported."""
+    have = dict(have or {})
+    parts: list[TeacherPart] = []
+
+    def on_response(part: TeacherPart) -> None:
+        parts.append(part)
+        for offset, candidate in enumerate(part.candidates):
+            have[part.start + offset] = candidate
+
+    await teacher.sample(prompt, n, max_tokens, seed, have, on_response)
+    return [have[i] for i in sorted(have)], parts

@@ -2,8 +2,10 @@
 
 Completions depend only on (prompt, seed): the same request always gets the same text. Every
 request is appended to a JSONL log (prompt, seed, n, fault) so tests can count repeats. Faults
-are injected at a configurable rate, drawn from a seeded generator: HTTP errors, a malformed or
-empty body, a reset connection, fewer choices than asked, and a hang past the client's timeout.
+are injected at a configurable rate: HTTP errors, a malformed or empty body, a reset connection, fewer
+choices than asked, and a hang past the client's timeout. Whether the k-th identical request
+(same prompt and seed) fails is decided by hashing it with --fault-seed, so a run's faults do
+not depend on the order in which concurrent requests arrive.
 
     python tests/fake_teacher.py --port P --log requests.jsonl [--ignore-n] [--fault-rate 0.2]
 """
@@ -11,6 +13,7 @@ empty body, a reset connection, fewer choices than asked, and a hang past the cl
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import json
 import random
@@ -71,7 +74,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(self.server.status, {"error": {"message": f"forced {self.server.status}"}})
         if req.get("model") != self.server.model:
             return self._send(404, {"error": {"message": f"model {req.get('model')} not found"}})
-        fault = self.server.next_fault()
+        fault = self.server.next_fault(req)
         self.server.record(req, fault)
         if fault == "reset":
             self.connection.close()
@@ -120,15 +123,18 @@ class FakeServer(ThreadingHTTPServer):
         self.hang_s = args.hang_s
         self.api_key = args.api_key
         self.fault_rate = args.fault_rate
-        self._faults = random.Random(args.fault_seed)
+        self.fault_seed = args.fault_seed
+        self._seen: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
         self._log = open(args.log, "a", encoding="utf-8") if args.log else None  # noqa: SIM115
 
-    def next_fault(self) -> str | None:
+    def next_fault(self, req: dict) -> str | None:
+        key = json.dumps([req["prompt"], req.get("seed")])  # not n: learning n must not change faults
         with self._lock:
-            if self._faults.random() < self.fault_rate:
-                return self._faults.choice(FAULTS)
-        return None
+            self._seen[key] += 1
+            repeat = self._seen[key]
+        draw = random.Random(hashlib.sha256(f"{self.fault_seed}\x00{repeat}\x00{key}".encode()).digest())
+        return draw.choice(FAULTS) if draw.random() < self.fault_rate else None
 
     def record(self, req: dict, fault: str | None) -> None:
         if self._log is None:

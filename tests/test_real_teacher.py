@@ -10,7 +10,7 @@ import time
 
 import anyio
 import pytest
-from conftest import genssd
+from conftest import collect, genssd
 
 from genssd_cli.config import LaunchConfig, TeacherConfig
 from genssd_cli.data import load_prompt, render_prompt
@@ -41,19 +41,19 @@ def test_steps_through_the_real_client(llama_server):
         teacher = TeacherClient(cfg, llama_server.base_url)
         try:
             await teacher.check()
-            first = await teacher.sample(prompt, 3, 12, 1234)
-            again = await teacher.sample(prompt, 3, 12, 1234)
-            continued = await teacher.sample(prompt + first.candidates[0].text, 2, 12, 99)
+            first = await collect(teacher, prompt, 3, 12, 1234)
+            again = await collect(teacher, prompt, 3, 12, 1234)
+            continued, _ = await collect(teacher, prompt + first[0][0].text, 2, 12, 99)
             return teacher, first, again, continued
         finally:
             await teacher.aclose()
 
-    teacher, first, again, continued = anyio.run(steps)
+    teacher, (first, parts), (again, _), continued = anyio.run(steps)
     assert teacher.honours_n is False  # llama.cpp answers one choice: topped up with seed+i
-    assert len(first.candidates) == 3 and first.requests == 3
+    assert len(first) == 3 and len(parts) == 3
     assert first == again  # per-request seeds are honoured: a resumed run asks the same
-    assert len({c.text for c in first.candidates}) > 1
-    for candidate in first.candidates + continued.candidates:
+    assert len({c.text for c in first}) > 1
+    for candidate in first + continued:
         assert candidate.finish_reason in ("stop", "length")
         assert 0 < candidate.completion_tokens <= 12
         assert "\nQuestion:" not in candidate.text
@@ -89,7 +89,7 @@ def test_ctrl_c_stops_the_server_and_says_how_to_resume(tmp_path):
     )  # fmt: skip
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
-        if (run / "events.jsonl").exists() and '"candidates"' in (run / "events.jsonl").read_text():
+        if (run / "events.jsonl").exists() and '"response"' in (run / "events.jsonl").read_text():
             break
         time.sleep(0.1)
     process.send_signal(signal.SIGINT)

@@ -2,6 +2,7 @@
 
 import anyio
 import pytest
+from conftest import collect
 
 from genssd_cli.config import TeacherConfig
 from genssd_cli.errors import RuntimeFailure, StopRequested, TeacherFatalError, TeacherUnavailable, UsageError
@@ -11,20 +12,6 @@ from genssd_cli.teacher import TeacherClient, TeacherPart, request_seed
 def client(url: str, **kw) -> TeacherClient:
     cfg = TeacherConfig(model=kw.pop("model", "fake-teacher"), base_url=url, retries=kw.pop("retries", 3), **kw)
     return TeacherClient(cfg, url, backoff_s=0.01)
-
-
-async def collect(teacher: TeacherClient, prompt, n, max_tokens, seed, have=None):
-    """The step's candidates in index order, and the responses as they were reported."""
-    have = dict(have or {})
-    parts: list[TeacherPart] = []
-
-    def on_response(part: TeacherPart) -> None:
-        parts.append(part)
-        for offset, candidate in enumerate(part.candidates):
-            have[part.start + offset] = candidate
-
-    await teacher.sample(prompt, n, max_tokens, seed, have, on_response)
-    return [have[i] for i in sorted(have)], parts
 
 
 def sample(teacher: TeacherClient, *args, **kw):
@@ -81,7 +68,7 @@ def test_same_seed_same_candidates_and_usage(fake_teacher):
 
 
 def test_retryable_faults_are_retried(fake_teacher):
-    server = fake_teacher("--fault-rate", "0.5", "--fault-seed", "9", "--hang-s", "2")
+    server = fake_teacher("--fault-rate", "0.5", "--fault-seed", "12", "--hang-s", "2")
     teacher = client(server.base_url, retries=12, timeout_s=0.5)
     teacher.honours_n = True  # as learned; a short first answer would otherwise mean "ignores n"
 
@@ -107,7 +94,7 @@ def test_retries_run_out(fake_teacher):
 
 def test_a_failing_sibling_does_not_lose_the_others(fake_teacher):
     """Fan-out: one request runs out of retries; the answers of the others are still reported."""
-    server = fake_teacher("--ignore-n", "--fault-rate", "0.35", "--fault-seed", "3", "--hang-s", "2")
+    server = fake_teacher("--ignore-n", "--fault-rate", "0.35", "--fault-seed", "0", "--hang-s", "2")
     teacher = client(server.base_url, retries=0, timeout_s=0.5)
     teacher.honours_n = False
     reported: list[TeacherPart] = []
