@@ -68,7 +68,7 @@ def test_same_seed_same_candidates_and_usage(fake_teacher):
 
 
 def test_retryable_faults_are_retried(fake_teacher):
-    server = fake_teacher("--fault-rate", "0.5", "--fault-seed", "12", "--hang-s", "2")
+    server = fake_teacher("--fault-rate", "0.5", "--fault-seed", "1", "--hang-s", "2")
     teacher = client(server.base_url, retries=12, timeout_s=0.5)
     teacher.honours_n = True  # as learned; a short first answer would otherwise mean "ignores n"
 
@@ -94,7 +94,7 @@ def test_retries_run_out(fake_teacher):
 
 def test_a_failing_sibling_does_not_lose_the_others(fake_teacher):
     """Fan-out: one request runs out of retries; the answers of the others are still reported."""
-    server = fake_teacher("--ignore-n", "--fault-rate", "0.35", "--fault-seed", "0", "--hang-s", "2")
+    server = fake_teacher("--ignore-n", "--fault-rate", "0.35", "--fault-seed", "1", "--hang-s", "2")
     teacher = client(server.base_url, retries=0, timeout_s=0.5)
     teacher.honours_n = False
     reported: list[TeacherPart] = []
