@@ -44,6 +44,16 @@ class TeacherConfig(_Strict):
     timeout_s: float = Field(120.0, gt=0)
     retries: int = Field(5, ge=0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_key_in_files(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "api_key" in data:
+            raise ValueError(
+                "API keys are never read from config files: put it in an environment variable "
+                "and set teacher.api_key_env to that variable's name"
+            )
+        return data
+
     @model_validator(mode="after")
     def _one_endpoint(self) -> TeacherConfig:
         if (self.base_url is None) == (self.launch is None):

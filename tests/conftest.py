@@ -90,11 +90,12 @@ def write_config(path: Path, config: dict) -> Path:
     return path
 
 
-def genssd(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "200"}
+def genssd(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None,
+           **popen) -> subprocess.CompletedProcess:  # fmt: skip
+    env = {**os.environ, "COLUMNS": "200", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "genssd_cli", *args],
-        capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env,
+        capture_output=True, text=True, cwd=cwd or ROOT, timeout=timeout, env=env, **popen,
     )  # fmt: skip
 
 

@@ -58,7 +58,15 @@ class Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (a 'hang' fault)
             pass
 
+    def _authorised(self) -> bool:
+        if self.server.api_key and self.headers.get("Authorization") != f"Bearer {self.server.api_key}":
+            self._send(401, {"error": {"message": "invalid api key"}})
+            return False
+        return True
+
     def do_GET(self) -> None:
+        if not self._authorised():
+            return
         if self.path.rstrip("/") == "/v1/models":
             self._send(200, {"object": "list", "data": [{"id": self.server.model, "object": "model"}]})
         else:
@@ -67,8 +75,8 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length", 0))
         req = json.loads(self.rfile.read(length))
-        if self.server.api_key and self.headers.get("Authorization") != f"Bearer {self.server.api_key}":
-            return self._send(401, {"error": {"message": "invalid api key"}})
+        if not self._authorised():
+            return
         if self.server.status:
             self.server.record(req, str(self.server.status))
             return self._send(self.server.status, {"error": {"message": f"forced {self.server.status}"}})
