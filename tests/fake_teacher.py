@@ -82,6 +82,9 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(self.server.status, {"error": {"message": f"forced {self.server.status}"}})
         if req.get("model") != self.server.model:
             return self._send(404, {"error": {"message": f"model {req.get('model')} not found"}})
+        if self.server.max_prompt_words and len(req["prompt"].split()) > self.server.max_prompt_words:
+            message = f"This model's maximum context length is {self.server.max_prompt_words} tokens"
+            return self._send(400, {"error": {"message": message, "type": "invalid_request_error"}})
         fault = self.server.next_fault(req)
         self.server.record(req, fault)
         if fault == "reset":
@@ -129,6 +132,7 @@ class FakeServer(ThreadingHTTPServer):
         self.status = args.status
         self.latency_per_token = args.latency_per_token
         self.hang_s = args.hang_s
+        self.max_prompt_words = args.max_prompt_words
         self.api_key = args.api_key
         self.fault_rate = args.fault_rate
         self.fault_seed = args.fault_seed
@@ -164,6 +168,7 @@ def main() -> None:
     parser.add_argument("--fault-seed", type=int, default=0)
     parser.add_argument("--latency-per-token", type=float, default=0.0)
     parser.add_argument("--hang-s", type=float, default=3.0, help="how long a 'hang' fault stalls")
+    parser.add_argument("--max-prompt-words", type=int, default=0, help="400 'context length' beyond")
     parser.add_argument("--api-key", help="require this bearer token (401 otherwise)")
     args = parser.parse_args()
     FakeServer(args.port, args).serve_forever()

@@ -74,3 +74,29 @@ def test_pruning_retries_then_prunes(tmp_path, fake_teacher):
     # Each problem's first step: the original attempt and two re-samples, then the prune.
     assert sorted(e["attempt"] for e in events if e["type"] == "choice") == [0, 0, 1, 1, 2, 2]
     assert (tmp_path / "run" / "trajectories.jsonl").read_text() == ""
+
+
+def test_context_too_long_ends_the_trajectory_as_truncated(tmp_path, fake_teacher):
+    server = fake_teacher("--max-prompt-words", "165")  # the few-shot prompt (~140 words) + 2-3 steps
+    cfg = run_config(server.base_url, search={"max_steps": 20, "max_new_tokens": 400}, data={"count": 3})
+    run = tmp_path / "run"
+    result = genssd("run", str(write_config(tmp_path / "c.yaml", cfg)), "--out", str(run))
+    assert result.returncode == 0, result.stderr
+    summary = check_run_is_consistent(run, problems=3, n=3)
+    assert summary["trajectories"]["failed"] == 0 and summary["trajectories"]["truncated"] >= 1
+    rows = load_jsonl(run / "trajectories.jsonl")
+    assert all(r["steps"] < 20 for r in rows)
+
+
+def test_fatal_teacher_error_mid_run_stops_with_one_line(tmp_path, fake_teacher):
+    server = fake_teacher("--status", "403")  # /v1/models answers; every completion is refused
+    run = tmp_path / "run"
+    result = genssd("run", str(write_config(tmp_path / "c.yaml", run_config(server.base_url))), "--out", str(run))
+    assert result.returncode == 1
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [
+        f"error: teacher {server.base_url} denied access (403)"
+    ]
+    assert len(server.requests()) <= 4  # at once: no retries, one request per trajectory in flight at most
+    events = read_events(run)
+    assert events[-1]["type"] == "session_end" and events[-1]["end"] == "failed"
+    assert json.loads((run / "summary.json").read_text())["trajectories"]["pending"] == 4
