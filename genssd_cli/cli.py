@@ -72,6 +72,29 @@ def run(
         console.print(f"some trajectories did not end; resume with: {_resume_command()}", markup=False, soft_wrap=True)
 
 
+bench_app = typer.Typer(help="Speed measurements, side by side in one process; one JSON line per method.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("scoring")
+def bench_scoring(
+    model: str = typer.Option("smollm2-135m-instruct", "--model", help="student: shipped name, HF id or folder"),
+    random_init: str | None = typer.Option(None, "--random-init", help="a config-only shape, e.g. qwen2.5-1.5b"),
+    prefix: int = typer.Option(512, "--prefix", min=1, help="prefix tokens per trajectory"),
+    n: int = typer.Option(4, "--n", min=1, help="candidates per step"),
+    chunk: int = typer.Option(64, "--chunk", min=1, help="tokens per candidate"),
+    trajectories: int = typer.Option(8, "--trajectories", min=1),
+    steps: int = typer.Option(3, "--steps", min=1, help="steps per trajectory"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16"),
+) -> None:
+    """Prefix-cached scoring (what the engine runs) against a naive full recompute."""
+    from genssd_cli.bench import bench_scoring as run_bench
+    from genssd_cli.bench import print_lines
+
+    print_lines(run_bench(model, random_init, prefix, n, chunk, trajectories, steps, device, dtype))
+
+
 def _resume_command() -> str:
     return "genssd " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 

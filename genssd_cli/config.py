@@ -68,6 +68,7 @@ class StudentConfig(_Strict):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     batch_tokens: int = Field(8192, ge=64, description="padded tokens per scoring forward")
+    cache_mb: int = Field(2048, ge=0, description="prefix KV caches budget (MiB); 0: recompute every step")
 
 
 class SearchConfig(_Strict):
@@ -190,6 +191,7 @@ _NOT_RESULTS = {
     "teacher.launch.extra_args",
     "student.device",
     "student.batch_tokens",
+    "student.cache_mb",
     "data.limit",
 }
 

@@ -24,7 +24,7 @@ from genssd_cli.data import Problem, render_prompt
 from genssd_cli.errors import ContextTooLong, StopRequested, TeacherUnavailable
 from genssd_cli.results import Replay
 from genssd_cli.store import RunStore
-from genssd_cli.student import Score, ScoreRequest, ScoringQueue
+from genssd_cli.student import Score, ScoreRequest, ScoringQueue, lowest_ppl
 from genssd_cli.teacher import Candidate, TeacherClient, TeacherPart, request_seed
 from genssd_cli.ui import RunStats
 
@@ -125,6 +125,8 @@ class Engine:
             self.store.append(t.event("error", step=t.steps, error_class=exc.error_class, message=str(exc)))
             self.stats.failed += 1
             self.stats.failures.update([exc.error_class])
+        finally:
+            self.scorer.forget(t.key)
 
     def _too_hard(self, ppl: float) -> bool:
         # inf means no candidate had tokens of its own (the teacher just stopped): not "hard".
@@ -175,7 +177,7 @@ class Engine:
                 Score(math.inf if p is None else p, n) for p, n in zip(recorded["ppl"], recorded["tokens"], strict=True)
             ]
         texts = [c.text for c in candidates]
-        scores = await self.scoring.score(ScoreRequest(context, texts))
+        scores = await self.scoring.score(ScoreRequest(context, texts, key=t.key))
         best = lowest_ppl(scores)
         self.store.append(t.event(
             "choice", step=t.steps, attempt=attempt, chosen=best,
@@ -234,11 +236,6 @@ class Engine:
         else:
             self.stats.truncated += 1
         self.stats.correct += bool(row["correct"])
-
-
-def lowest_ppl(scores: list[Score]) -> int:
-    """The selection rule: the candidate the student finds easiest (first one on ties)."""
-    return min(range(len(scores)), key=lambda i: scores[i].ppl)
 
 
 def _longest(stops: list[str]) -> int:

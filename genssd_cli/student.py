@@ -4,24 +4,40 @@
 PPL(candidate) = exp(mean NLL of the candidate's tokens). Chunk boundaries cut words, so the
 context and context+candidate are tokenized separately and the candidate's tokens are those past
 their longest common token prefix: a token that merges across the seam counts as the
-candidate's. Scoring here recomputes the whole sequence; it is exact and is the reference that
-any faster scorer must match.
+candidate's.
+
+Two paths give the same numbers (within float rounding, tested): `score_naive` recomputes whole
+sequences and is the reference; a request that names its trajectory (`key`) reuses that
+trajectory's prefix KV cache (kv_cache.py), so a step computes only its candidates' tokens.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 
 from genssd_cli.data import render_prompt
+from genssd_cli.kv_cache import (
+    PrefixCache,
+    PrefixEntry,
+    cache_argument,
+    expand_kv,
+    from_cache,
+    output_cache,
+    slice_kv,
+    supports_prefix_cache,
+    to_cache,
+)
 
 
 @dataclass(frozen=True)
 class ScoreRequest:
     context: str  # student prompt + accepted prefix
     candidates: list[str]
+    key: Any = None  # the trajectory, whose prefix cache may be used; None: score from scratch
 
 
 @dataclass(frozen=True)
@@ -38,13 +54,30 @@ def common_prefix_len(a: list[int], b: list[int]) -> int:
     return n
 
 
+def lowest_ppl(scores: list[Score]) -> int:
+    """The selection rule: the candidate the student finds easiest (first one on ties)."""
+    return min(range(len(scores)), key=lambda i: scores[i].ppl)
+
+
 class StudentScorer:
-    def __init__(self, model, tokenizer, device: str, user_template: str, batch_tokens: int = 8192):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        device: str,
+        user_template: str,
+        batch_tokens: int = 8192,
+        cache_bytes: int = 0,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
         self.user_template = user_template
         self.batch_tokens = batch_tokens
+        usable = cache_bytes > 0 and supports_prefix_cache(model.config)
+        self.cache = PrefixCache(cache_bytes) if usable else None
+        self._cache_arg = cache_argument(model) if usable else None
+        self.forward_tokens = 0  # tokens run through the model (what the cache saves)
 
     @classmethod
     def load(cls, cfg, user_template: str) -> StudentScorer:
@@ -52,7 +85,7 @@ class StudentScorer:
 
         device = pick_device(cfg.device)
         model, tokenizer = load_causal_lm(cfg.model, cfg.gguf_file, cfg.adapter, device, cfg.dtype)
-        return cls(model, tokenizer, device, user_template, cfg.batch_tokens)
+        return cls(model, tokenizer, device, user_template, cfg.batch_tokens, cfg.cache_mb * 2**20)
 
     def user_message(self, question: str) -> str:
         return render_prompt(self.user_template, question)
@@ -70,15 +103,93 @@ class StudentScorer:
         # The chat template already holds the special tokens.
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def forget(self, key: Any) -> None:
+        """The trajectory ended: its cache is no longer worth memory."""
+        if self.cache is not None:
+            self.cache.drop(key)
+
     def score(self, requests: list[ScoreRequest]) -> list[list[Score]]:
+        results: list[list[Score] | None] = [None] * len(requests)
+        naive = [i for i, r in enumerate(requests) if r.key is None or self.cache is None]
+        for i, request in enumerate(requests):
+            if results[i] is None and i not in naive:
+                results[i] = self.score_ids_cached(request.key, *self._tokenize(request))
+        for i, scores in zip(naive, self.score_naive([requests[i] for i in naive]), strict=True):
+            results[i] = scores
+        return results
+
+    def _tokenize(self, request: ScoreRequest) -> tuple[list[int], list[tuple[list[int], int]]]:
+        """Context ids, and per candidate (ids of context+candidate, index of its first own token)."""
+        context = self._encode(request.context)
+        sequences = []
+        for text in request.candidates:
+            full = self._encode(request.context + text)
+            sequences.append((full, max(common_prefix_len(context, full), 1)))
+        return context, sequences
+
+    def score_ids_cached(self, key: Any, context: list[int], sequences: list[tuple[list[int], int]]) -> list[Score]:
+        """Token-level cached scoring: `sequences` are (context+candidate ids, first own token)."""
+        import torch
+
+        # Positions shared by every sequence, less one: that token is fed again with each
+        # candidate so that its logits score the candidate's first token.
+        shared = min(start for _, start in sequences) - 1
+        entry = self.cache.get(key)
+        reused = common_prefix_len(entry.ids, context[:shared]) if entry else 0
+        kv = slice_kv(entry.kv, 0, reused) if reused else None
+        rows = [full[shared:] for full, _ in sequences]
+        width = max(len(row) for row in rows)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), shared + width), dtype=torch.long)
+        mask[:, :shared] = 1
+        for r, row in enumerate(rows):  # right padding: a real token never sees the pads after it
+            ids[r, : len(row)] = torch.tensor(row)
+            mask[r, shared : shared + len(row)] = 1
+        positions = torch.arange(shared, shared + width).expand(len(rows), -1)
+        with torch.inference_mode():
+            if reused < shared:  # new tokens of the accepted prefix (or all of it after an eviction)
+                kv = self._extend(kv, context[reused:shared], reused)
+            past = to_cache(expand_kv(kv, len(rows)) if kv else None)
+            out = self.model(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=positions.to(self.device),
+                use_cache=True,
+                **{self._cache_arg: past},
+            )
+            self.forward_tokens += ids.numel()
+            scores = []
+            for r, (full, start) in enumerate(sequences):
+                count = len(full) - start
+                if count == 0:
+                    scores.append(Score(math.inf, 0))
+                    continue
+                first = start - shared - 1  # logits at row index k predict the token after it
+                logprobs = torch.log_softmax(out.logits[r, first : first + count].float(), dim=-1)
+                targets = torch.tensor(full[start:], device=logprobs.device)
+                nll = -float(logprobs.gather(-1, targets[:, None]).sum())
+                scores.append(Score(math.exp(nll / count), count))
+            # Keep the candidate the engine will accept (same rule): next step's prefix.
+            best = lowest_ppl(scores)
+            kept = sequences[best][0]
+            best_kv = [(k.clone(), v.clone()) for k, v in slice_kv(from_cache(output_cache(out)), best, len(kept))]
+        self.cache.put(key, PrefixEntry(kept, best_kv))
+        return scores
+
+    def _extend(self, kv, tokens: list[int], offset: int):
+        import torch
+
+        ids = torch.tensor([tokens], device=self.device)
+        positions = torch.arange(offset, offset + len(tokens), device=self.device)[None]
+        out = self.model(input_ids=ids, position_ids=positions, use_cache=True, **{self._cache_arg: to_cache(kv)})
+        self.forward_tokens += len(tokens)
+        return from_cache(output_cache(out))
+
+    def score_naive(self, requests: list[ScoreRequest]) -> list[list[Score]]:
         sequences: list[tuple[list[int], int]] = []
         for request in requests:
-            context = self._encode(request.context)
-            for text in request.candidates:
-                full = self._encode(request.context + text)
-                start = max(common_prefix_len(context, full), 1)
-                sequences.append((full, start))
-        nll = self._sequence_nll(sequences)
+            sequences.extend(self._tokenize(request)[1])
+        nll = self.sequence_nll(sequences)
         scores: list[Score] = []
         for (ids, start), total in zip(sequences, nll, strict=True):
             count = len(ids) - start
@@ -89,7 +200,7 @@ class StudentScorer:
             i += len(request.candidates)
         return out
 
-    def _sequence_nll(self, sequences: list[tuple[list[int], int]]) -> list[float]:
+    def sequence_nll(self, sequences: list[tuple[list[int], int]]) -> list[float]:
         """Summed NLL of tokens[start:] per sequence, in padded batches under the token budget."""
         import torch
 
@@ -136,6 +247,7 @@ class StudentScorer:
             targets = torch.tensor(seq[start:], device=logprobs.device)
             picked = logprobs[row, first : first + count].gather(-1, targets[:, None])
             totals[i] = -float(picked.sum())
+        self.forward_tokens += ids.numel()
 
 
 @dataclass

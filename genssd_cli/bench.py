@@ -1,0 +1,161 @@
+"""`genssd bench scoring`: the engine's prefix-cached scorer against a naive full recompute, same
+model, same shapes, one process. Each prints one JSON line; then one line with the ratio.
+
+The workload is the engine's in steady state: `trajectories` accepted prefixes of `prefix`
+tokens; per step, `n` candidates of `chunk` tokens each; the lowest-PPL candidate is appended
+and the next step scores `n` new ones. In a run, a prefix was built chunk by chunk by earlier
+steps (each kept chunk's keys and values are those computed when it was scored), so the cached
+scorer starts with the prefixes in its cache; building them is timed apart (`prefill_seconds`)
+and not counted in candidate tokens/s. Token ids are random (no tokenizer needed, so
+`--random-init` shapes work offline); speed does not depend on which ids they are.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import resource
+import time
+from types import SimpleNamespace
+
+from genssd_cli.errors import UsageError
+
+# Config-only shapes (no download): for speed measurements on a GPU.
+RANDOM_INIT_SHAPES = {
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+}  # fmt: skip
+
+
+def load_bench_scorer(model: str, random_init: str | None, device: str, dtype: str):
+    import torch
+
+    from genssd_cli.config import StudentConfig
+    from genssd_cli.models import load_causal_lm, pick_device
+    from genssd_cli.student import StudentScorer
+
+    device = pick_device(device)
+    if random_init is None:
+        cfg = StudentConfig(model=model, device=device, dtype=dtype)
+        lm, tokenizer = load_causal_lm(cfg.model, None, None, device, cfg.dtype)
+        name = model
+    else:
+        if random_init not in RANDOM_INIT_SHAPES:
+            raise UsageError(f"--random-init: unknown shape {random_init!r} (known: {', '.join(RANDOM_INIT_SHAPES)})")
+        from transformers import AutoModelForCausalLM, Qwen2Config
+
+        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+            dtype, torch.bfloat16 if device == "cuda" else torch.float32
+        )
+        config = Qwen2Config(**RANDOM_INIT_SHAPES[random_init], max_position_embeddings=32768)
+        torch.manual_seed(0)
+        lm = AutoModelForCausalLM.from_config(config, dtype=torch_dtype).to(device).eval()
+        tokenizer = SimpleNamespace(pad_token_id=0)
+        name = f"random-init {random_init}"
+    return StudentScorer(lm, tokenizer, device, "{question}", batch_tokens=16384, cache_bytes=1 << 40), name
+
+
+def bench_scoring(
+    model: str, random_init: str | None, prefix: int, n: int, chunk: int, trajectories: int, steps: int,
+    device: str, dtype: str,
+) -> list[dict]:  # fmt: skip
+    import torch
+
+    scorer, name = load_bench_scorer(model, random_init, device, dtype)
+    vocab = scorer.model.config.get_text_config(decoder=True).vocab_size
+    rng = random.Random(0)
+
+    def tokens(count: int) -> list[int]:
+        return [rng.randrange(100, vocab) for _ in range(count)]
+
+    prefixes = [tokens(prefix) for _ in range(trajectories)]
+    candidates = [[[tokens(chunk) for _ in range(n)] for _ in range(trajectories)] for _ in range(steps)]
+
+    def naive() -> None:
+        contexts = [list(p) for p in prefixes]
+        for step in range(steps):
+            sequences = [(c + cand, len(c)) for t, c in enumerate(contexts) for cand in candidates[step][t]]
+            totals = scorer.sequence_nll(sequences)
+            for t, context in enumerate(contexts):
+                best = min(range(n), key=lambda i: totals[t * n + i])
+                context.extend(candidates[step][t][best])
+
+    def prefill() -> None:
+        from genssd_cli.kv_cache import PrefixEntry
+
+        for t, context in enumerate(prefixes):
+            with torch.inference_mode():
+                kv = scorer._extend(None, context[:-1], 0)
+            scorer.cache.put(("bench", t), PrefixEntry(context[:-1], kv))
+
+    def cached() -> None:
+        contexts = [list(p) for p in prefixes]
+        for step in range(steps):
+            for t, context in enumerate(contexts):
+                sequences = [(context + c, len(context)) for c in candidates[step][t]]
+                scores = scorer.score_ids_cached(("bench", t), context, sequences)
+                context.extend(candidates[step][t][min(range(n), key=lambda i: scores[i].ppl)])
+        for t in range(trajectories):
+            scorer.forget(("bench", t))
+
+    warm = [(tokens(32), 16)]
+    scorer.sequence_nll(warm)  # first-call costs (allocator, kernels) outside the timings
+    results = []
+    prefill_started = time.perf_counter()
+    prefill()
+    prefill_seconds = time.perf_counter() - prefill_started
+    for method, work in (("naive", naive), ("prefix_cache", cached)):
+        if device_is_cuda := scorer.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        before_tokens = scorer.forward_tokens
+        started = time.perf_counter()
+        work()
+        if device_is_cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        scored = steps * trajectories * n * chunk
+        results.append({
+            "bench": "scoring", "method": method, "model": name, "device": _device_name(scorer.device),
+            "dtype": str(next(scorer.model.parameters()).dtype).removeprefix("torch."),
+            "prefix": prefix, "n": n, "chunk": chunk, "trajectories": trajectories, "steps": steps,
+            "candidate_tokens": scored, "seconds": round(seconds, 3),
+            "candidate_tokens_per_s": round(scored / seconds, 1),
+            "forward_tokens": scorer.forward_tokens - before_tokens,
+            "peak_memory_mb": _peak_memory_mb(scorer.device),
+            "threads": torch.get_num_threads(),
+        })  # fmt: skip
+    results[1]["peak_cache_mb"] = round(scorer.cache.peak_bytes / 2**20, 1)
+    results[1]["prefill_seconds"] = round(prefill_seconds, 3)
+    results.append({
+        "bench": "scoring", "ratio": "prefix_cache / naive",
+        "speedup": round(results[1]["candidate_tokens_per_s"] / results[0]["candidate_tokens_per_s"], 2),
+    })  # fmt: skip
+    return results
+
+
+def _device_name(device: str) -> str:
+    import platform
+
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{device} ({platform.processor() or platform.machine()})"
+
+
+def _peak_memory_mb(device: str) -> float:
+    import torch
+
+    if device == "cuda":
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # process peak RSS
+
+
+def print_lines(results: list[dict]) -> None:
+    for line in results:
+        print(json.dumps(line), flush=True)
