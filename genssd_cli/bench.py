@@ -31,12 +31,12 @@ RANDOM_INIT_SHAPES = {
 }  # fmt: skip
 
 
-def load_bench_scorer(model: str, random_init: str | None, device: str, dtype: str):
+def load_bench_scorer(model: str, random_init: str | None, device: str, dtype: str, batch_tokens: int | None):
     import torch
 
     from genssd_cli.config import StudentConfig
     from genssd_cli.models import load_causal_lm, pick_device
-    from genssd_cli.student import StudentScorer
+    from genssd_cli.student import StudentScorer, default_batch_tokens
 
     device = pick_device(device)
     if random_init is None:
@@ -56,16 +56,18 @@ def load_bench_scorer(model: str, random_init: str | None, device: str, dtype: s
         lm = AutoModelForCausalLM.from_config(config, dtype=torch_dtype).to(device).eval()
         tokenizer = SimpleNamespace(pad_token_id=0)
         name = f"random-init {random_init}"
-    return StudentScorer(lm, tokenizer, device, "{question}", batch_tokens=16384, cache_bytes=1 << 40), name
+    batch_tokens = default_batch_tokens(device, batch_tokens)  # what `genssd run` would use
+    return StudentScorer(lm, tokenizer, device, "{question}", batch_tokens, cache_bytes=1 << 40), name
 
 
 def bench_scoring(
     model: str, random_init: str | None, prefix: int, n: int, chunk: int, trajectories: int, steps: int,
-    device: str, dtype: str,
+    device: str, dtype: str, batch_tokens: int | None = None,
 ) -> list[dict]:  # fmt: skip
     import torch
 
-    scorer, name = load_bench_scorer(model, random_init, device, dtype)
+    scorer, name = load_bench_scorer(model, random_init, device, dtype, batch_tokens)
+    engine_batch_tokens = scorer.batch_tokens
     vocab = scorer.model.config.get_text_config(decoder=True).vocab_size
     rng = random.Random(0)
 
@@ -94,11 +96,13 @@ def bench_scoring(
 
     def cached() -> None:
         contexts = [list(p) for p in prefixes]
-        for step in range(steps):
-            for t, context in enumerate(contexts):
-                sequences = [(context + c, len(context)) for c in candidates[step][t]]
-                scores = scorer.score_ids_cached(("bench", t), context, sequences)
-                context.extend(candidates[step][t][min(range(n), key=lambda i: scores[i].ppl)])
+        for step in range(steps):  # every trajectory's step in one call, as the scoring queue batches
+            batch = [
+                (("bench", t), context, [(context + c, len(context)) for c in candidates[step][t]])
+                for t, context in enumerate(contexts)
+            ]
+            for t, scores in enumerate(scorer.score_steps_cached(batch)):
+                contexts[t].extend(candidates[step][t][min(range(n), key=lambda i: scores[i].ppl)])
         for t in range(trajectories):
             scorer.forget(("bench", t))
 
@@ -108,7 +112,10 @@ def bench_scoring(
     prefill_started = time.perf_counter()
     prefill()
     prefill_seconds = time.perf_counter() - prefill_started
-    for method, work in (("naive", naive), ("prefix_cache", cached)):
+    # The naive scorer batches across trajectories (8192 padded tokens per forward); the cached
+    # one uses what `genssd run` would on this device.
+    for method, work, budget in (("naive", naive, 8192), ("prefix_cache", cached, engine_batch_tokens)):
+        scorer.batch_tokens = budget
         if device_is_cuda := scorer.device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -127,7 +134,7 @@ def bench_scoring(
             "candidate_tokens_per_s": round(scored / seconds, 1),
             "forward_tokens": scorer.forward_tokens - before_tokens,
             "peak_memory_mb": _peak_memory_mb(scorer.device),
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads(), "batch_tokens": budget,
         })  # fmt: skip
     results[1]["peak_cache_mb"] = round(scorer.cache.peak_bytes / 2**20, 1)
     results[1]["prefill_seconds"] = round(prefill_seconds, 3)

@@ -87,12 +87,13 @@ def bench_scoring(
     steps: int = typer.Option(3, "--steps", min=1, help="steps per trajectory"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps"),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16"),
+    batch_tokens: int | None = typer.Option(None, "--batch-tokens", min=64, help="as student.batch_tokens"),
 ) -> None:
     """Prefix-cached scoring (what the engine runs) against a naive full recompute."""
     from genssd_cli.bench import bench_scoring as run_bench
     from genssd_cli.bench import print_lines
 
-    print_lines(run_bench(model, random_init, prefix, n, chunk, trajectories, steps, device, dtype))
+    print_lines(run_bench(model, random_init, prefix, n, chunk, trajectories, steps, device, dtype, batch_tokens))
 
 
 def _resume_command() -> str:

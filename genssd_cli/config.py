@@ -67,7 +67,9 @@ class StudentConfig(_Strict):
     adapter: str | None = None
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    batch_tokens: int = Field(8192, ge=64, description="padded tokens per scoring forward")
+    batch_tokens: int | None = Field(
+        None, ge=64, description="padded tokens per scoring forward; null: 8192 on a GPU, 512 on CPU"
+    )
     cache_mb: int = Field(2048, ge=0, description="prefix KV caches budget (MiB); 0: recompute every step")
 
 

@@ -23,8 +23,9 @@ from genssd_cli.config import RunConfig
 from genssd_cli.data import Problem, render_prompt
 from genssd_cli.errors import ContextTooLong, StopRequested, TeacherUnavailable
 from genssd_cli.results import Replay
+from genssd_cli.scoring_queue import ScoringQueue
 from genssd_cli.store import RunStore
-from genssd_cli.student import Score, ScoreRequest, ScoringQueue, lowest_ppl
+from genssd_cli.student import Score, ScoreRequest, lowest_ppl
 from genssd_cli.teacher import Candidate, TeacherClient, TeacherPart, request_seed
 from genssd_cli.ui import RunStats
 

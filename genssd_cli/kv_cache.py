@@ -80,11 +80,6 @@ def slice_kv(kv: KV, row: int, length: int) -> KV:
     return [(k[row : row + 1, :, :length], v[row : row + 1, :, :length]) for k, v in kv]
 
 
-def expand_kv(kv: KV, rows: int) -> KV:
-    """The same prefix for `rows` candidates: broadcast views (the model copies once when it appends)."""
-    return [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in kv]
-
-
 def to_cache(kv: KV | None):
     from transformers import DynamicCache
 

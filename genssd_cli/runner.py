@@ -28,8 +28,9 @@ from genssd_cli.engine import Engine
 from genssd_cli.errors import Interrupted, UsageError, unwrap_group
 from genssd_cli.launch import LocalServer, launched
 from genssd_cli.results import Replay, check_resume, failure_rows, summarize, trajectory_rows
+from genssd_cli.scoring_queue import ScoringQueue
 from genssd_cli.store import CONFIG, FAILURES, SUMMARY, TRAJECTORIES, RunStore, read_events
-from genssd_cli.student import ScoringQueue, StudentScorer
+from genssd_cli.student import StudentScorer
 from genssd_cli.teacher import TeacherClient, api_key
 from genssd_cli.ui import RunStats, progress_display
 

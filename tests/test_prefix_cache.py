@@ -80,6 +80,30 @@ def test_many_trajectories_with_eviction_are_exact(scorer):
         scorer.cache = big
 
 
+@pytest.mark.parametrize("batch_tokens", [8192, 200])  # one forward for all, or several
+def test_trajectories_batched_together_are_exact(scorer, batch_tokens):
+    """Different prefix lengths (left padding), candidate lengths (right padding), a seam, a
+    trajectory seen for the first time, and steps that continue cached ones, in one call."""
+    rng = random.Random(batch_tokens)
+    words = ["apples", "cost", "3", "dollars", "and", "12", "so", "total", "is", "45", "app", "les"]
+    contexts = {t: scorer.prompt_text(f"Problem {t}: " + "how many? " * t) for t in range(4)}
+    scorer.batch_tokens, saved = batch_tokens, scorer.batch_tokens
+    try:
+        for step in range(3):
+            live = range(4) if step else range(2)  # trajectories 2 and 3 join at step 1
+            requests = [
+                ScoreRequest(contexts[t], ["".join(rng.choices(words, k=rng.randint(1, 6))) for _ in range(3)],
+                             key=("batched", batch_tokens, t))
+                for t in live
+            ]  # fmt: skip
+            cached = scorer.score(requests)
+            for request, scores in zip(requests, cached, strict=True):
+                close(scores, scorer.score_naive([request])[0])
+                contexts[request.key[2]] += request.candidates[lowest_ppl(scores)]
+    finally:
+        scorer.batch_tokens = saved
+
+
 def test_cache_saves_forward_tokens(scorer):
     prompt = scorer.prompt_text("A long problem. " * 40)
     steps = [[" " + "word " * 8, " " + "other " * 6, " " + "x " * 7] for _ in range(4)]
