@@ -136,7 +136,7 @@ def bench_scoring(
             "peak_memory_mb": _peak_memory_mb(scorer.device),
             "threads": torch.get_num_threads(), "batch_tokens": budget,
         })  # fmt: skip
-    results[1]["peak_cache_mb"] = round(scorer.cache.peak_bytes / 2**20, 1)
+    results[1]["peak_cache_mb"] = scorer.peak_cache_mb
     results[1]["prefill_seconds"] = round(prefill_seconds, 3)
     results.append({
         "bench": "scoring", "ratio": "prefix_cache / naive",
@@ -166,3 +166,60 @@ def _peak_memory_mb(device: str) -> float:
 def print_lines(results: list[dict]) -> None:
     for line in results:
         print(json.dumps(line), flush=True)
+
+
+def bench_engine(
+    model: str, problems: int, n: int, chunk: int, steps: int, concurrency: int, latency_per_token: float,
+) -> list[dict]:  # fmt: skip
+    """The whole engine (real student scoring on) against the bundled deterministic teacher
+    server with a fixed latency per token: is the allowed teacher concurrency kept busy, and what
+    does the engine's own loop cost per candidate?"""
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import httpx
+    import yaml
+    from rich.console import Console
+
+    from genssd_cli.launch import free_port
+    from genssd_cli.runner import run_command
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "genssd_cli.fake_teacher", "--port", str(port), "--ignore-n",
+         "--latency-per-token", str(latency_per_token)],
+    )  # fmt: skip
+    try:
+        base_url = f"http://127.0.0.1:{port}/v1"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{base_url}/models", timeout=1.0)
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("the bench teacher server did not start") from None
+                time.sleep(0.1)
+        with tempfile.TemporaryDirectory(prefix="genssd-bench-") as tmp:
+            config = {
+                "teacher": {"model": "fake-teacher", "base_url": base_url, "stop": ["\nQuestion:"],
+                            "max_concurrency": concurrency},
+                "student": {"model": model},
+                "search": {"n": n, "chunk_tokens": chunk, "max_steps": steps, "max_new_tokens": chunk * steps},
+                "data": {"source": "arith", "count": problems, "seed": 0},
+                "engine": {"max_active_problems": problems, "progress_interval_s": 3600},
+            }  # fmt: skip
+            path = Path(tmp) / "bench.yaml"
+            path.write_text(yaml.safe_dump(config), encoding="utf-8")
+            summary = run_command(path, Path(tmp) / "run", None, [], False, Console(quiet=True), "")
+    finally:
+        server.kill()
+        server.wait()
+    return [{
+        "bench": "engine", "model": model, "problems": problems, "n": n, "chunk": chunk, "max_steps": steps,
+        "teacher_concurrency": concurrency, "latency_per_token_s": latency_per_token,
+        "requests": summary["teacher"]["requests"], "candidates": summary["teacher"]["candidates"],
+        "wall_s": summary["wall_s"], **summary["engine"],
+    }]  # fmt: skip

@@ -96,6 +96,23 @@ def bench_scoring(
     print_lines(run_bench(model, random_init, prefix, n, chunk, trajectories, steps, device, dtype, batch_tokens))
 
 
+@bench_app.command("engine")
+def bench_engine(
+    model: str = typer.Option("smollm2-135m-instruct", "--model", help="student: shipped name, HF id or folder"),
+    problems: int = typer.Option(48, "--problems", min=1),
+    n: int = typer.Option(4, "--n", min=1),
+    chunk: int = typer.Option(16, "--chunk", min=1),
+    steps: int = typer.Option(4, "--steps", min=1, help="max steps per trajectory"),
+    concurrency: int = typer.Option(8, "--concurrency", min=1, help="teacher requests allowed in flight"),
+    latency: float = typer.Option(0.1, "--latency-per-token", min=0.0, help="teacher seconds per token"),
+) -> None:
+    """The whole engine against a local teacher with a fixed latency: teacher busy share, loop CPU."""
+    from genssd_cli.bench import bench_engine as run_bench
+    from genssd_cli.bench import print_lines
+
+    print_lines(run_bench(model, problems, n, chunk, steps, concurrency, latency))
+
+
 def _resume_command() -> str:
     return "genssd " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 

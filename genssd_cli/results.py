@@ -89,6 +89,20 @@ def _stats(values: list[float]) -> dict[str, float | None]:
     return {"mean": round(statistics.fmean(finite), 4), "median": round(statistics.median(finite), 4)}
 
 
+def _engine_use(sessions: list[dict[str, Any]]) -> dict[str, Any]:
+    """Over all sessions: the share of the allowed teacher concurrency that was busy, and the
+    event loop's own CPU time per candidate (model time excluded: it runs in a worker thread)."""
+    allowed = sum(s.get("max_concurrency", 0) * s.get("engine_wall_s", 0.0) for s in sessions)
+    candidates = sum(s.get("candidates", 0) for s in sessions)
+    return {
+        "teacher_busy_fraction": round(sum(s.get("teacher_busy_s", 0.0) for s in sessions) / allowed, 4)
+        if allowed else None,
+        "loop_cpu_ms_per_candidate": round(1000 * sum(s.get("loop_cpu_s", 0.0) for s in sessions) / candidates, 3)
+        if candidates else None,
+        "student_cache_peak_mb": max((s.get("student_cache_peak_mb") or 0 for s in sessions), default=None),
+    }
+
+
 def summarize(events: list[dict[str, Any]], problems: list[Problem], samples: int) -> dict[str, Any]:
     rows = trajectory_rows(events, problems)
     pruned = sum(1 for e in events if e.get("type") == "prune")
@@ -124,6 +138,7 @@ def summarize(events: list[dict[str, Any]], problems: list[Problem], samples: in
             "student_ppl": _stats([r["student_ppl"] for r in rows]),
             "completion_tokens": _stats([r["completion_tokens"] for r in rows]),
         },
+        "engine": _engine_use(sessions),
         "sessions": len(sessions),
         "wall_s": round(sum(s.get("wall_s", 0.0) for s in sessions), 1),
         "config_hash": (last_run_start(events) or {}).get("config_hash"),

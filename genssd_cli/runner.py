@@ -99,9 +99,10 @@ def run_command(
 
         started = time.monotonic()
         end = "failed"
+        loop = {"cpu_s": 0.0}
         try:
             try:
-                stopped = anyio.run(_session, teacher, begin, store, problems, stats, console, cfg, abort)
+                stopped = anyio.run(_session, teacher, begin, store, problems, stats, console, cfg, abort, loop)
             except BaseExceptionGroup as group_error:
                 raise unwrap_group(group_error) from None
             finally:
@@ -115,6 +116,11 @@ def run_command(
                 store.append({
                     "type": "session_end", "wall_s": round(time.monotonic() - started, 3),
                     "end": end, "retries": dict(teacher.retries),
+                    # How well the engine kept the teacher busy, and what its own loop cost.
+                    "teacher_busy_s": round(teacher.busy_s, 3), "max_concurrency": cfg.teacher.max_concurrency,
+                    "engine_wall_s": round(loop.get("wall_s", 0.0), 3), "loop_cpu_s": round(loop["cpu_s"], 3),
+                    "candidates": stats.candidates,
+                    "student_cache_peak_mb": scorer.peak_cache_mb,
                 })  # fmt: skip
                 summary = _materialise(store, problems, cfg)
     if end == "stopped":
@@ -131,8 +137,10 @@ async def _session(
     console: Console,
     cfg: RunConfig,
     abort: Callable[[], None],
+    loop: dict[str, float],
 ) -> bool:
-    """The whole asynchronous part of a run; True when it was stopped by a signal."""
+    """The whole asynchronous part of a run; True when it was stopped by a signal. `loop` gets
+    the engine's wall time and the CPU time of the event-loop thread (scoring runs elsewhere)."""
     stop = anyio.Event()
     teacher.stop = stop
     try:
@@ -141,8 +149,13 @@ async def _session(
             await teacher.check()
             engine = begin(stop)
             helpers.start_soon(store.sync_every_interval)
-            async with progress_display(stats, console, cfg.engine.progress_interval_s):
-                await engine.run(problems)
+            cpu, wall = time.thread_time(), time.monotonic()
+            teacher.busy_s = 0.0
+            try:
+                async with progress_display(stats, console, cfg.engine.progress_interval_s):
+                    await engine.run(problems)
+            finally:
+                loop["cpu_s"], loop["wall_s"] = time.thread_time() - cpu, time.monotonic() - wall
             helpers.cancel_scope.cancel()
     finally:
         await teacher.aclose()

@@ -109,6 +109,10 @@ class StudentScorer:
         # The chat template already holds the special tokens.
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    @property
+    def peak_cache_mb(self) -> float | None:
+        return None if self.cache is None else round(self.cache.peak_bytes / 2**20, 1)
+
     def forget(self, key: Any) -> None:
         """The trajectory ended: its cache is no longer worth memory."""
         if self.cache is not None:

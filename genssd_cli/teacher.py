@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -109,6 +110,8 @@ class TeacherClient:
         self.honours_n: bool | None = None
         self.requests = 0
         self.in_flight = 0
+        self.busy_s = 0.0  # integral of requests in flight over time: how full the limit was kept
+        self._busy_since = time.monotonic()
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.retries: Counter[str] = Counter()
@@ -214,6 +217,12 @@ class TeacherClient:
             raise
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _in_flight_changes(self, delta: int) -> None:
+        now = time.monotonic()
+        self.busy_s += self.in_flight * (now - self._busy_since)
+        self._busy_since = now
+        self.in_flight += delta
+
     def _check_stop(self) -> None:
         if self.stop is not None and self.stop.is_set():
             raise StopRequested
@@ -227,7 +236,7 @@ class TeacherClient:
             await self.stop.wait()
 
     async def _request_once(self, prompt: str, n: int, max_tokens: int, seed: int, start: int) -> TeacherPart:
-        self.in_flight += 1
+        self._in_flight_changes(+1)
         try:
             response = await self._client.completions.create(
                 model=self.cfg.model,
@@ -240,7 +249,7 @@ class TeacherClient:
                 seed=seed,
             )
         finally:
-            self.in_flight -= 1
+            self._in_flight_changes(-1)
         self.requests += 1
         choices = sorted(response.choices or [], key=lambda c: c.index)[:n]
         if not choices or any(c.text is None for c in choices):

@@ -15,7 +15,6 @@ from genssd_cli.launch import free_port
 from genssd_cli.teacher import TeacherClient, TeacherPart
 
 ROOT = Path(__file__).resolve().parent.parent
-FAKE_TEACHER = Path(__file__).with_name("fake_teacher.py")
 
 
 def wait_http(url: str, process: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -37,7 +36,7 @@ class FakeTeacher:
         self.log = tmp / f"requests-{self.port}.jsonl"
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.process = subprocess.Popen(
-            [sys.executable, str(FAKE_TEACHER), "--port", str(self.port), "--log", str(self.log), *args]
+            [sys.executable, "-m", "genssd_cli.fake_teacher", "--port", str(self.port), "--log", str(self.log), *args]
         )
         wait_http(f"{self.base_url}/models", self.process)
 

@@ -134,29 +134,3 @@ def test_lru_budget_and_order():
     assert cache.get("c") is None and cache.get("b") is not None
     cache.put("huge", PrefixEntry([1], [(Blob(80), Blob(80))]))  # over the whole budget: not kept
     assert cache.get("huge") is None and cache.peak_bytes == 80
-
-
-def test_bench_scoring_prints_one_json_line_per_method():
-    import json
-
-    from conftest import genssd
-
-    result = genssd("bench", "scoring", "--prefix", "48", "--n", "2", "--chunk", "8", "--trajectories", "2",
-                    "--steps", "2", "--device", "cpu")  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    lines = [json.loads(line) for line in result.stdout.splitlines()]
-    naive, cached, ratio = lines
-    assert (naive["method"], cached["method"]) == ("naive", "prefix_cache")
-    assert naive["candidate_tokens"] == cached["candidate_tokens"] == 2 * 2 * 2 * 8
-    # The naive scorer recomputes every prefix; the cached one computes each prefix token once.
-    assert naive["forward_tokens"] == 2 * 2 * (2 * (48 + 8) + 8)  # rows padded to the longest
-    # Prefixes are cached (built before the timing): per step only n rows of chunk+1 tokens.
-    assert cached["forward_tokens"] == 2 * 2 * 2 * (8 + 1)
-    assert ratio["speedup"] > 0
-
-
-def test_bench_random_init_shape_is_checked():
-    from conftest import genssd
-
-    result = genssd("bench", "scoring", "--random-init", "llama-9000")
-    assert result.returncode == 2 and "unknown shape 'llama-9000'" in result.stderr

@@ -1,5 +1,5 @@
 """`genssd run` end to end through the CLI: a real local teacher server process
-(tests/fake_teacher.py, deterministic and counting requests) and the real demo student."""
+(genssd_cli/fake_teacher.py, deterministic and counting requests) and the real demo student."""
 
 import json
 import math

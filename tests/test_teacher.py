@@ -1,4 +1,4 @@
-"""The teacher client against a real local OpenAI-compatible server process (tests/fake_teacher.py)."""
+"""The teacher client against a real local OpenAI-compatible server process (genssd_cli/fake_teacher.py)."""
 
 import anyio
 import pytest

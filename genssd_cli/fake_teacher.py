@@ -1,4 +1,5 @@
-"""A deterministic OpenAI-compatible teacher for tests, run as its own process on 127.0.0.1.
+"""A deterministic OpenAI-compatible teacher for tests and `genssd bench engine`, run as its own
+process on 127.0.0.1 (standard library only).
 
 Completions depend only on (prompt, seed): the same request always gets the same text. Every
 request is appended to a JSONL log (prompt, seed, n, fault) so tests can count repeats. Faults
@@ -7,7 +8,7 @@ choices than asked, and a hang past the client's timeout. Whether the k-th ident
 (same prompt and seed) fails is decided by hashing it with --fault-seed, so a run's faults do
 not depend on the order in which concurrent requests arrive.
 
-    python tests/fake_teacher.py --port P --log requests.jsonl [--ignore-n] [--fault-rate 0.2]
+    python -m genssd_cli.fake_teacher --port P --log requests.jsonl [--ignore-n] [--fault-rate 0.2]
 """
 
 from __future__ import annotations

@@ -1,0 +1,36 @@
+"""`genssd bench`: the commands run and report what they claim to measure (never timings)."""
+
+import json
+
+from conftest import genssd
+
+
+def test_bench_scoring_prints_one_json_line_per_method():
+    result = genssd("bench", "scoring", "--prefix", "48", "--n", "2", "--chunk", "8", "--trajectories", "2",
+                    "--steps", "2", "--device", "cpu")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    naive, cached, ratio = lines
+    assert (naive["method"], cached["method"]) == ("naive", "prefix_cache")
+    assert naive["candidate_tokens"] == cached["candidate_tokens"] == 2 * 2 * 2 * 8
+    # The naive scorer recomputes every prefix; the cached one computes each prefix token once.
+    assert naive["forward_tokens"] == 2 * 2 * (2 * (48 + 8) + 8)  # rows padded to the longest
+    # Prefixes are cached (built before the timing): per step only n rows of chunk+1 tokens.
+    assert cached["forward_tokens"] == 2 * 2 * 2 * (8 + 1)
+    assert ratio["speedup"] > 0
+
+
+def test_bench_random_init_shape_is_checked():
+    result = genssd("bench", "scoring", "--random-init", "llama-9000")
+    assert result.returncode == 2 and "unknown shape 'llama-9000'" in result.stderr
+
+
+
+def test_bench_engine_reports_teacher_use_and_loop_cost():
+    result = genssd("bench", "engine", "--problems", "3", "--n", "2", "--chunk", "8", "--steps", "2",
+                    "--concurrency", "2", "--latency-per-token", "0.01")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    [line] = [json.loads(line) for line in result.stdout.splitlines()]
+    assert line["bench"] == "engine" and line["requests"] == line["candidates"] > 0
+    assert 0 < line["teacher_busy_fraction"] <= 1
+    assert line["loop_cpu_ms_per_candidate"] > 0 and line["student_cache_peak_mb"] > 0
