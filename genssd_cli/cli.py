@@ -72,6 +72,25 @@ def run(
         console.print(f"some trajectories did not end; resume with: {_resume_command()}", markup=False, soft_wrap=True)
 
 
+@app.command()
+def train(
+    run_dirs: list[Path] = typer.Argument(..., help="run directories whose trajectories.jsonl to train on"),
+    out: Path = typer.Option(..., "--out", help="where the adapter, checkpoints and logs go"),
+    config: Path | None = typer.Option(None, "--config", help="train config YAML (default: configs/train.yaml)"),
+    overrides: list[str] = typer.Option([], "--set", help="override a setting: --set training.epochs=1"),
+    include_incorrect: bool = typer.Option(False, "--include-incorrect", help="also train on wrong answers"),
+    merge: bool = typer.Option(False, "--merge", help="also write the merged model to OUT/merged"),
+) -> None:
+    """LoRA-fine-tune the student on kept trajectories (TRL SFT); running it again resumes."""
+    from genssd_cli.train import train_command
+
+    result = train_command(run_dirs, out, config, overrides, include_incorrect, merge, Console())
+    print(
+        f"done: {result['rows']} rows, {result['steps']} steps, loss {result['first_loss']} -> "
+        f"{result['last_loss']} in {result['wall_s']} s -> {result['adapter']}"
+    )
+
+
 bench_app = typer.Typer(help="Speed measurements, side by side in one process; one JSON line per method.")
 app.add_typer(bench_app, name="bench")
 

@@ -231,3 +231,40 @@ def dump_config_yaml(config: RunConfig, config_hash: str) -> str:
         f"# results hash: {config_hash}\n"
     )
     return header + yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+class LoraSettings(_Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+
+
+class TrainingSettings(_Strict):
+    epochs: float = Field(3.0, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    warmup_steps: int = Field(0, ge=0)
+    seed: int = 0
+    max_length: int = Field(1024, ge=16, description="tokens of prompt + completion; longer rows are cut")
+    logging_steps: int = Field(1, ge=1)
+    save_steps: int = Field(50, ge=1, description="checkpoint every N steps (a re-run resumes from the last)")
+
+
+class TrainConfig(_Strict):
+    student: StudentConfig | None = Field(None, description="null: the student of the first run directory")
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    include_incorrect: bool = False
+
+
+def load_train_config(path: Path | None, overrides: list[str] = ()) -> TrainConfig:
+    path = path or bundled_dir("configs") / "train.yaml"
+    raw = _read_yaml(path)
+    for item in overrides:
+        _apply_override(raw, item)
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise UsageError(f"config {path}: {format_validation_error(exc)}") from None

@@ -7,6 +7,7 @@ import fcntl
 import importlib.util
 import os
 import shutil
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,7 +145,9 @@ def load_causal_lm(ref: str, gguf_file: str | None, adapter: str | None, device:
         if not Path(adapter, "adapter_config.json").is_file():
             raise UsageError(f"student adapter not found: {adapter} (no adapter_config.json)")
         try:
-            model = PeftModel.from_pretrained(model, adapter)
+            with warnings.catch_warnings():  # peft calls transformers APIs it renamed; not the user's to fix
+                warnings.simplefilter("ignore", FutureWarning)
+                model = PeftModel.from_pretrained(model, adapter)
         except (RuntimeError, ValueError) as exc:
             reason = str(exc).splitlines()[0]
             raise UsageError(f"student adapter {adapter} does not fit model {ref!r}: {reason}") from None

@@ -68,10 +68,13 @@ def test_results_hash_tracks_what_changes_results():
 
 
 def test_every_bundled_config_is_valid():
+    from genssd_cli.config import load_train_config
     from genssd_cli.data import load_prompt
     from genssd_cli.paths import bundled_dir
 
-    for path in sorted(bundled_dir("configs").glob("*.yaml")):
+    paths = sorted(bundled_dir("configs").glob("*.yaml"))
+    assert load_train_config(bundled_dir("configs") / "train.yaml").lora.target_modules == "all-linear"
+    for path in [p for p in paths if p.name != "train.yaml"]:
         cfg = load_run_config(path)
         load_prompt(cfg.prompts.teacher)
         load_prompt(cfg.prompts.student)
