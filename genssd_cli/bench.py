@@ -223,3 +223,89 @@ def bench_engine(
         "requests": summary["teacher"]["requests"], "candidates": summary["teacher"]["candidates"],
         "wall_s": summary["wall_s"], **summary["engine"],
     }]  # fmt: skip
+
+
+def bench_train(model: str, random_init: str | None, rows: int, steps: int, batch_size: int, max_length: int,
+                lora_r: int) -> list[dict]:  # fmt: skip
+    """`genssd train`'s loop (TRL SFTTrainer + peft) against a plain peft loop on the same model
+    shape, LoRA settings and tokenized batches: forward, backward, AdamW step, nothing else."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    from rich.console import Console
+
+    from genssd_cli.config import LoraSettings, StudentConfig, TrainConfig, TrainingSettings
+    from genssd_cli.data import generate_arith
+    from genssd_cli.models import load_causal_lm, pick_device
+    from genssd_cli.train import make_trainer
+
+    device = pick_device("auto")
+    examples = [
+        {"prompt": [{"role": "user", "content": r["question"]}],
+         "completion": [{"role": "assistant", "content": r["answer"]}]}
+        for r in generate_arith(rows, seed=0)
+    ]  # fmt: skip
+    cfg = TrainConfig(
+        student=StudentConfig(model=model),
+        lora=LoraSettings(r=lora_r, alpha=2 * lora_r),
+        training=TrainingSettings(epochs=1, batch_size=batch_size, max_length=max_length, save_steps=10**9,
+                                  logging_steps=10**9, learning_rate=1e-4),
+    )  # fmt: skip
+
+    def load():
+        lm, tokenizer = load_causal_lm(model, None, None, device, "auto")
+        if random_init is not None:  # the shape, with the demo tokenizer's vocabulary and chat template
+            from transformers import AutoModelForCausalLM, Qwen2Config
+
+            if random_init not in RANDOM_INIT_SHAPES:
+                raise UsageError(f"--random-init: unknown shape {random_init!r}")
+            shape = {**RANDOM_INIT_SHAPES[random_init], "vocab_size": len(tokenizer)}
+            torch.manual_seed(0)
+            lm = AutoModelForCausalLM.from_config(Qwen2Config(**shape), dtype=lm.dtype).to(device)
+        return lm, tokenizer
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="genssd-bench-train-") as tmp:
+        # Exactly `steps` batches of rows, one epoch: both loops see the same rows and tokens.
+        trainer = make_trainer(cfg, examples[: steps * batch_size], Path(tmp), Console(quiet=True), loaded=load())
+        data = trainer.train_dataset
+        batches = [trainer.data_collator([data[i] for i in range(b, min(b + batch_size, len(data)))])
+                   for b in range(0, len(data), batch_size)]  # fmt: skip
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+
+        # The plain loop first, so that any first-use cost of the process lands on it, not on ours.
+        plain = _plain_peft_model(load()[0], cfg)
+        optimizer = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=1e-4)
+        plain.train()
+        started = time.perf_counter()
+        for batch in batches:
+            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
+            plain(**inputs).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        plain_line = _train_line("plain_peft_loop", len(batches), tokens, time.perf_counter() - started, device)
+        del plain, optimizer
+
+        started = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - started
+        results = [_train_line("genssd_train", trainer.state.global_step, tokens, seconds, device), plain_line]
+    results.append({"bench": "train", "ratio": "genssd_train / plain_peft_loop",
+                    "speedup": round(results[0]["tokens_per_s"] / results[1]["tokens_per_s"], 3)})  # fmt: skip
+    return results
+
+
+def _plain_peft_model(lm, cfg):
+    from peft import LoraConfig, get_peft_model
+
+    lora = cfg.lora
+    return get_peft_model(lm, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                         target_modules=lora.target_modules, task_type="CAUSAL_LM"))  # fmt: skip
+
+
+def _train_line(method: str, steps: int, tokens: int, seconds: float, device: str) -> dict:
+    return {"bench": "train", "method": method, "device": _device_name(device), "steps": steps, "tokens": tokens,
+            "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1)}  # fmt: skip

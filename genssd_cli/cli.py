@@ -132,6 +132,23 @@ def bench_engine(
     print_lines(run_bench(model, problems, n, chunk, steps, concurrency, latency))
 
 
+@bench_app.command("train")
+def bench_train(
+    model: str = typer.Option("smollm2-135m-instruct", "--model", help="student: shipped name, HF id or folder"),
+    random_init: str | None = typer.Option(None, "--random-init", help="a config-only shape, e.g. qwen2.5-1.5b"),
+    rows: int = typer.Option(64, "--rows", min=1),
+    steps: int = typer.Option(8, "--steps", min=1),
+    batch_size: int = typer.Option(4, "--batch-size", min=1),
+    max_length: int = typer.Option(512, "--max-length", min=16),
+    lora_r: int = typer.Option(16, "--lora-r", min=1),
+) -> None:
+    """`genssd train`'s loop (TRL + peft) against a plain peft training loop, same batches."""
+    from genssd_cli.bench import bench_train as run_bench
+    from genssd_cli.bench import print_lines
+
+    print_lines(run_bench(model, random_init, rows, steps, batch_size, max_length, lora_r))
+
+
 def _resume_command() -> str:
     return "genssd " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 

@@ -124,7 +124,8 @@ def train_command(
     }
 
 
-def make_trainer(cfg: TrainConfig, rows: list[dict[str, Any]], out: Path, console: Console):
+def make_trainer(cfg: TrainConfig, rows: list[dict[str, Any]], out: Path, console: Console, loaded=None):
+    """`loaded`: an already loaded (model, tokenizer), e.g. a random-init shape for `genssd bench train`."""
     import warnings
 
     import datasets
@@ -142,7 +143,9 @@ def make_trainer(cfg: TrainConfig, rows: list[dict[str, Any]], out: Path, consol
 
     student, training, lora = cfg.student, cfg.training, cfg.lora
     device = pick_device(student.device)
-    model, tokenizer = load_causal_lm(student.model, student.gguf_file, student.adapter, device, student.dtype)
+    if loaded is None:
+        loaded = load_causal_lm(student.model, student.gguf_file, student.adapter, device, student.dtype)
+    model, tokenizer = loaded
     on_gpu = device == "cuda"
     args = SFTConfig(
         output_dir=str(out / CHECKPOINTS),

@@ -34,3 +34,12 @@ def test_bench_engine_reports_teacher_use_and_loop_cost():
     assert line["bench"] == "engine" and line["requests"] == line["candidates"] > 0
     assert 0 < line["teacher_busy_fraction"] <= 1
     assert line["loop_cpu_ms_per_candidate"] > 0 and line["student_cache_peak_mb"] > 0
+
+
+def test_bench_train_compares_the_same_batches():
+    result = genssd("bench", "train", "--rows", "4", "--steps", "2", "--batch-size", "2", "--max-length", "256")
+    assert result.returncode == 0, result.stderr
+    ours, plain, ratio = (json.loads(line) for line in result.stdout.splitlines())
+    assert (ours["method"], plain["method"]) == ("genssd_train", "plain_peft_loop")
+    assert ours["steps"] == plain["steps"] == 2 and ours["tokens"] == plain["tokens"] > 0
+    assert ratio["speedup"] > 0
