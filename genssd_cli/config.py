@@ -122,12 +122,16 @@ def default_config_path() -> Path:
 
 
 def load_run_config(path: Path | None, overrides: list[str] = ()) -> RunConfig:
-    path = path or default_config_path()
+    return _load(RunConfig, path or default_config_path(), overrides)
+
+
+def _load(model: type[BaseModel], path: Path, overrides: list[str]) -> Any:
+    """YAML file, then `--set` overrides, then validation: one `error:` line for any mistake."""
     raw = _read_yaml(path)
     for item in overrides:
         _apply_override(raw, item)
     try:
-        return RunConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         raise UsageError(f"config {path}: {format_validation_error(exc)}") from None
 
@@ -260,11 +264,4 @@ class TrainConfig(_Strict):
 
 
 def load_train_config(path: Path | None, overrides: list[str] = ()) -> TrainConfig:
-    path = path or bundled_dir("configs") / "train.yaml"
-    raw = _read_yaml(path)
-    for item in overrides:
-        _apply_override(raw, item)
-    try:
-        return TrainConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise UsageError(f"config {path}: {format_validation_error(exc)}") from None
+    return _load(TrainConfig, path or bundled_dir("configs") / "train.yaml", overrides)
