@@ -32,7 +32,6 @@ class ScoringQueue:
         self.scorer = scorer
         self._pending: list[_Pending] = []
         self._wakeup = anyio.Event()
-        self.batches = 0
 
     async def score(self, request: ScoreRequest, solo: bool = False) -> list[Score]:
         item = _Pending(request, solo)
@@ -51,7 +50,6 @@ class ScoringQueue:
             batch, self._pending = self._pending, []
             if not batch:
                 continue
-            self.batches += 1
             try:
                 results = await anyio.to_thread.run_sync(self._score_all, batch, abandon_on_cancel=False)
             except Exception as exc:  # handed to every waiter; the engine decides

@@ -138,10 +138,6 @@ class StudentScorer:
             sequences.append((full, max(common_prefix_len(context, full), 1)))
         return context, sequences
 
-    def score_ids_cached(self, key: Any, context: list[int], sequences: list[tuple[list[int], int]]) -> list[Score]:
-        """One trajectory's step, at token level: `sequences` are (context+candidate ids, first own token)."""
-        return self.score_steps_cached([(key, context, sequences)])[0]
-
     def score_steps_cached(self, steps: list[tuple[Any, list[int], list[tuple[list[int], int]]]]) -> list[list[Score]]:
         """Steps of many trajectories, their candidates batched into forwards under the token budget."""
         results: list[list[Score]] = []

@@ -108,7 +108,6 @@ class TeacherClient:
         self._limit = anyio.CapacityLimiter(cfg.max_concurrency)
         self._backoff_s = backoff_s
         self.honours_n: bool | None = None
-        self.requests = 0
         self.in_flight = 0
         self.busy_s = 0.0  # integral of requests in flight over time: how full the limit was kept
         self._busy_since = time.monotonic()
@@ -250,7 +249,6 @@ class TeacherClient:
             )
         finally:
             self._in_flight_changes(-1)
-        self.requests += 1
         choices = sorted(response.choices or [], key=lambda c: c.index)[:n]
         if not choices or any(c.text is None for c in choices):
             raise _ShortResponse("response had no choices")
