@@ -12,9 +12,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from genssd_cli.errors import UsageError
+from genssd_cli.methods import METHODS
 from genssd_cli.paths import bundled_dir
-
-METHODS = ("genssd",)  # standard-kd and posthoc-ppl join this registry with their policies
 
 
 class _Strict(BaseModel):
@@ -108,7 +107,7 @@ class EngineConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    method: Literal[METHODS] = "genssd"  # type: ignore[valid-type]
+    method: Literal[tuple(METHODS)] = "genssd"  # type: ignore[valid-type]
     teacher: TeacherConfig
     student: StudentConfig
     search: SearchConfig = Field(default_factory=SearchConfig)

@@ -9,6 +9,9 @@ was received is asked for again, nothing that was scored is scored again.
 
 A stop request (first Ctrl-C / SIGTERM) lets requests in flight finish and be recorded, then
 each trajectory returns at its next teacher request, leaving no record: it is simply resumed.
+
+The baselines (methods.py) run through the same engine as one step of whole trajectories, so
+they share the teacher client, the log, resume and the records.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from genssd_cli.answers import answers_match, extract_answer
 from genssd_cli.config import RunConfig
 from genssd_cli.data import Problem, render_prompt
 from genssd_cli.errors import ContextTooLong, StopRequested, TeacherUnavailable
+from genssd_cli.methods import METHODS
 from genssd_cli.results import Replay
 from genssd_cli.scoring_queue import ScoringQueue
 from genssd_cli.store import RunStore
@@ -69,6 +73,7 @@ class Engine:
         self.teacher_template = teacher_template
         self.replay = replay
         self.stop = stop
+        self.method = METHODS[cfg.method]
 
     async def run(self, problems: list[Problem]) -> None:
         limiter = anyio.CapacityLimiter(self.cfg.engine.max_active_problems)
@@ -102,12 +107,14 @@ class Engine:
         teacher_prompt = render_prompt(self.teacher_template, t.problem.question)
         student_prompt = self.scorer.prompt_text(t.problem.question)
         try:
+            if self.method.whole:
+                return await self._whole(t, teacher_prompt, student_prompt)
             while True:
                 if t.steps >= search.max_steps or t.kept_tokens >= search.max_new_tokens:
                     return await self._finish(t, "truncated")
                 max_tokens = min(search.chunk_tokens, search.max_new_tokens - t.kept_tokens)
                 for attempt in range(search.retries + 1):
-                    candidates = await self._candidates(t, attempt, teacher_prompt + t.text, max_tokens)
+                    candidates = await self._candidates(t, attempt, teacher_prompt + t.text, max_tokens, search.n)
                     scores = await self._choose(t, attempt, student_prompt + t.text, candidates)
                     best = lowest_ppl(scores)
                     if not self._too_hard(scores[best].ppl):
@@ -116,7 +123,7 @@ class Engine:
                     self.store.append(t.event("prune", step=t.steps, best_ppl=scores[best].ppl))
                     self.stats.pruned += 1
                     return
-                if self._accept(t, candidates[best], scores[best]):
+                if self._accept(t, candidates[best], scores[best].ppl):
                     return await self._finish(t, "stop")
         except StopRequested:
             return
@@ -129,11 +136,45 @@ class Engine:
         finally:
             self.scorer.forget(t.key)
 
+    async def _whole(self, t: Trajectory, teacher_prompt: str, student_prompt: str) -> None:
+        """A baseline: one request for whole trajectories (step 0), the method keeps one."""
+        n = self.method.candidates(self.search.n)
+        candidates = await self._candidates(t, 0, teacher_prompt, self.search.max_new_tokens, n)
+        best, ppl = await self._choose_whole(t, student_prompt, candidates)
+        complete = self._accept(t, candidates[best], ppl)
+        return await self._finish(t, "stop" if complete else "truncated")
+
+    async def _choose_whole(self, t: Trajectory, context: str, candidates: list[Candidate]) -> tuple[int, float]:
+        recorded = self.replay.choices.get((*t.key, 0, 0))
+        if recorded is not None:
+            ppl = recorded["ppl"][recorded["chosen"]]
+            return recorded["chosen"], math.inf if ppl is None else ppl
+        texts = [self._until_stop(c.text) for c in candidates]
+        if self.method.uses_n:
+            scores = await self.scoring.score(ScoreRequest(context, texts))
+        else:  # a single candidate: nothing to choose, its PPL is computed once, at the finish
+            scores = [Score(math.inf, 0)]
+        correct = []
+        if self.method.correct_first:
+            for text in texts:
+                correct.append(await anyio.to_thread.run_sync(answers_match, t.problem.reference, extract_answer(text)))
+        best = self.method.select([s.ppl for s in scores], correct)
+        self.store.append(t.event(
+            "choice", step=0, attempt=0, chosen=best, correct=correct or None,
+            ppl=[s.ppl if math.isfinite(s.ppl) else None for s in scores],
+            tokens=[s.tokens for s in scores],
+        ))  # fmt: skip
+        return best, scores[best].ppl
+
+    def _until_stop(self, text: str) -> str:
+        cut = _find_stop(text, self.cfg.teacher.stop, 0)
+        return text if cut is None else text[:cut]
+
     def _too_hard(self, ppl: float) -> bool:
         # inf means no candidate had tokens of its own (the teacher just stopped): not "hard".
         return self.search.prune_ppl is not None and math.isfinite(ppl) and ppl > self.search.prune_ppl
 
-    async def _candidates(self, t: Trajectory, attempt: int, prompt: str, max_tokens: int) -> list[Candidate]:
+    async def _candidates(self, t: Trajectory, attempt: int, prompt: str, max_tokens: int, n: int) -> list[Candidate]:
         """The step's n candidates: those already received (from the log), then the rest from
         the teacher, each response logged the moment it arrives."""
         key = (*t.key, t.steps, attempt)
@@ -163,7 +204,6 @@ class Engine:
                 [Candidate(c["text"], c["finish_reason"], c["tokens"]) for c in event["candidates"]],
                 event["prompt_tokens"], event["completion_tokens"],
             ))  # fmt: skip
-        n = self.search.n
         if len(have) < n:
             if self.stop.is_set():
                 raise StopRequested
@@ -187,14 +227,14 @@ class Engine:
         ))  # fmt: skip
         return scores
 
-    def _accept(self, t: Trajectory, chosen: Candidate, score: Score) -> bool:
+    def _accept(self, t: Trajectory, chosen: Candidate, ppl: float) -> bool:
         """Append the chosen chunk; True when the trajectory is complete."""
         before = len(t.text)
         t.text += chosen.text
         t.steps += 1
         t.kept_tokens += chosen.completion_tokens
-        if math.isfinite(score.ppl):
-            self.stats.add_ppl(score.ppl)
+        if math.isfinite(ppl):
+            self.stats.add_ppl(ppl)
         self.stats.steps += 1
         # A stop string can straddle two chunks, where the server cannot see it.
         cut = _find_stop(t.text, self.cfg.teacher.stop, max(0, before - _longest(self.cfg.teacher.stop)))

@@ -25,12 +25,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 FAULTS = ["500", "502", "503", "504", "429", "malformed", "empty", "reset", "fewer", "hang"]
 
 
-def continuation(prompt: str, seed: int, max_tokens: int, stop: list[str]) -> tuple[str, str, int]:
-    """Words 'wN' as tokens; with some chance the chunk ends the solution with an answer."""
+def continuation(prompt: str, seed: int, max_tokens: int, stop: list[str], answers: int = 61) -> tuple[str, str, int]:
+    """Words 'wN' as tokens; with some chance the chunk ends the solution with an answer drawn
+    from range(answers) (a small range makes some answers right)."""
     rng = random.Random(hashlib.sha256(f"{seed}\x00{prompt}".encode()).digest())
     words = [f" w{rng.randint(0, 99)}" for _ in range(max_tokens)]
     if rng.random() < 0.35 and max_tokens >= 4:
-        answer = rng.randint(0, 60)
+        answer = rng.randrange(answers)
         cut = rng.randint(1, max_tokens - 3)
         text = "".join(words[:cut]) + f" The answer is {answer}.\nQuestion: next"
         for s in stop:
@@ -96,8 +97,9 @@ class Handler(BaseHTTPRequestHandler):
         if fault == "hang":
             time.sleep(self.server.hang_s)  # past the client's timeout; it has given up by now
         if fault == "empty" or (fault == "fewer" and int(req.get("n") or 1) == 1):
-            return self._send(200, {"id": "x", "object": "text_completion", "created": 0,
-                                    "model": self.server.model, "choices": []})
+            return self._send(
+                200, {"id": "x", "object": "text_completion", "created": 0, "model": self.server.model, "choices": []}
+            )
         if fault in ("500", "502", "503", "504", "429"):
             headers = {"Retry-After": "0"} if fault == "429" else {}
             return self._send(int(fault), {"error": {"message": f"injected {fault}"}}, headers)
@@ -110,7 +112,7 @@ class Handler(BaseHTTPRequestHandler):
         stop = [stop] if isinstance(stop, str) else stop
         choices, total = [], 0
         for i in range(n):
-            text, finish, tokens = continuation(req["prompt"], seed + i, max_tokens, stop)
+            text, finish, tokens = continuation(req["prompt"], seed + i, max_tokens, stop, self.server.answers)
             choices.append({"index": i, "text": text, "finish_reason": finish, "logprobs": None})
             total += tokens
         if self.server.latency_per_token:
@@ -136,6 +138,7 @@ class FakeServer(ThreadingHTTPServer):
         self.max_prompt_words = args.max_prompt_words
         self.api_key = args.api_key
         self.fault_rate = args.fault_rate
+        self.answers = args.answer_range
         self.fault_seed = args.fault_seed
         self._seen: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
@@ -152,7 +155,15 @@ class FakeServer(ThreadingHTTPServer):
     def record(self, req: dict, fault: str | None) -> None:
         if self._log is None:
             return
-        line = json.dumps({"prompt": req["prompt"], "seed": req.get("seed"), "n": req.get("n"), "fault": fault})
+        line = json.dumps(
+            {
+                "prompt": req["prompt"],
+                "seed": req.get("seed"),
+                "n": req.get("n"),
+                "max_tokens": req.get("max_tokens"),
+                "fault": fault,
+            }
+        )
         with self._lock:
             self._log.write(line + "\n")
             self._log.flush()
@@ -171,6 +182,7 @@ def main() -> None:
     parser.add_argument("--hang-s", type=float, default=3.0, help="how long a 'hang' fault stalls")
     parser.add_argument("--max-prompt-words", type=int, default=0, help="400 'context length' beyond")
     parser.add_argument("--api-key", help="require this bearer token (401 otherwise)")
+    parser.add_argument("--answer-range", type=int, default=61, help="answers are drawn from 0..N-1")
     args = parser.parse_args()
     FakeServer(args.port, args).serve_forever()
 

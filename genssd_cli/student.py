@@ -28,6 +28,7 @@ from genssd_cli.kv_cache import (
     supports_prefix_cache,
     to_cache,
 )
+from genssd_cli.methods import lowest_index
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ def default_batch_tokens(device: str, configured: int | None) -> int:
 
 def lowest_ppl(scores: list[Score]) -> int:
     """The selection rule: the candidate the student finds easiest (first one on ties)."""
-    return min(range(len(scores)), key=lambda i: scores[i].ppl)
+    return lowest_index([s.ppl for s in scores])
 
 
 class StudentScorer:
