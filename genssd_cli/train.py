@@ -172,7 +172,8 @@ def make_trainer(cfg: TrainConfig, rows: list[dict[str, Any]], out: Path, consol
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=lora.target_modules, task_type="CAUSAL_LM",
     )  # fmt: skip
-    trainer = SFTTrainer(
+    trainer_class = SFTTrainer if on_gpu else plain_loss_trainer(SFTTrainer)
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=dataset,
@@ -182,6 +183,22 @@ def make_trainer(cfg: TrainConfig, rows: list[dict[str, Any]], out: Path, consol
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts
     return trainer
+
+
+def plain_loss_trainer(sft_trainer: type) -> type:
+    """SFTTrainer with the model's own cross-entropy loss. TRL's fused LM head saves GPU memory
+    (no full logits) but off Triton it scores every position and adds entropy and accuracy
+    metrics: on 2 CPU cores it took ~1/3 of each step (profiled). Same loss, same masking."""
+    from transformers import Trainer
+
+    class PlainLossSFTTrainer(sft_trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training and "attention_mask" in inputs:  # TRL's token count, for tokens/s
+                self._total_train_tokens += int(inputs["attention_mask"].sum())
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return PlainLossSFTTrainer
 
 
 def progress_lines(console: Console):
