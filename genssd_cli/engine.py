@@ -140,15 +140,14 @@ class Engine:
         """A baseline: one request for whole trajectories (step 0), the method keeps one."""
         n = self.method.candidates(self.search.n)
         candidates = await self._candidates(t, 0, teacher_prompt, self.search.max_new_tokens, n)
-        best, ppl = await self._choose_whole(t, student_prompt, candidates)
-        complete = self._accept(t, candidates[best], ppl)
+        best = await self._choose_whole(t, student_prompt, candidates)
+        complete = self._accept(t, candidates[best], math.inf)  # its PPL counts at the finish, scored whole
         return await self._finish(t, "stop" if complete else "truncated")
 
-    async def _choose_whole(self, t: Trajectory, context: str, candidates: list[Candidate]) -> tuple[int, float]:
+    async def _choose_whole(self, t: Trajectory, context: str, candidates: list[Candidate]) -> int:
         recorded = self.replay.choices.get((*t.key, 0, 0))
         if recorded is not None:
-            ppl = recorded["ppl"][recorded["chosen"]]
-            return recorded["chosen"], math.inf if ppl is None else ppl
+            return recorded["chosen"]
         texts = [self._until_stop(c.text) for c in candidates]
         if self.method.uses_n:
             scores = await self.scoring.score(ScoreRequest(context, texts))
@@ -164,7 +163,7 @@ class Engine:
             ppl=[s.ppl if math.isfinite(s.ppl) else None for s in scores],
             tokens=[s.tokens for s in scores],
         ))  # fmt: skip
-        return best, scores[best].ppl
+        return best
 
     def _until_stop(self, text: str) -> str:
         cut = _find_stop(text, self.cfg.teacher.stop, 0)
@@ -247,6 +246,8 @@ class Engine:
         # The kept trajectory's PPL, scored whole and alone: a pure function of its text.
         student_prompt = self.scorer.prompt_text(t.problem.question)
         [whole] = await self.scoring.score(ScoreRequest(student_prompt, [t.text]), solo=True)
+        if self.method.whole and math.isfinite(whole.ppl):
+            self.stats.add_ppl(whole.ppl)
         answer = extract_answer(t.text)
         correct = await anyio.to_thread.run_sync(answers_match, t.problem.reference, answer)
         row = {

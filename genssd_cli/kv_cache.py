@@ -94,7 +94,8 @@ def cache_argument(model) -> str:
     """transformers renamed `past_key_values` to `cache` (5.x); take whichever the model has."""
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model forwards **kwargs
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def output_cache(output):

@@ -116,8 +116,11 @@ def pick_device(requested: str) -> str:
     return "cpu"
 
 
-def load_causal_lm(ref: str, gguf_file: str | None, adapter: str | None, device: str, dtype: str):
-    """Returns (model, tokenizer) in eval mode on `device`."""
+def load_causal_lm(
+    ref: str, gguf_file: str | None, adapter: str | None, device: str, dtype: str, trainable: bool = False
+):
+    """Returns (model, tokenizer) in eval mode on `device`; `trainable`: the adapter's weights
+    can be trained further."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -147,7 +150,7 @@ def load_causal_lm(ref: str, gguf_file: str | None, adapter: str | None, device:
         try:
             with warnings.catch_warnings():  # peft calls transformers APIs it renamed; not the user's to fix
                 warnings.simplefilter("ignore", FutureWarning)
-                model = PeftModel.from_pretrained(model, adapter)
+                model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
         except (RuntimeError, ValueError) as exc:
             reason = str(exc).splitlines()[0]
             raise UsageError(f"student adapter {adapter} does not fit model {ref!r}: {reason}") from None

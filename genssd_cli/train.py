@@ -24,6 +24,7 @@ from genssd_cli.store import CONFIG, TRAJECTORIES
 ADAPTER = "adapter"
 MERGED = "merged"
 CHECKPOINTS = "checkpoints"
+DONE = "done.json"
 
 
 def build_dataset(run_dirs: list[Path], include_incorrect: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -92,10 +93,16 @@ def train_command(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot write to {out}: {exc.strerror}") from None
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     import yaml
 
-    (out / CONFIG).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    resolved = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    inputs = hashlib.sha256(json.dumps([resolved, [r["sha256"] for r in rows], merge]).encode()).hexdigest()[:16]
+    done = _read_done(out)
+    if done.get("inputs") == inputs:
+        console.print(f"already trained on these rows with these settings: {out / ADAPTER}")
+        return done["result"]
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    (out / CONFIG).write_text(resolved, encoding="utf-8")
 
     trainer = make_trainer(cfg, rows, out, console)
     from transformers.trainer_utils import get_last_checkpoint
@@ -114,7 +121,7 @@ def train_command(
         merged.save_pretrained(str(out / MERGED))
         trainer.processing_class.save_pretrained(str(out / MERGED))
     losses = [h["loss"] for h in history if "loss" in h]
-    return {
+    result = {
         "rows": len(rows),
         "steps": trainer.state.global_step,
         "first_loss": losses[0] if losses else None,
@@ -122,6 +129,16 @@ def train_command(
         "wall_s": round(time.monotonic() - started, 1),
         "adapter": str(out / ADAPTER),
     }
+    # Written last: a re-run with the same rows and settings has nothing to do.
+    (out / DONE).write_text(json.dumps({"inputs": inputs, "result": result}) + "\n", encoding="utf-8")
+    return result
+
+
+def _read_done(out: Path) -> dict[str, Any]:
+    try:
+        return json.loads((out / DONE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
 
 
 def make_trainer(cfg: TrainConfig, rows: list[dict[str, Any]], out: Path, console: Console, loaded=None):
@@ -144,7 +161,9 @@ def make_trainer(cfg: TrainConfig, rows: list[dict[str, Any]], out: Path, consol
     student, training, lora = cfg.student, cfg.training, cfg.lora
     device = pick_device(student.device)
     if loaded is None:
-        loaded = load_causal_lm(student.model, student.gguf_file, student.adapter, device, student.dtype)
+        loaded = load_causal_lm(
+            student.model, student.gguf_file, student.adapter, device, student.dtype, trainable=True
+        )
     model, tokenizer = loaded
     on_gpu = device == "cuda"
     args = SFTConfig(
@@ -168,7 +187,9 @@ def make_trainer(cfg: TrainConfig, rows: list[dict[str, Any]], out: Path, consol
         gradient_checkpointing=on_gpu,
     )
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
-    peft_config = LoraConfig(
+    # A student that already has an adapter (e.g. cold-started) trains that adapter further, so
+    # the result is still one adapter on the base model; its LoRA shape is the adapter's own.
+    peft_config = None if student.adapter else LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=lora.target_modules, task_type="CAUSAL_LM",
     )  # fmt: skip
