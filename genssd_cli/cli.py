@@ -91,6 +91,28 @@ def train(
     )
 
 
+@app.command()
+def pipeline(
+    config: Path | None = typer.Argument(None, help="pipeline config YAML (default: configs/pipeline-demo.yaml)"),
+    out: Path | None = typer.Option(None, "--out", help="where every stage's directory goes"),
+    overrides: list[str] = typer.Option([], "--set", help="override a setting: --set limit=4"),
+) -> None:
+    """Cold start, then each method's run and training, each stage resumable; again: resumes."""
+    from genssd_cli.errors import Interrupted
+    from genssd_cli.paths import bundled_dir
+    from genssd_cli.pipeline import pipeline_command
+
+    config = config or bundled_dir("configs") / "pipeline-demo.yaml"
+    try:
+        record = pipeline_command(config, out, overrides, Console(), _resume_command())
+    except (KeyboardInterrupt, Interrupted):
+        err_console.print(f"interrupted; resume with: {_resume_command()}", markup=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    for name, stage in record["stages"].items():
+        print(f"{name}: {stage['wall_s']} s -> {stage['dir']}")
+    print(f"done: {len(record['stages'])} stages in {record['wall_s']} s")
+
+
 bench_app = typer.Typer(help="Speed measurements, side by side in one process; one JSON line per method.")
 app.add_typer(bench_app, name="bench")
 

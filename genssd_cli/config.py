@@ -264,3 +264,28 @@ class TrainConfig(_Strict):
 
 def load_train_config(path: Path | None, overrides: list[str] = ()) -> TrainConfig:
     return _load(TrainConfig, path or bundled_dir("configs") / "train.yaml", overrides)
+
+
+class ColdStartSettings(_Strict):
+    set: list[str] = Field(default_factory=lambda: ["method=standard-kd"], description="--set overrides of its run")
+    limit: int | None = Field(None, ge=1)
+
+
+class DistillSettings(_Strict):
+    include_incorrect: bool = Field(False, description="train on trajectories with a wrong answer too")
+    set: list[str] = Field(default_factory=list, description="--set overrides of the train config")
+
+
+class PipelineConfig(_Strict):
+    run_config: str = Field("demo.yaml", description="a path relative to this file, or a bundled config")
+    train_config: str = "train.yaml"
+    out: str | None = Field(None, description="null: runs/PIPELINE_CONFIG_NAME")
+    cold_start: ColdStartSettings | None = Field(default_factory=ColdStartSettings, description="null: none")
+    methods: list[Literal[tuple(METHODS)]] = Field(default_factory=lambda: ["genssd"], min_length=1)  # type: ignore[valid-type]
+    set: list[str] = Field(default_factory=list, description="--set overrides of every method's run")
+    limit: int | None = Field(None, ge=1, description="only the first N problems in each method's run")
+    distill: DistillSettings = Field(default_factory=DistillSettings)
+
+
+def load_pipeline_config(path: Path, overrides: list[str] = ()) -> PipelineConfig:
+    return _load(PipelineConfig, path, overrides)

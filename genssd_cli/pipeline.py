@@ -1,0 +1,93 @@
+"""`genssd pipeline`: the whole study as one resumable command.
+
+    cold start   genssd run (method standard-kd on its own problems) -> genssd train
+    per method   genssd run (scored by the cold-started student) -> genssd train (continues the
+                 cold-start adapter, so every method's student starts from the same point)
+
+Each stage is the ordinary command on its own directory under OUT, so it resumes the way it does
+alone: a finished run asks the teacher nothing, a finished training is skipped, an interrupted
+one continues from its checkpoint. Re-running the pipeline walks the stages and does only what is
+missing. Stage wall times and outcomes go to OUT/pipeline.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from genssd_cli.config import load_pipeline_config
+from genssd_cli.errors import RuntimeFailure, UsageError
+from genssd_cli.paths import bundled_dir
+
+RUN, TRAIN = "run", "train"
+
+
+def _beside(config_path: Path, name: str) -> Path:
+    """A config the pipeline config names: next to it, else a bundled one."""
+    for candidate in (config_path.parent / name, bundled_dir("configs") / name):
+        if candidate.is_file():
+            return candidate
+    raise UsageError(f"config {config_path}: {name} is neither next to it nor a bundled config")
+
+
+def pipeline_command(
+    config_path: Path, out: Path | None, overrides: list[str], console: Console, resume_hint: str
+) -> dict[str, Any]:
+    from genssd_cli.runner import run_command
+    from genssd_cli.train import ADAPTER, train_command
+
+    cfg = load_pipeline_config(config_path, overrides)
+    run_config = _beside(config_path, cfg.run_config)
+    train_config = _beside(config_path, cfg.train_config)
+    out = out or Path(cfg.out or Path("runs") / config_path.stem)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot write to {out}: {exc.strerror}") from None
+    record: dict[str, Any] = {"config": str(config_path), "stages": {}}
+    names = ([f"cold-start/{RUN}", f"cold-start/{TRAIN}"] if cfg.cold_start else []) + [
+        f"{method}/{kind}" for method in cfg.methods for kind in (RUN, TRAIN)
+    ]
+
+    def stage(name: str, work: Callable[[Path], dict[str, Any]]) -> None:
+        console.rule(f"stage {names.index(name) + 1}/{len(names)}: {name}", style="bold")
+        started = time.monotonic()
+        outcome = work(out / name)
+        record["stages"][name] = {"dir": str(out / name), "wall_s": round(time.monotonic() - started, 1), **outcome}
+        record["wall_s"] = round(sum(s["wall_s"] for s in record["stages"].values()), 1)
+        (out / "pipeline.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+    def generate(sets: list[str], limit: int | None) -> Callable[[Path], dict[str, Any]]:
+        def work(run_dir: Path) -> dict[str, Any]:
+            summary = run_command(run_config, run_dir, limit, sets, False, console, resume_hint)
+            t = summary["trajectories"]
+            if t["failed"] or t["pending"]:
+                raise RuntimeFailure(
+                    f"{run_dir}: {t['failed']} failed and {t['pending']} pending trajectories; "
+                    f"the next stages need them: resume with: {resume_hint}"
+                )
+            return {"trajectories": t, "correct": summary["correct"], "kept": summary["kept"]}
+
+        return work
+
+    def distill(run_dir: Path) -> Callable[[Path], dict[str, Any]]:
+        def work(train_dir: Path) -> dict[str, Any]:
+            return train_command([run_dir], train_dir, train_config, cfg.distill.set, cfg.distill.include_incorrect,
+                                 False, console)  # fmt: skip
+
+        return work
+
+    student: list[str] = []
+    if cfg.cold_start:
+        stage(f"cold-start/{RUN}", generate(cfg.cold_start.set, cfg.cold_start.limit))
+        stage(f"cold-start/{TRAIN}", distill(out / "cold-start" / RUN))
+        student = [f"student.adapter={(out / 'cold-start' / TRAIN / ADAPTER).resolve()}"]
+    for method in cfg.methods:
+        stage(f"{method}/{RUN}", generate([*cfg.set, *student, f"method={method}"], cfg.limit))
+        stage(f"{method}/{TRAIN}", distill(out / method / RUN))
+    return record
