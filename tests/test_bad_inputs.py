@@ -60,6 +60,12 @@ def prepared(tmp_path_factory):
     events = [json.loads(line) for line in (old / EVENTS).read_text().splitlines()]
     (old / EVENTS).write_text("".join(json.dumps({**e, "v": 1}) + "\n" for e in events))
 
+    # A finished run asks nothing of the teacher or the student: point those cases at one that is not.
+    unfinished = tmp / "unfinished"
+    shutil.copytree(tmp / "run", unfinished)
+    kept = [line for line in (unfinished / EVENTS).read_text().splitlines(keepends=True) if '"finish"' not in line]
+    (unfinished / EVENTS).write_text("".join(kept))
+
     (tmp / "a-file").write_text("not a directory\n")
     yield tmp, server, keyed
     server.stop()
@@ -97,7 +103,8 @@ def catalogue(tmp: Path, url: str, keyed_url: str) -> list[Case]:
         Case("unknown method", setting("method=magic"), 2, "method: Input should be"),
         Case("API key in the file", ["run", str(with_key)], 2, "API keys are never read from config files"),
         Case("key variable unset", ["run", str(keyed)], 2, "environment variable GENSSD_BAD_KEY is not set"),
-        Case("wrong API key", ["run", str(keyed)], 1, "rejected the API key (401)", env={"GENSSD_BAD_KEY": "sk-no"}),
+        Case("wrong API key", ["run", str(keyed)], 1, "rejected the API key (401)", env={"GENSSD_BAD_KEY": "sk-no"},
+             run="unfinished"),
         Case("missing dataset", setting(f"data.source={tmp}/nope.jsonl"), 2, "dataset not found"),
         Case("row without answer", setting(f"data.source={no_answer}"), 2, "line 1: missing field 'answer'"),
         Case("row not an object", setting(f"data.source={not_object}"), 2, "line 1: expected a JSON object"),
@@ -105,9 +112,12 @@ def catalogue(tmp: Path, url: str, keyed_url: str) -> list[Case]:
         Case("duplicate ids", setting(f"data.source={duplicate}"), 2, "duplicate problem id 'a'"),
         Case("empty dataset", setting(f"data.source={empty}"), 2, "has no problems"),
         Case("missing prompt", setting("prompts.teacher=nope"), 2, "prompt template not found: nope"),
-        Case("unreachable endpoint", setting("teacher.base_url=http://127.0.0.1:9/v1"), 1, "unreachable"),
-        Case("model not served", [*setting("teacher.model=nobody"), "--force"], 1, "'nobody' is not served"),
-        Case("student not found", [*setting("student.model=/no/such"), "--force"], 2, "model '/no/such' not found"),
+        Case("unreachable endpoint", setting("teacher.base_url=http://127.0.0.1:9/v1"), 1, "unreachable",
+             run="unfinished"),
+        Case("model not served", [*setting("teacher.model=nobody"), "--force"], 1, "'nobody' is not served",
+             run="unfinished"),
+        Case("student not found", [*setting("student.model=/no/such"), "--force"], 2, "model '/no/such' not found",
+             run="unfinished"),
         Case("another config's run", setting("search.n=5"), 2, "changed: search.n"),
         Case("--limit 0", ["run", good, "--limit", "0"], 2, "--limit"),
         Case("unknown flag", ["run", good, "--no-such-flag"], 2, "No such option: --no-such-flag"),
