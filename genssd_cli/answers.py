@@ -78,8 +78,13 @@ def answers_match(reference: str, predicted: str | None, timeout_s: float = 5.0)
         return False
     ref, pred = to_number(reference), to_number(predicted)
     if ref is not None and pred is not None:
-        return ref == pred
+        # A percent may be meant as its bare number: GSM8K's gold "50" for "50%".
+        return bool(_readings(reference, ref) & _readings(predicted, pred))
     return _math_verify(reference, predicted, timeout_s)
+
+
+def _readings(text: str, value: Fraction) -> set[Fraction]:
+    return {value, value * 100} if text.strip().rstrip(".").endswith("%") else {value}
 
 
 _pool: ProcessPoolExecutor | None = None

@@ -237,7 +237,7 @@ def bench_train(model: str, random_init: str | None, rows: int, steps: int, batc
 
     from genssd_cli.config import LoraSettings, StudentConfig, TrainConfig, TrainingSettings
     from genssd_cli.data import generate_arith
-    from genssd_cli.models import load_causal_lm, pick_device
+    from genssd_cli.models import pick_device
     from genssd_cli.train import make_trainer
 
     device = pick_device("auto")
@@ -254,16 +254,7 @@ def bench_train(model: str, random_init: str | None, rows: int, steps: int, batc
     )  # fmt: skip
 
     def load():
-        lm, tokenizer = load_causal_lm(model, None, None, device, "auto")
-        if random_init is not None:  # the shape, with the demo tokenizer's vocabulary and chat template
-            from transformers import AutoModelForCausalLM, Qwen2Config
-
-            if random_init not in RANDOM_INIT_SHAPES:
-                raise UsageError(f"--random-init: unknown shape {random_init!r}")
-            shape = {**RANDOM_INIT_SHAPES[random_init], "vocab_size": len(tokenizer)}
-            torch.manual_seed(0)
-            lm = AutoModelForCausalLM.from_config(Qwen2Config(**shape), dtype=lm.dtype).to(device)
-        return lm, tokenizer
+        return _load_lm(model, random_init, device)
 
     results = []
     with tempfile.TemporaryDirectory(prefix="genssd-bench-train-") as tmp:
@@ -296,6 +287,80 @@ def bench_train(model: str, random_init: str | None, rows: int, steps: int, batc
     results.append({"bench": "train", "ratio": "genssd_train / plain_peft_loop",
                     "speedup": round(results[0]["tokens_per_s"] / results[1]["tokens_per_s"], 3)})  # fmt: skip
     return results
+
+
+def _load_lm(model: str, random_init: str | None, device: str):
+    """The model, or a random-init shape with the model's tokenizer (vocabulary, chat template)."""
+    import torch
+
+    from genssd_cli.models import load_causal_lm
+
+    lm, tokenizer = load_causal_lm(model, None, None, device, "auto")
+    if random_init is not None:
+        from transformers import AutoModelForCausalLM, Qwen2Config
+
+        if random_init not in RANDOM_INIT_SHAPES:
+            raise UsageError(f"--random-init: unknown shape {random_init!r} (known: {', '.join(RANDOM_INIT_SHAPES)})")
+        shape = {**RANDOM_INIT_SHAPES[random_init], "vocab_size": len(tokenizer)}
+        torch.manual_seed(0)
+        lm = AutoModelForCausalLM.from_config(Qwen2Config(**shape), dtype=lm.dtype).to(device).eval()
+    return lm, tokenizer
+
+
+def bench_eval(model: str, random_init: str | None, rows: int, batch_size: int, max_new_tokens: int) -> list[dict]:
+    """`genssd eval`'s generation loop against plain HF `generate` on the same batches of bundled
+    GSM8K prompts, both greedy with the same new-token limit."""
+    import torch
+
+    from genssd_cli.config import DataConfig, EvalConfig
+    from genssd_cli.data import load_problems, load_prompt, render_prompt
+    from genssd_cli.eval import generate_batch
+    from genssd_cli.models import chat_prompt, pick_device
+
+    device = pick_device("auto")
+    lm, tokenizer = _load_lm(model, random_init, device)
+    template = load_prompt("student")
+    prompts = [chat_prompt(tokenizer, render_prompt(template, p.question))
+               for p in load_problems(DataConfig(source="gsm8k-test"), rows)]  # fmt: skip
+    batches = [prompts[b : b + batch_size] for b in range(0, len(prompts), batch_size)]
+    cfg = EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    eos = set(_as_list(lm.generation_config.eos_token_id or tokenizer.eos_token_id))
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    # One untimed call first: the process's first-use costs (allocator, kernels) land on neither.
+    generate_batch(lm, tokenizer, batches[0], EvalConfig(max_new_tokens=8), 1, 0)
+    tokenizer.padding_side = "left"
+    new_tokens, started = 0, time.perf_counter()
+    for batch in batches:
+        encoded = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with torch.inference_mode():
+            output = lm.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        for ids in output[:, encoded["input_ids"].shape[1] :].tolist():
+            end = next((i for i, t in enumerate(ids) if t in eos), None)
+            new_tokens += len(ids) if end is None else end + 1
+    sync()
+    plain = _eval_line("plain_hf_generate", len(prompts), new_tokens, time.perf_counter() - started, device)
+
+    started = time.perf_counter()
+    ours_tokens = sum(g.tokens for batch in batches for [g] in generate_batch(lm, tokenizer, batch, cfg, 1, 0))
+    sync()
+    ours = _eval_line("genssd_eval", len(prompts), ours_tokens, time.perf_counter() - started, device)
+    return [ours, plain, {"bench": "eval", "ratio": "genssd_eval / plain_hf_generate",
+                          "speedup": round(ours["new_tokens_per_s"] / plain["new_tokens_per_s"], 3)}]  # fmt: skip
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _eval_line(method: str, prompts: int, tokens: int, seconds: float, device: str) -> dict:
+    return {"bench": "eval", "method": method, "device": _device_name(device), "prompts": prompts,
+            "new_tokens": tokens, "seconds": round(seconds, 3),
+            "new_tokens_per_s": round(tokens / seconds, 1)}  # fmt: skip
 
 
 def _plain_peft_model(lm, cfg):

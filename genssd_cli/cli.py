@@ -113,6 +113,27 @@ def pipeline(
     print(f"done: {len(record['stages'])} stages in {record['wall_s']} s")
 
 
+@app.command("eval")
+def evaluate(
+    model: str = typer.Argument(..., help="the student: shipped name, HF model id or local folder"),
+    bench: str = typer.Option(..., "--bench", help="gsm8k (bundled rows), math-500, aime24, hf:ID, or FILE.jsonl"),
+    adapter: str | None = typer.Option(None, "--adapter", help="a LoRA adapter folder from genssd train"),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="only the first N problems"),
+    samples: int = typer.Option(1, "--samples", min=1, help="generations per problem (pass@k)"),
+    out: Path | None = typer.Option(None, "--out", help="default: runs/eval/MODEL-BENCH[-adapter-HASH]"),
+    config: Path | None = typer.Option(None, "--config", help="eval config YAML (default: configs/eval.yaml)"),
+    overrides: list[str] = typer.Option([], "--set", help="override a setting: --set max_new_tokens=512"),
+) -> None:
+    """Accuracy of the student (with --adapter: after distillation) on a math benchmark; resumes."""
+    from genssd_cli.eval import eval_command
+
+    m = eval_command(model, adapter, bench, limit, samples, out, config, overrides, Console())
+    passes = "".join(f", pass@{k} {v:.3f}" for k, v in m.get("pass_at_k", {}).items())
+    ci = m["ci95"] or [None, None]
+    print(f"accuracy {m['accuracy']:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f}) on {m['problems']} problems{passes}, "
+          f"mean {m['mean_generated_tokens']} tokens -> {m['out']}/metrics.json")  # fmt: skip
+
+
 bench_app = typer.Typer(help="Speed measurements, side by side in one process; one JSON line per method.")
 app.add_typer(bench_app, name="bench")
 
@@ -169,6 +190,21 @@ def bench_train(
     from genssd_cli.bench import print_lines
 
     print_lines(run_bench(model, random_init, rows, steps, batch_size, max_length, lora_r))
+
+
+@bench_app.command("eval")
+def bench_eval(
+    model: str = typer.Option("smollm2-135m-instruct", "--model", help="student: shipped name, HF id or folder"),
+    random_init: str | None = typer.Option(None, "--random-init", help="a config-only shape, e.g. qwen2.5-1.5b"),
+    rows: int = typer.Option(16, "--rows", min=1, help="bundled GSM8K prompts"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+) -> None:
+    """`genssd eval`'s generation loop against plain HF generate, same batches, greedy."""
+    from genssd_cli.bench import bench_eval as run_bench
+    from genssd_cli.bench import print_lines
+
+    print_lines(run_bench(model, random_init, rows, batch_size, max_new_tokens))
 
 
 def _resume_command() -> str:

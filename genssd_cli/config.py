@@ -276,6 +276,13 @@ class DistillSettings(_Strict):
     set: list[str] = Field(default_factory=list, description="--set overrides of the train config")
 
 
+class EvalStageSettings(_Strict):
+    bench: str = "gsm8k"
+    limit: int | None = Field(None, ge=1)
+    config: str = Field("eval.yaml", description="eval config, next to the pipeline config or bundled")
+    set: list[str] = Field(default_factory=list, description="--set overrides of the eval config")
+
+
 class PipelineConfig(_Strict):
     run_config: str = Field("demo.yaml", description="a path relative to this file, or a bundled config")
     train_config: str = "train.yaml"
@@ -285,7 +292,26 @@ class PipelineConfig(_Strict):
     set: list[str] = Field(default_factory=list, description="--set overrides of every method's run")
     limit: int | None = Field(None, ge=1, description="only the first N problems in each method's run")
     distill: DistillSettings = Field(default_factory=DistillSettings)
+    eval: EvalStageSettings | None = Field(None, description="null: no eval; else the base student and each method's")
 
 
 def load_pipeline_config(path: Path, overrides: list[str] = ()) -> PipelineConfig:
     return _load(PipelineConfig, path, overrides)
+
+
+class EvalConfig(_Strict):
+    prompt: str = Field("student", description="the student's prompt template (the one its training rows used)")
+    temperature: float = Field(0.0, ge=0, description="0: greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(256, ge=1)
+    batch_size: int = Field(8, ge=1, description="prompts per generate call")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    question_field: str = "question"  # for --bench FILE.jsonl
+    answer_field: str = "answer"
+    id_field: str = "id"
+
+
+def load_eval_config(path: Path | None, overrides: list[str] = ()) -> EvalConfig:
+    return _load(EvalConfig, path or bundled_dir("configs") / "eval.yaml", overrides)

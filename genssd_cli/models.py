@@ -158,3 +158,13 @@ def load_causal_lm(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def chat_prompt(tokenizer, message: str) -> str:
+    """The student's own chat template with the assistant turn opened: what scoring, training
+    (TRL applies the same template) and eval all see."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
+        )
+    return message + "\n"

@@ -3,6 +3,7 @@
     cold start   genssd run (method standard-kd on its own problems) -> genssd train
     per method   genssd run (scored by the cold-started student) -> genssd train (continues the
                  cold-start adapter, so every method's student starts from the same point)
+    with eval:   genssd eval of the base student, then of each method's adapter
 
 Each stage is the ordinary command on its own directory under OUT, so it resumes the way it does
 alone: a finished run asks the teacher nothing, a finished training is skipped, an interrupted
@@ -24,7 +25,7 @@ from genssd_cli.config import load_pipeline_config
 from genssd_cli.errors import RuntimeFailure, UsageError
 from genssd_cli.paths import bundled_dir
 
-RUN, TRAIN = "run", "train"
+RUN, TRAIN, EVAL = "run", "train", "eval"
 
 
 def _beside(config_path: Path, name: str) -> Path:
@@ -38,6 +39,8 @@ def _beside(config_path: Path, name: str) -> Path:
 def pipeline_command(
     config_path: Path, out: Path | None, overrides: list[str], console: Console, resume_hint: str
 ) -> dict[str, Any]:
+    from genssd_cli.config import load_run_config
+    from genssd_cli.eval import eval_command
     from genssd_cli.runner import run_command
     from genssd_cli.train import ADAPTER, train_command
 
@@ -50,9 +53,12 @@ def pipeline_command(
     except OSError as exc:
         raise UsageError(f"cannot write to {out}: {exc.strerror}") from None
     record: dict[str, Any] = {"config": str(config_path), "stages": {}}
-    names = ([f"cold-start/{RUN}", f"cold-start/{TRAIN}"] if cfg.cold_start else []) + [
-        f"{method}/{kind}" for method in cfg.methods for kind in (RUN, TRAIN)
-    ]
+    evals = (EVAL,) if cfg.eval else ()
+    names = (
+        ([f"base/{EVAL}"] if cfg.eval else [])
+        + ([f"cold-start/{RUN}", f"cold-start/{TRAIN}"] if cfg.cold_start else [])
+        + [f"{method}/{kind}" for method in cfg.methods for kind in (RUN, TRAIN, *evals)]
+    )
 
     def stage(name: str, work: Callable[[Path], dict[str, Any]]) -> None:
         console.rule(f"stage {names.index(name) + 1}/{len(names)}: {name}", style="bold")
@@ -82,6 +88,18 @@ def pipeline_command(
 
         return work
 
+    def evaluate(adapter: Path | None) -> Callable[[Path], dict[str, Any]]:
+        def work(eval_dir: Path) -> dict[str, Any]:
+            model = load_run_config(run_config, cfg.set).student.model
+            e = cfg.eval
+            metrics = eval_command(model, str(adapter) if adapter else None, e.bench, e.limit, 1, eval_dir,
+                                   _beside(config_path, e.config), e.set, console)  # fmt: skip
+            return {k: metrics[k] for k in ("accuracy", "ci95", "problems", "mean_generated_tokens")}
+
+        return work
+
+    if cfg.eval:
+        stage(f"base/{EVAL}", evaluate(None))
     student: list[str] = []
     if cfg.cold_start:
         stage(f"cold-start/{RUN}", generate(cfg.cold_start.set, cfg.cold_start.limit))
@@ -90,4 +108,6 @@ def pipeline_command(
     for method in cfg.methods:
         stage(f"{method}/{RUN}", generate([*cfg.set, *student, f"method={method}"], cfg.limit))
         stage(f"{method}/{TRAIN}", distill(out / method / RUN))
+        if cfg.eval:
+            stage(f"{method}/{EVAL}", evaluate(out / method / TRAIN / ADAPTER))
     return record

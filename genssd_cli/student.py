@@ -99,12 +99,9 @@ class StudentScorer:
 
     def prompt_text(self, question: str) -> str:
         """The student-side prompt: its own chat template with the generation prompt opened."""
-        message = self.user_message(question)
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
-            )
-        return message + "\n"
+        from genssd_cli.models import chat_prompt
+
+        return chat_prompt(self.tokenizer, self.user_message(question))
 
     def _encode(self, text: str) -> list[int]:
         # The chat template already holds the special tokens.

@@ -37,6 +37,32 @@ def test_extract(text, expected):
         ("7", "", False),
         ("\\sqrt{2}", "\\sqrt{2}", True),  # math-verify path, in a worker process
         ("\\frac{\\pi}{2}", "\\frac{\\pi}{3}", False),
+        # thousands separators, decimals, signs
+        ("1234567", "1,234,567", True),
+        ("1,234", "1234.0", True),
+        ("0.75", ".75", True),
+        ("3", "3.000", True),
+        ("-2", "2", False),
+        ("100", "1000", False),
+        ("0.1", "0.10000001", False),
+        # money, percent, units, LaTeX text
+        ("\\$5", "5", True),
+        ("5", "\\$5.00", True),
+        ("40%", "40", True),  # a percent may be meant as its bare number (GSM8K golds drop the sign)
+        ("50", "50\\%", True),
+        ("50", "5%", False),
+        ("0.4", "40%", True),
+        ("12", "\\text{12}", True),
+        ("7", "7 apples.", True),
+        # fractions and LaTeX forms
+        ("\\frac{3}{4}", "0.75", True),
+        ("\\dfrac{1}{3}", "\\frac{1}{3}", True),
+        ("1/3", "0.333", False),
+        ("\\frac{2}{4}", "\\frac{1}{2}", True),
+        ("2\\sqrt{3}", "\\sqrt{12}", True),
+        ("x^2+1", "1+x^2", True),
+        ("\\{1, 2\\}", "\\{2, 1\\}", True),
+        ("\\pi", "3.14", False),
     ],
 )
 def test_match(gold, pred, same):

@@ -43,3 +43,12 @@ def test_bench_train_compares_the_same_batches():
     assert (ours["method"], plain["method"]) == ("genssd_train", "plain_peft_loop")
     assert ours["steps"] == plain["steps"] == 2 and ours["tokens"] == plain["tokens"] > 0
     assert ratio["speedup"] > 0
+
+
+def test_bench_eval_compares_the_same_prompts():
+    result = genssd("bench", "eval", "--rows", "2", "--batch-size", "2", "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    ours, plain, ratio = (json.loads(line) for line in result.stdout.splitlines())
+    assert (ours["method"], plain["method"]) == ("genssd_eval", "plain_hf_generate")
+    assert ours["prompts"] == plain["prompts"] == 2 and 0 < ours["new_tokens"] == plain["new_tokens"] <= 8
+    assert ratio["speedup"] > 0

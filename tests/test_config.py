@@ -68,13 +68,22 @@ def test_results_hash_tracks_what_changes_results():
 
 
 def test_every_bundled_config_is_valid():
-    from genssd_cli.config import load_train_config
+    from genssd_cli.config import load_eval_config, load_pipeline_config, load_train_config
     from genssd_cli.data import load_prompt
     from genssd_cli.paths import bundled_dir
 
-    paths = sorted(bundled_dir("configs").glob("*.yaml"))
-    assert load_train_config(bundled_dir("configs") / "train.yaml").lora.target_modules == "all-linear"
-    for path in [p for p in paths if p.name != "train.yaml"]:
+    configs = bundled_dir("configs")
+    assert load_train_config(configs / "train.yaml").lora.target_modules == "all-linear"
+    load_prompt(load_eval_config(configs / "eval.yaml").prompt)
+    pipelines = sorted(configs.glob("pipeline*.yaml"))
+    for path in pipelines:
+        pipeline = load_pipeline_config(path)
+        for name in (pipeline.run_config, pipeline.train_config):
+            assert (configs / name).is_file(), (path, name)
+    others = {*pipelines, configs / "train.yaml", configs / "eval.yaml"}
+    runs = [p for p in sorted(configs.glob("*.yaml")) if p not in others]
+    assert runs
+    for path in runs:
         cfg = load_run_config(path)
         load_prompt(cfg.prompts.teacher)
         load_prompt(cfg.prompts.student)

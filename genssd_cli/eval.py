@@ -1,0 +1,294 @@
+"""`genssd eval`: the student (optionally with an adapter) answers a benchmark; answers are checked
+by answers.py; per-sample rows go to samples.jsonl as each batch ends (a re-run skips them), and
+metrics.json gets accuracy with a 95 % interval, pass@k and generated lengths.
+
+Generation is batched HF `generate` (left padding, KV cache, the student's chat template), the
+same prompts `genssd train` rendered its rows with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from genssd_cli.config import DataConfig, EvalConfig, changed_keys, load_eval_config
+from genssd_cli.data import Problem, final_answer, load_problems, load_prompt, render_prompt
+from genssd_cli.errors import RuntimeFailure, UsageError
+
+SAMPLES = "samples.jsonl"
+METRICS = "metrics.json"
+SETTINGS = "eval.json"
+
+# Benchmarks on the Hugging Face hub: (dataset id, config, split, question, answer, id field).
+HF_BENCHES = {
+    "gsm8k-hf": ("openai/gsm8k", "main", "test", "question", "answer", None),
+    "math-500": ("HuggingFaceH4/MATH-500", None, "test", "problem", "answer", "unique_id"),
+    "aime24": ("HuggingFaceH4/aime_2024", None, "train", "problem", "answer", "id"),
+}
+BUNDLED = {"gsm8k": "gsm8k-test"}
+
+
+def load_benchmark(bench: str, cfg: EvalConfig, limit: int | None) -> list[Problem]:
+    """A bundled name, a JSONL file, a known hub benchmark, or `hf:DATASET_ID` (test split)."""
+    if bench in BUNDLED:
+        return load_problems(DataConfig(source=BUNDLED[bench]), limit)
+    if bench in HF_BENCHES or bench.startswith("hf:"):
+        return _hub_benchmark(bench, cfg, limit)
+    if not bench.endswith(".jsonl") and not Path(bench).exists():
+        known = ", ".join([*BUNDLED, *HF_BENCHES])
+        raise UsageError(f"unknown benchmark {bench!r}: use one of {known}, hf:DATASET_ID, or a .jsonl file")
+    fields = {"question_field": cfg.question_field, "answer_field": cfg.answer_field, "id_field": cfg.id_field}
+    return load_problems(DataConfig(source=bench, **fields), limit)
+
+
+def _hub_benchmark(bench: str, cfg: EvalConfig, limit: int | None) -> list[Problem]:
+    if bench in HF_BENCHES:
+        dataset_id, subset, split, q_field, a_field, id_field = HF_BENCHES[bench]
+    else:
+        dataset_id, subset, split = bench.removeprefix("hf:"), None, "test"
+        q_field, a_field, id_field = cfg.question_field, cfg.answer_field, cfg.id_field
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+        rows = datasets.load_dataset(dataset_id, subset, split=split)
+    except Exception as exc:  # offline, unknown id, gated: the library raises many kinds
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RuntimeFailure(
+            f"benchmark {bench}: cannot load {dataset_id} from the Hugging Face hub ({reason})"
+        ) from None
+    problems = []
+    for i, row in enumerate(rows):
+        if q_field not in row or a_field not in row:
+            raise UsageError(f"benchmark {bench}: rows have no {q_field!r}/{a_field!r} fields (set them in the config)")
+        problem_id = str(row.get(id_field, i)) if id_field else f"{bench}-{i}"
+        problems.append(Problem(problem_id, str(row[q_field]).strip(), final_answer(str(row[a_field]))))
+        if limit and len(problems) >= limit:
+            break
+    return problems
+
+
+@dataclass
+class Generated:
+    text: str
+    tokens: int
+    hit_limit: bool  # stopped by max_new_tokens, not by the model
+
+
+def generate_batch(
+    model, tokenizer, prompts: list[str], cfg: EvalConfig, samples: int, seed: int
+) -> list[list[Generated]]:
+    """One batched `generate`: per prompt, `samples` generations."""
+    import torch
+    from transformers import GenerationConfig
+
+    tokenizer.padding_side = "left"  # decoder-only: new tokens must follow each prompt directly
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    sampling = cfg.temperature > 0
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [tokenizer.eos_token_id])
+    settings = GenerationConfig(
+        max_new_tokens=cfg.max_new_tokens, do_sample=sampling, num_return_sequences=samples,
+        temperature=cfg.temperature if sampling else None, top_p=cfg.top_p if sampling else None,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos_ids),
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        output = model.generate(**encoded, generation_config=settings)
+    new = output[:, encoded["input_ids"].shape[1] :].tolist()
+    results = []
+    for p in range(len(prompts)):
+        row = []
+        for ids in new[p * samples : (p + 1) * samples]:
+            end = next((i for i, t in enumerate(ids) if t in eos_ids), None)
+            kept = ids if end is None else ids[:end]
+            text = tokenizer.decode(kept, skip_special_tokens=True)
+            row.append(Generated(text, len(kept) + (end is not None), end is None))
+        results.append(row)
+    return results
+
+
+def eval_command(
+    model_ref: str,
+    adapter: str | None,
+    bench: str,
+    limit: int | None,
+    samples: int,
+    out: Path | None,
+    config_path: Path | None,
+    overrides: list[str],
+    console: Console,
+) -> dict[str, Any]:
+    from genssd_cli.answers import answers_match, extract_answer
+
+    cfg = load_eval_config(config_path, overrides)
+    if samples > 1 and cfg.temperature == 0:
+        raise UsageError("--samples > 1 needs sampling: set temperature > 0 (--set temperature=0.7)")
+    template = load_prompt(cfg.prompt)
+    problems = load_benchmark(bench, cfg, limit)
+    out = out or default_eval_dir(model_ref, adapter, bench)
+    # What changes the results (not where they run, nor the batch size).
+    settings = {"model": model_ref, "adapter": str(Path(adapter).resolve()) if adapter else None, "bench": bench,
+                "samples": samples, "prompt_sha256": _sha(template),
+                **cfg.model_dump(exclude={"device", "batch_size"})}  # fmt: skip
+    _check_settings(out, settings)
+    done = _read_samples(out)
+    todo = [p for p in problems if any((p.id, k) not in done for k in range(samples))]
+
+    if todo:
+        from genssd_cli.models import chat_prompt, load_causal_lm, pick_device
+
+        device = pick_device(cfg.device)
+        console.print(f"loading {model_ref}" + (f" + adapter {adapter}" if adapter else "") + " …")
+        model, tokenizer = load_causal_lm(model_ref, None, adapter, device, cfg.dtype)
+        _write_settings(out, settings)
+        prompts = {p.id: chat_prompt(tokenizer, render_prompt(template, p.question)) for p in todo}
+        # Similar lengths together: less padding per batch.
+        todo.sort(key=lambda p: len(tokenizer(prompts[p.id], add_special_tokens=False)["input_ids"]))
+        _generate_all(model, tokenizer, todo, prompts, cfg, samples, out, done, console, answers_match, extract_answer)
+    metrics = compute_metrics(problems, done, samples)
+    metrics.update({"model": model_ref, "adapter": settings["adapter"], "bench": bench})
+    (out / METRICS).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    metrics["out"] = str(out)
+    return metrics
+
+
+def _generate_all(model, tokenizer, todo, prompts, cfg, samples, out, done, console, answers_match, extract_answer):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+               TimeRemainingColumn()]  # fmt: skip
+    with open(out / SAMPLES, "a", encoding="utf-8") as sink, Progress(*columns, console=console) as progress:
+        task = progress.add_task("eval", total=len(todo), rate="")
+        tokens = 0
+        started = time.monotonic()
+        for start in range(0, len(todo), cfg.batch_size):
+            batch = todo[start : start + cfg.batch_size]
+            # The seed depends on the batch's first problem, not on what was done before a resume.
+            seed = cfg.seed + int(_sha(batch[0].id)[:8], 16)
+            generated = generate_batch(model, tokenizer, [prompts[p.id] for p in batch], cfg, samples, seed)
+            for problem, gens in zip(batch, generated, strict=True):
+                for k, gen in enumerate(gens):
+                    if (problem.id, k) in done:
+                        continue
+                    answer = extract_answer(gen.text)
+                    row = {"problem_id": problem.id, "sample": k, "prompt": prompts[problem.id],
+                           "generation": gen.text, "reference": problem.reference, "answer": answer,
+                           "correct": answers_match(problem.reference, answer), "tokens": gen.tokens,
+                           "hit_limit": gen.hit_limit}  # fmt: skip
+                    sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    done[(problem.id, k)] = row
+                    tokens += gen.tokens
+            sink.flush()
+            os.fsync(sink.fileno())
+            rate = tokens / max(time.monotonic() - started, 1e-9)
+            progress.update(task, advance=len(batch), rate=f"{rate:.0f} tokens/s")
+
+
+def compute_metrics(problems: list[Problem], done: dict[tuple[str, int], dict], samples: int) -> dict[str, Any]:
+    per_problem = [[done[(p.id, k)]["correct"] for k in range(samples) if (p.id, k) in done] for p in problems]
+    per_problem = [c for c in per_problem if c]
+    rows = [done[(p.id, k)] for p in problems for k in range(samples) if (p.id, k) in done]
+    n = len(per_problem)
+    means = [sum(c) / len(c) for c in per_problem]
+    accuracy = statistics.fmean(means) if means else None
+    metrics: dict[str, Any] = {
+        "problems": n,
+        "samples_per_problem": samples,
+        "accuracy": round(accuracy, 4) if accuracy is not None else None,
+        "ci95": _interval(means, samples) if means else None,
+        "mean_generated_tokens": round(statistics.fmean(r["tokens"] for r in rows), 1) if rows else None,
+        "hit_token_limit": round(sum(r["hit_limit"] for r in rows) / len(rows), 4) if rows else None,
+    }
+    if samples > 1:
+        metrics["pass_at_k"] = {
+            str(k): round(statistics.fmean(pass_at_k(len(c), sum(c), k) for c in per_problem), 4)
+            for k in sorted({1, samples})
+        }
+    return metrics
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimator (Chen et al., 2021): 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def _interval(means: list[float], samples: int) -> list[float]:
+    """95 %: Wilson's interval for one sample per problem; otherwise a normal interval over
+    problems (samples of one problem are not independent, problems are)."""
+    n, z = len(means), 1.96
+    p = statistics.fmean(means)
+    if samples == 1:
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    else:
+        centre, half = p, z * (statistics.stdev(means) / math.sqrt(n) if n > 1 else 0.5)
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+
+
+def default_eval_dir(model_ref: str, adapter: str | None, bench: str) -> Path:
+    name = f"{_slug(model_ref)}-{_slug(Path(bench).stem if bench.endswith('.jsonl') else bench)}"
+    if adapter:
+        name += f"-adapter-{_sha(str(Path(adapter).resolve()))[:8]}"
+    return Path("runs") / "eval" / name
+
+
+def _check_settings(out: Path, settings: dict[str, Any]) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    path = out / SETTINGS
+    if not path.is_file():
+        return
+    previous = json.loads(path.read_text(encoding="utf-8"))
+    changed = changed_keys(previous, settings)
+    if changed:
+        raise UsageError(f"{out} holds an eval with other settings (changed: {', '.join(changed)}); use another --out")
+
+
+def _write_settings(out: Path, settings: dict[str, Any]) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write to {out}: {exc.strerror}") from None
+
+
+def _read_samples(out: Path) -> dict[tuple[str, int], dict]:
+    """Finished samples; a torn last line (killed mid-write) is dropped and will be redone."""
+    path = out / SAMPLES
+    if not path.is_file():
+        return {}
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
+    done = {}
+    for number, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
+        try:
+            row = json.loads(line)
+            done[(row["problem_id"], row["sample"])] = row
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise RuntimeFailure(f"{path} line {number} is corrupt; move the file away to start over") from None
+    return done
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "-" for c in text.strip("/").split("/")[-1]).strip("-")
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
