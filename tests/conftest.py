@@ -110,3 +110,16 @@ async def collect(teacher: TeacherClient, prompt, n, max_tokens, seed, have=None
 
     await teacher.sample(prompt, n, max_tokens, seed, have, on_response)
     return [have[i] for i in sorted(have)], parts
+
+
+def save_adapter_of_another_model(path: Path) -> None:
+    """A LoRA adapter for a tiny Llama of another shape: loading it onto the student must fail."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = get_peft_model(
+        LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=2, vocab_size=49152)),
+        LoraConfig(r=4, target_modules="all-linear"),
+    )  # fmt: skip
+    other.save_pretrained(path)

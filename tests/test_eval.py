@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import genssd
+from conftest import genssd, save_adapter_of_another_model
 
 from genssd_cli.eval import compute_metrics, pass_at_k
 from genssd_cli.store import CONFIG, TRAJECTORIES
@@ -94,15 +94,7 @@ def test_eval_base_then_adapter_and_resume(tmp_path):
 
 @pytest.mark.slow
 def test_eval_bad_inputs(tmp_path):
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    other = get_peft_model(
-        LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=2, num_key_value_heads=2, vocab_size=49152)),
-        LoraConfig(r=4, target_modules="all-linear"),
-    )  # fmt: skip
-    other.save_pretrained(tmp_path / "other-adapter")
+    save_adapter_of_another_model(tmp_path / "other-adapter")
     bench = str(bench_file(tmp_path / "bench.jsonl"))
     cases = [
         (["--bench", "gsm9k"], 2, "unknown benchmark 'gsm9k'"),

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import genssd
+from conftest import genssd, save_adapter_of_another_model
 
 from genssd_cli.store import CONFIG, TRAJECTORIES
 
@@ -111,18 +111,10 @@ def test_loss_covers_the_completion_only(tmp_path):
 
 
 def test_bad_inputs(tmp_path):
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     wrong_only = make_run(tmp_path / "wrong", [row("1+1", "3", False)])
     empty = make_run(tmp_path / "empty", [])
     (tmp_path / "plain").mkdir()
-    other = get_peft_model(
-        LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=2, num_key_value_heads=2, vocab_size=49152)),
-        LoraConfig(r=4, target_modules="all-linear"),
-    )  # fmt: skip
-    other.save_pretrained(tmp_path / "other-adapter")
+    save_adapter_of_another_model(tmp_path / "other-adapter")
     good = make_run(tmp_path / "good", ROWS[:2])
     cases = [
         ([str(tmp_path / "missing")], "run directory not found"),
