@@ -23,6 +23,7 @@ from rich.console import Console
 from genssd_cli.config import DataConfig, EvalConfig, changed_keys, load_eval_config
 from genssd_cli.data import Problem, final_answer, load_problems, load_prompt, render_prompt
 from genssd_cli.errors import RuntimeFailure, UsageError
+from genssd_cli.store import read_records
 
 SAMPLES = "samples.jsonl"
 METRICS = "metrics.json"
@@ -265,23 +266,16 @@ def _write_settings(out: Path, settings: dict[str, Any]) -> None:
 
 
 def _read_samples(out: Path) -> dict[tuple[str, int], dict]:
-    """Finished samples; a torn last line (killed mid-write) is dropped and will be redone."""
+    """Finished samples; a torn last line (killed mid-write) is cut off, to be generated again."""
     path = out / SAMPLES
-    if not path.is_file():
-        return {}
-    data = path.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) != len(data):
+    rows = read_records(path, "move the file away to start over")
+    if path.exists():  # new rows are appended after the last whole line
         with open(path, "r+b") as f:
-            f.truncate(len(complete))
-    done = {}
-    for number, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
-        try:
-            row = json.loads(line)
-            done[(row["problem_id"], row["sample"])] = row
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise RuntimeFailure(f"{path} line {number} is corrupt; move the file away to start over") from None
-    return done
+            f.truncate(f.read().rfind(b"\n") + 1)
+    try:
+        return {(row["problem_id"], row["sample"]): row for row in rows}
+    except (KeyError, TypeError):
+        raise RuntimeFailure(f"{path}: not a genssd eval samples file; move it away to start over") from None
 
 
 def _slug(text: str) -> str:

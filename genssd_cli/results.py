@@ -39,6 +39,16 @@ class Replay:
                 self.ended[(event["problem_id"], event["sample"])] = event
 
 
+def ended_keys(events: list[dict[str, Any]]) -> set[tuple[str, int]]:
+    """(problem_id, sample) of every trajectory that finished or was pruned."""
+    return {(e["problem_id"], e["sample"]) for e in events if e.get("type") in END_TYPES}
+
+
+def all_ended(events: list[dict[str, Any]], problems: list[Problem], samples: int) -> bool:
+    ended = ended_keys(events)
+    return all((p.id, s) in ended for p in problems for s in range(samples))
+
+
 def last_run_start(events: list[dict[str, Any]]) -> dict[str, Any] | None:
     starts = [e for e in events if e.get("type") == "run_start"]
     return starts[-1] if starts else None
@@ -74,7 +84,7 @@ def trajectory_rows(events: list[dict[str, Any]], problems: list[Problem]) -> li
 
 def failure_rows(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Errors of trajectories that did not end later (a resumed run retries failed ones)."""
-    ended = {(e["problem_id"], e["sample"]) for e in events if e.get("type") in END_TYPES}
+    ended = ended_keys(events)
     latest: dict[tuple[str, int], dict] = {}
     for event in events:
         if event.get("type") == "error" and (event["problem_id"], event["sample"]) not in ended:
@@ -108,7 +118,7 @@ def summarize(events: list[dict[str, Any]], problems: list[Problem], samples: in
     pruned = sum(1 for e in events if e.get("type") == "prune")
     failed = len(failure_rows(events))
     wanted = {(p.id, s) for p in problems for s in range(samples)}
-    ended = {(e["problem_id"], e["sample"]) for e in events if e.get("type") in END_TYPES}
+    ended = ended_keys(events)
     responses = [e for e in events if e.get("type") == "response"]
     sessions = [e for e in events if e.get("type") == "session_end"]
     retries: Counter[str] = Counter()

@@ -27,7 +27,7 @@ from genssd_cli.data import Problem, load_problems, load_prompt
 from genssd_cli.engine import Engine
 from genssd_cli.errors import Interrupted, UsageError, unwrap_group
 from genssd_cli.launch import LocalServer, launched
-from genssd_cli.results import END_TYPES, Replay, check_resume, failure_rows, summarize, trajectory_rows
+from genssd_cli.results import Replay, all_ended, check_resume, failure_rows, summarize, trajectory_rows
 from genssd_cli.scoring_queue import ScoringQueue
 from genssd_cli.store import CONFIG, FAILURES, SUMMARY, TRAJECTORIES, RunStore, read_events
 from genssd_cli.student import StudentScorer
@@ -62,7 +62,7 @@ def run_command(
     check_resume(events, settings, force)
 
     store = RunStore(run_dir, cfg.engine.fsync, cfg.engine.fsync_interval_ms)
-    if events and _all_ended(events, problems, cfg.search.samples):
+    if events and all_ended(events, problems, cfg.search.samples):
         # Nothing to ask: no teacher server, no student, just the files re-made from the log.
         with store:
             console.print("every trajectory has already ended; nothing to do")
@@ -190,11 +190,6 @@ def _sigterm_as_keyboard_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _all_ended(events: list[dict], problems: list[Problem], samples: int) -> bool:
-    ended = {(e["problem_id"], e["sample"]) for e in events if e.get("type") in END_TYPES}
-    return all((p.id, s) in ended for p in problems for s in range(samples))
 
 
 def _materialise(store: RunStore, problems: list[Problem], cfg: RunConfig) -> dict:

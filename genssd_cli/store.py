@@ -28,20 +28,23 @@ SCHEMA_VERSION = 2  # 2: one `response` event per received teacher response
 
 
 def read_events(run_dir: Path) -> list[dict[str, Any]]:
-    """Parse the log. A torn last line (crash mid-write) is dropped, never fatal; a corrupt line
-    anywhere else means the file was edited or damaged, and we stop rather than guess."""
-    path = run_dir / EVENTS
+    return read_records(run_dir / EVENTS, "the log cannot be replayed")
+
+
+def read_records(path: Path, if_corrupt: str) -> list[dict[str, Any]]:
+    """Parse an append-only JSONL file. A torn last line (crash mid-write) is dropped, never
+    fatal; a corrupt line anywhere else means the file was edited or damaged, and we stop rather
+    than guess (`if_corrupt` tells the user what that means)."""
     if not path.exists():
         return []
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    events = []
+    lines = path.read_bytes().split(b"\n")
+    records = []
     for number, line in enumerate(lines[:-1], start=1):
         try:
-            events.append(json.loads(line))
+            records.append(json.loads(line))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise RuntimeFailure(f"{path} line {number} is corrupt; the log cannot be replayed") from None
-    return events
+            raise RuntimeFailure(f"{path} line {number} is corrupt; {if_corrupt}") from None
+    return records
 
 
 def torn_tail(run_dir: Path) -> bytes:

@@ -110,3 +110,16 @@ def test_eval_bad_inputs(tmp_path):
         assert result.returncode == code, (extra, result.stderr)
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (extra, result.stderr)
+
+
+def test_a_torn_last_sample_is_cut_off_and_a_corrupt_one_refused(tmp_path):
+    from genssd_cli.errors import RuntimeFailure
+    from genssd_cli.eval import SAMPLES, _read_samples
+
+    whole = json.dumps({"problem_id": "a", "sample": 0, "correct": True}) + "\n"
+    (tmp_path / SAMPLES).write_text(whole + '{"problem_id": "b", "sa')
+    assert list(_read_samples(tmp_path)) == [("a", 0)]
+    assert (tmp_path / SAMPLES).read_text() == whole  # the next row starts on a line of its own
+    (tmp_path / SAMPLES).write_text("{broken\n" + whole)
+    with pytest.raises(RuntimeFailure, match="line 1 is corrupt"):
+        _read_samples(tmp_path)
