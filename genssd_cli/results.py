@@ -3,6 +3,7 @@ files materialised from it (trajectories.jsonl, failures.jsonl, summary.json).""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import statistics
 from collections import Counter
@@ -127,6 +128,8 @@ def summarize(events: list[dict[str, Any]], problems: list[Problem], samples: in
     failures = Counter(row["error_class"] for row in failure_rows(events))
     return {
         "problems": len(problems),
+        # Tells runs of the same problems apart from runs of others (genssd report compares them).
+        "problems_sha256": hashlib.sha256("\n".join(p.id for p in problems).encode()).hexdigest()[:16],
         "trajectories": {
             "finished": sum(1 for r in rows if r["finish"] == "stop"),
             "truncated": sum(1 for r in rows if r["finish"] == "truncated"),
