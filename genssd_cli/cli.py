@@ -134,6 +134,19 @@ def evaluate(
           f"mean {m['mean_generated_tokens']} tokens -> {m['out']}/metrics.json")  # fmt: skip
 
 
+@app.command()
+def report(
+    paths: list[Path] = typer.Argument(..., help="run directories, or a pipeline directory (its runs and evals)"),
+    evals: list[Path] = typer.Option([], "--eval", help="an eval directory from genssd eval (repeatable)"),
+    out: Path | None = typer.Option(None, "--out", help="default: PIPELINE_DIR/report, else runs/report"),
+) -> None:
+    """Runs side by side: kept / pruned, student PPL, length, teacher tokens, cost, eval accuracy."""
+    from genssd_cli.report import report_command
+
+    result = report_command(paths, evals, out, Console())
+    print(f"report of {result['columns']} columns -> {result['out']}/report.md, {len(result['plots'])} plots")
+
+
 bench_app = typer.Typer(help="Speed measurements, side by side in one process; one JSON line per method.")
 app.add_typer(bench_app, name="bench")
 

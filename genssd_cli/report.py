@@ -1,0 +1,335 @@
+"""`genssd report`: runs (and the evals of what was trained on them) side by side.
+
+Everything is read back from what the commands wrote: a run's trajectories.jsonl (the kept
+trajectories, each scored whole by the run's student), its summary.json (teacher requests and
+tokens, wall time, cost when known) and config.yaml (method, student); an eval's metrics.json and
+eval.json. Output: a rich table, report.md, report.json (the same numbers, for scripts) and PNG
+plots. A pipeline directory stands for its method runs and evals.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from genssd_cli.errors import RuntimeFailure, UsageError
+from genssd_cli.store import CONFIG, SUMMARY, TRAJECTORIES, read_records
+
+PIPELINE, METRICS, EVAL_SETTINGS = "pipeline.json", "metrics.json", "eval.json"
+PLOTS = ("ppl.png", "length.png", "teacher_tokens.png", "accuracy.png")
+
+
+@dataclass
+class Column:
+    """One column of the table: a run, with the evals of the student trained on it; or evals
+    alone (the base student, or an adapter whose run is not in the report)."""
+
+    label: str
+    run: dict[str, Any] | None = None
+    evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # by benchmark
+    ppls: list[float] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+
+
+def read_run(run_dir: Path) -> tuple[dict[str, Any], list[float], list[int]]:
+    """A run's numbers, and the per-trajectory PPLs and lengths for the plots."""
+    import yaml
+
+    for name in (TRAJECTORIES, SUMMARY, CONFIG):
+        if not (run_dir / name).is_file():
+            raise UsageError(f"{run_dir} has no {name}: not a genssd run directory, or no session ended")
+    rows = read_records(run_dir / TRAJECTORIES, "run `genssd run` on it again to rewrite it")
+    try:
+        summary = json.loads((run_dir / SUMMARY).read_text(encoding="utf-8"))
+        config = yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8"))
+        ppls = [r["student_ppl"] for r in rows if r["student_ppl"] is not None and math.isfinite(r["student_ppl"])]
+        lengths = [int(r["completion_tokens"]) for r in rows]
+        correct = sum(bool(r["correct"]) for r in rows)
+        teacher, counts = summary["teacher"], summary["trajectories"]
+        method, student = config["method"], config["student"]
+    except (ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError):
+        raise RuntimeFailure(f"{run_dir}: unreadable run files; run `genssd run` on it again to rewrite them") from None
+    kept, kept_tokens = len(rows), sum(lengths)
+    generated = teacher["completion_tokens"]
+    return {
+        "dir": str(run_dir),
+        "method": method,
+        "student": {"model": student.get("model"), "adapter": student.get("adapter")},
+        "problems": summary["problems"],
+        "problems_sha256": summary.get("problems_sha256"),
+        "kept": kept,
+        "correct": correct,
+        "pruned": counts["pruned"],
+        "failed": counts["failed"],
+        "pending": counts["pending"],
+        "truncated": counts["truncated"],
+        "student_ppl": _centre(ppls),
+        "length_tokens": _centre(lengths),
+        "teacher_tokens": generated,
+        "teacher_tokens_per_kept": round(generated / kept, 2) if kept else None,
+        "teacher_tokens_per_kept_token": round(generated / kept_tokens, 3) if kept_tokens else None,
+        "requests": teacher["requests"],
+        "cost": teacher.get("cost"),
+        "wall_s": summary["wall_s"],
+    }, ppls, lengths
+
+
+def read_eval(eval_dir: Path) -> dict[str, Any]:
+    for name in (METRICS, EVAL_SETTINGS):
+        if not (eval_dir / name).is_file():
+            raise UsageError(f"{eval_dir} has no {name}: not a genssd eval directory, or the eval never finished")
+    try:
+        metrics = json.loads((eval_dir / METRICS).read_text(encoding="utf-8"))
+        settings = json.loads((eval_dir / EVAL_SETTINGS).read_text(encoding="utf-8"))
+        return {"dir": str(eval_dir), "bench": settings["bench"], "adapter": settings["adapter"],
+                **{k: metrics[k] for k in ("accuracy", "ci95", "problems", "mean_generated_tokens")}}  # fmt: skip
+    except (ValueError, KeyError, TypeError):
+        raise RuntimeFailure(f"{eval_dir}: unreadable eval files; run `genssd eval` on it again") from None
+
+
+def _centre(values: list[float] | list[int]) -> dict[str, float | None]:
+    if not values:
+        return {"mean": None, "median": None}
+    return {"mean": round(statistics.fmean(values), 3), "median": round(float(statistics.median(values)), 3)}
+
+
+def expand(paths: list[Path]) -> tuple[list[Path], list[Path]]:
+    """Run directories and eval directories; a pipeline directory gives its method runs (not the
+    cold start, which is every method's starting point) and all its evals."""
+    runs: list[Path] = []
+    evals: list[Path] = []
+    for path in paths:
+        if not path.is_dir():
+            raise UsageError(f"not a directory: {path}")
+        if (path / PIPELINE).is_file():
+            try:
+                stages = json.loads((path / PIPELINE).read_text(encoding="utf-8"))["stages"]
+            except (ValueError, KeyError, TypeError):
+                raise RuntimeFailure(f"{path / PIPELINE} is unreadable; run `genssd pipeline` again") from None
+            runs += [path / s for s in stages if s.endswith("/run") and not s.startswith("cold-start/")]
+            evals += [path / s for s in stages if s.endswith("/eval")]
+        elif (path / METRICS).is_file():
+            raise UsageError(f"{path} is an eval directory: pass it with --eval")
+        else:
+            runs.append(path)
+    return runs, evals
+
+
+def _trained_on(eval_info: dict[str, Any], run_dirs: list[Path]) -> Path | None:
+    """The run whose trajectories trained the evaluated adapter: the pipeline's layout
+    (METHOD/run beside METHOD/eval), else the training manifest next to the adapter."""
+    eval_dir = Path(eval_info["dir"]).resolve()
+    for run_dir in run_dirs:
+        if run_dir.resolve().parent == eval_dir.parent and eval_info["adapter"]:
+            return run_dir
+    if not eval_info["adapter"]:
+        return None
+    try:
+        manifest = json.loads((Path(eval_info["adapter"]).parent / "manifest.json").read_text(encoding="utf-8"))
+        sources = [Path(r["dir"]).resolve() for r in manifest["runs"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if len(sources) != 1:
+        return None  # trained on several runs: it belongs to none of them alone
+    return next((r for r in run_dirs if r.resolve() == sources[0]), None)
+
+
+def build_columns(run_dirs: list[Path], eval_dirs: list[Path]) -> tuple[list[Column], list[str]]:
+    columns: dict[Path, Column] = {}
+    labels: list[str] = []
+    for run_dir in run_dirs:
+        run, ppls, lengths = read_run(run_dir)
+        label = run["method"]
+        if label in labels:  # the same method twice: tell them apart by directory
+            label = f"{run['method']} ({run_dir})"
+        labels.append(label)
+        columns[run_dir] = Column(label, run, {}, ppls, lengths)
+    base = Column("base student")
+    alone: list[Column] = []
+    for eval_dir in eval_dirs:
+        info = read_eval(eval_dir)
+        owner = _trained_on(info, run_dirs)
+        home = base if info["adapter"] is None else columns[owner] if owner is not None else None
+        if home is None or info["bench"] in home.evals:
+            alone.append(Column(f"eval {eval_dir}", evals={info["bench"]: info}))
+        else:
+            home.evals[info["bench"]] = info
+    ordered = ([base] if base.evals else []) + list(columns.values()) + alone
+    return ordered, _warnings(ordered)
+
+
+def _warnings(columns: list[Column]) -> list[str]:
+    """What makes the columns not comparable, said once in the table's caption."""
+    runs = [c.run for c in columns if c.run]
+    notes = []
+    if len({json.dumps(r["student"], sort_keys=True) for r in runs}) > 1:
+        notes.append("the runs were scored by different students: their PPLs are not comparable")
+    if len({r["problems"] for r in runs}) > 1 or len({r["problems_sha256"] for r in runs}) > 1:
+        notes.append("the runs are not of the same problems")
+    for r in runs:
+        if r["pending"] or r["failed"]:
+            notes.append(f"{r['dir']}: {r['pending']} pending and {r['failed']} failed trajectories (not finished)")
+    for bench in _benches(columns):
+        if len({c.evals[bench]["problems"] for c in columns if bench in c.evals}) > 1:
+            notes.append(f"the {bench} evals differ in number of problems")
+    return notes
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}"
+
+
+def _pair(centre: dict[str, Any] | None, digits: int) -> str:
+    if not centre or centre["mean"] is None:
+        return "—"
+    return f"{_fmt(centre['mean'], digits)} / {_fmt(centre['median'], digits)}"
+
+
+def _accuracy(e: dict[str, Any] | None) -> str:
+    if not e or e["accuracy"] is None:
+        return "—"
+    low, high = e["ci95"] or (None, None)
+    span = f" ({100 * low:.1f} to {100 * high:.1f})" if low is not None else ""
+    return f"{100 * e['accuracy']:.1f} %{span}"
+
+
+def _benches(columns: list[Column]) -> list[str]:
+    return list(dict.fromkeys(bench for c in columns for bench in c.evals))
+
+
+def table_rows(columns: list[Column]) -> list[tuple[str, list[str]]]:
+    """(metric, one cell per column): the same rows for the terminal and report.md."""
+
+    def run(key: str, digits: int = 2) -> list[str]:
+        return [_fmt(c.run[key], digits) if c.run else "" for c in columns]
+
+    rows = [
+        ("trajectories kept", run("kept")),
+        ("  correct", run("correct")),
+        ("  pruned", run("pruned")),
+        ("student PPL of kept (mean / median)", [_pair(c.run["student_ppl"], 3) if c.run else "" for c in columns]),
+        ("length in tokens (mean / median)", [_pair(c.run["length_tokens"], 1) if c.run else "" for c in columns]),
+        ("teacher tokens generated", run("teacher_tokens")),
+        ("  per kept trajectory", run("teacher_tokens_per_kept", 1)),
+        ("  per kept token", run("teacher_tokens_per_kept_token", 2)),
+        ("teacher requests", run("requests")),
+        ("cost", run("cost", 4)),
+        ("wall time (s)", run("wall_s", 1)),
+    ]
+    for bench in _benches(columns):
+        size = next(c.evals[bench]["problems"] for c in columns if bench in c.evals)
+        rows += [
+            (f"eval accuracy, {bench} ({size} problems, 95 % CI)", [_accuracy(c.evals.get(bench)) for c in columns]),
+            ("  mean generated tokens",
+             [_fmt(c.evals[bench]["mean_generated_tokens"], 1) if bench in c.evals else "—" for c in columns]),
+        ]  # fmt: skip
+    return rows
+
+
+def to_markdown(columns: list[Column], warnings: list[str]) -> str:
+    rows = table_rows(columns)
+    lines = ["| | " + " | ".join(c.label for c in columns) + " |", "|---|" + "---:|" * len(columns)]
+    lines += [f"| {name.strip()} | " + " | ".join(cells) + " |" for name, cells in rows]
+    sources = [f"- {c.label}: " + ", ".join(([c.run["dir"]] if c.run else []) + [e["dir"] for e in c.evals.values()])
+               for c in columns]  # fmt: skip
+    text = "# genssd report\n\n" + "\n".join(lines) + "\n\nFrom:\n" + "\n".join(sources) + "\n"
+    if warnings:
+        text += "\nNot comparable as it stands:\n" + "".join(f"- {w}\n" for w in warnings)
+    plots = "".join(f"![{name[:-4]}]({name})\n" for name in PLOTS)
+    return text + "\n" + plots
+
+
+def to_rich(columns: list[Column], warnings: list[str]) -> Table:
+    table = Table(title="genssd report", caption="\n".join(warnings) or None, caption_style="yellow")
+    table.add_column("")
+    for c in columns:
+        table.add_column(c.label, justify="right")
+    for name, cells in table_rows(columns):
+        table.add_row(name, *cells)
+    return table
+
+
+def write_plots(columns: list[Column], out: Path) -> list[Path]:
+    """The distributions behind the means, one PNG each (matplotlib, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [c for c in columns if c.run]
+    written = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        written.append(out / name)
+
+    for name, values, ylabel in (
+        ("ppl.png", [c.ppls for c in runs], "student PPL of kept trajectory"),
+        ("length.png", [c.lengths for c in runs], "kept trajectory length (tokens)"),
+    ):
+        fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(runs), 4))
+        present = [(c.label, v) for c, v in zip(runs, values, strict=True) if v]
+        if present:
+            ax.boxplot([v for _, v in present], showmeans=True)
+            ax.set_xticks(range(1, len(present) + 1), [label for label, _ in present])
+        ax.set_ylabel(ylabel)
+        save(fig, name)
+
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(runs), 4))
+    ax.bar([c.label for c in runs], [c.run["teacher_tokens_per_kept_token"] or 0 for c in runs], color="tab:orange")
+    ax.set_ylabel("teacher tokens generated per kept token")
+    save(fig, "teacher_tokens.png")
+
+    benches = _benches(columns)
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * max(1, len(columns)), 4))
+    width = 0.8 / max(1, len(benches))
+    for k, bench in enumerate(benches):
+        at = [(i, c.evals[bench]) for i, c in enumerate(columns) if c.evals.get(bench, {}).get("accuracy") is not None]
+        acc = [100 * e["accuracy"] for _, e in at]
+        ci = [e["ci95"] or [e["accuracy"]] * 2 for _, e in at]
+        below = [a - 100 * lo for a, (lo, _) in zip(acc, ci, strict=True)]
+        above = [100 * hi - a for a, (_, hi) in zip(acc, ci, strict=True)]
+        ax.bar([i + (k - (len(benches) - 1) / 2) * width for i, _ in at], acc, width, yerr=[below, above],
+               capsize=4, label=bench)  # fmt: skip
+    ax.set_xticks(range(len(columns)), [c.label for c in columns])
+    ax.set_ylim(0, 100)
+    if benches:
+        ax.legend()
+    save(fig, "accuracy.png")
+    return written
+
+
+def report_command(paths: list[Path], eval_dirs: list[Path], out: Path | None, console: Console) -> dict[str, Any]:
+    run_dirs, found_evals = expand(paths)
+    for eval_dir in eval_dirs:
+        if not eval_dir.is_dir():
+            raise UsageError(f"--eval: not a directory: {eval_dir}")
+    if not run_dirs and not eval_dirs:
+        raise UsageError("nothing to report: give run directories, a pipeline directory or --eval directories")
+    columns, warnings = build_columns(run_dirs, found_evals + eval_dirs)
+    if out is None:
+        out = paths[0] / "report" if len(paths) == 1 and (paths[0] / PIPELINE).is_file() else Path("runs") / "report"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text(to_markdown(columns, warnings), encoding="utf-8")
+        numbers = {"columns": [{"label": c.label, "run": c.run, "evals": c.evals} for c in columns],
+                   "warnings": warnings}  # fmt: skip
+        (out / "report.json").write_text(json.dumps(numbers, indent=2) + "\n", encoding="utf-8")
+        plots = write_plots(columns, out)
+    except OSError as exc:
+        raise UsageError(f"cannot write to {out}: {exc.strerror}") from None
+    console.print(to_rich(columns, warnings))
+    return {"out": str(out), "columns": len(columns), "plots": [str(p) for p in plots]}
