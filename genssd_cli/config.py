@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from genssd_cli.errors import UsageError
 from genssd_cli.methods import METHODS
@@ -277,10 +277,21 @@ class DistillSettings(_Strict):
 
 
 class EvalStageSettings(_Strict):
-    bench: str = "gsm8k"
+    bench: str | list[str] = Field("gsm8k", description="one benchmark or several, as genssd eval's --bench")
     limit: int | None = Field(None, ge=1)
     config: str = Field("eval.yaml", description="eval config, next to the pipeline config or bundled")
     set: list[str] = Field(default_factory=list, description="--set overrides of the eval config")
+
+    @field_validator("bench")
+    @classmethod
+    def _some_benches(cls, bench: str | list[str]) -> str | list[str]:
+        if isinstance(bench, list) and (not bench or len(set(bench)) < len(bench)):
+            raise ValueError("give at least one benchmark, each once")
+        return bench
+
+    @property
+    def benches(self) -> list[str]:
+        return [self.bench] if isinstance(self.bench, str) else self.bench
 
 
 class PipelineConfig(_Strict):

@@ -239,7 +239,7 @@ def _interval(means: list[float], samples: int) -> list[float]:
 
 
 def default_eval_dir(model_ref: str, adapter: str | None, bench: str) -> Path:
-    name = f"{_slug(model_ref)}-{_slug(Path(bench).stem if bench.endswith('.jsonl') else bench)}"
+    name = f"{_slug(model_ref)}-{bench_slug(bench)}"
     if adapter:
         name += f"-adapter-{_sha(str(Path(adapter).resolve()))[:8]}"
     return Path("runs") / "eval" / name
@@ -276,6 +276,11 @@ def _read_samples(out: Path) -> dict[tuple[str, int], dict]:
         return {(row["problem_id"], row["sample"]): row for row in rows}
     except (KeyError, TypeError):
         raise RuntimeFailure(f"{path}: not a genssd eval samples file; move it away to start over") from None
+
+
+def bench_slug(bench: str) -> str:
+    """A benchmark's name for a directory: gsm8k, math-500, my-set (for data/my-set.jsonl)."""
+    return _slug(Path(bench).stem if bench.endswith(".jsonl") else bench)
 
 
 def _slug(text: str) -> str:

@@ -4,6 +4,7 @@
     per method   genssd run (scored by the cold-started student) -> genssd train (continues the
                  cold-start adapter, so every method's student starts from the same point)
     with eval:   genssd eval of the base student, then of each method's adapter
+    last         genssd report on the method runs and evals (OUT/report)
 
 Each stage is the ordinary command on its own directory under OUT, so it resumes the way it does
 alone: a finished run asks the teacher nothing, a finished training is skipped, an interrupted
@@ -25,7 +26,7 @@ from genssd_cli.config import load_pipeline_config
 from genssd_cli.errors import RuntimeFailure, UsageError
 from genssd_cli.paths import bundled_dir
 
-RUN, TRAIN, EVAL = "run", "train", "eval"
+RUN, TRAIN, EVAL, REPORT = "run", "train", "eval", "report"
 
 
 def _beside(config_path: Path, name: str) -> Path:
@@ -40,7 +41,8 @@ def pipeline_command(
     config_path: Path, out: Path | None, overrides: list[str], console: Console, resume_hint: str
 ) -> dict[str, Any]:
     from genssd_cli.config import load_run_config
-    from genssd_cli.eval import eval_command
+    from genssd_cli.eval import bench_slug, eval_command
+    from genssd_cli.report import report_command
     from genssd_cli.runner import run_command
     from genssd_cli.train import ADAPTER, train_command
 
@@ -53,11 +55,14 @@ def pipeline_command(
     except OSError as exc:
         raise UsageError(f"cannot write to {out}: {exc.strerror}") from None
     record: dict[str, Any] = {"config": str(config_path), "stages": {}}
-    evals = (EVAL,) if cfg.eval else ()
+    # One benchmark: METHOD/eval; several: METHOD/eval-BENCH each.
+    benches = cfg.eval.benches if cfg.eval else []
+    evals = {EVAL: benches[0]} if len(benches) == 1 else {f"{EVAL}-{bench_slug(b)}": b for b in benches}
     names = (
-        ([f"base/{EVAL}"] if cfg.eval else [])
+        [f"base/{e}" for e in evals]
         + ([f"cold-start/{RUN}", f"cold-start/{TRAIN}"] if cfg.cold_start else [])
         + [f"{method}/{kind}" for method in cfg.methods for kind in (RUN, TRAIN, *evals)]
+        + [REPORT]
     )
 
     def stage(name: str, work: Callable[[Path], dict[str, Any]]) -> None:
@@ -88,18 +93,18 @@ def pipeline_command(
 
         return work
 
-    def evaluate(adapter: Path | None) -> Callable[[Path], dict[str, Any]]:
+    def evaluate(adapter: Path | None, bench: str) -> Callable[[Path], dict[str, Any]]:
         def work(eval_dir: Path) -> dict[str, Any]:
             model = load_run_config(run_config, cfg.set).student.model
             e = cfg.eval
-            metrics = eval_command(model, str(adapter) if adapter else None, e.bench, e.limit, 1, eval_dir,
+            metrics = eval_command(model, str(adapter) if adapter else None, bench, e.limit, 1, eval_dir,
                                    _beside(config_path, e.config), e.set, console)  # fmt: skip
             return {k: metrics[k] for k in ("accuracy", "ci95", "problems", "mean_generated_tokens")}
 
         return work
 
-    if cfg.eval:
-        stage(f"base/{EVAL}", evaluate(None))
+    for name, bench in evals.items():
+        stage(f"base/{name}", evaluate(None, bench))
     student: list[str] = []
     if cfg.cold_start:
         stage(f"cold-start/{RUN}", generate(cfg.cold_start.set, cfg.cold_start.limit))
@@ -108,6 +113,10 @@ def pipeline_command(
     for method in cfg.methods:
         stage(f"{method}/{RUN}", generate([*cfg.set, *student, f"method={method}"], cfg.limit))
         stage(f"{method}/{TRAIN}", distill(out / method / RUN))
-        if cfg.eval:
-            stage(f"{method}/{EVAL}", evaluate(out / method / TRAIN / ADAPTER))
+        for name, bench in evals.items():
+            stage(f"{method}/{name}", evaluate(out / method / TRAIN / ADAPTER, bench))
+    # Always redone: it only reads what the stages wrote (seconds).
+    stage(REPORT, lambda report_dir: report_command(
+        [out / m / RUN for m in cfg.methods], [out / s for s in names if s.rpartition("/")[2] in evals], report_dir, console,
+    ))  # fmt: skip
     return record

@@ -22,8 +22,8 @@ def test_pipeline_chains_cold_start_run_and_training_and_resumes(tmp_path, fake_
     first = genssd("pipeline", str(tmp_path / "pipe.yaml"), "--out", str(out))
     assert first.returncode == 0, first.stderr
     record = json.loads((out / "pipeline.json").read_text())
-    assert list(record["stages"]) == ["cold-start/run", "cold-start/train", "genssd/run", "genssd/train"]
-    assert "done: 4 stages" in first.stdout
+    assert list(record["stages"]) == ["cold-start/run", "cold-start/train", "genssd/run", "genssd/train", "report"]
+    assert "done: 5 stages" in first.stdout
 
     # The cold start used the baseline; the Gen-SSD run was scored by the cold-started student.
     cold = yaml.safe_load((out / "cold-start/run/config.yaml").read_text())
@@ -36,6 +36,7 @@ def test_pipeline_chains_cold_start_run_and_training_and_resumes(tmp_path, fake_
     assert trained["student"]["adapter"] == gen["student"]["adapter"]
     assert (out / "genssd/train/adapter/adapter_model.safetensors").is_file()
     assert record["stages"]["genssd/train"]["steps"] == 2  # 3 rows, batch 2, 1 epoch
+    assert "| trajectories kept | 3 |" in (out / "report/report.md").read_text()
 
     # Again: every stage is already done; nothing is asked of the teacher, nothing retrained.
     asked = len(server.requests())
