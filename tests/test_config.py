@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from genssd_cli.config import (
     changed_keys,
@@ -73,17 +74,25 @@ def test_every_bundled_config_is_valid():
     from genssd_cli.paths import bundled_dir
 
     configs = bundled_dir("configs")
-    assert load_train_config(configs / "train.yaml").lora.target_modules == "all-linear"
-    load_prompt(load_eval_config(configs / "eval.yaml").prompt)
-    pipelines = sorted(configs.glob("pipeline*.yaml"))
-    for path in pipelines:
+    kinds: dict[str, list[Path]] = {"pipeline": [], "train": [], "eval": [], "run": []}
+    marks = {"run_config": "pipeline", "lora": "train", "prompt": "eval"}  # a key only that kind has
+    for path in sorted(configs.glob("*.yaml")):
+        keys = set(yaml.safe_load(path.read_text()))
+        kind = next((kind for key, kind in marks.items() if key in keys), "run")
+        kinds[kind].append(path)
+    assert {p.name for p in kinds["pipeline"]} >= {"pipeline-demo.yaml", "compare-demo.yaml", "paper-pipeline.yaml"}
+    assert {p.name for p in kinds["train"]} >= {"train.yaml", "paper-train.yaml"}
+    assert {p.name for p in kinds["eval"]} >= {"eval.yaml", "paper-eval.yaml"}
+    assert {p.name for p in kinds["run"]} >= {"demo.yaml", "vllm.yaml", "hosted.yaml", "paper-run.yaml"}
+    for path in kinds["pipeline"]:
         pipeline = load_pipeline_config(path)
-        for name in (pipeline.run_config, pipeline.train_config):
+        for name in (pipeline.run_config, pipeline.train_config, *([pipeline.eval.config] if pipeline.eval else [])):
             assert (configs / name).is_file(), (path, name)
-    others = {*pipelines, configs / "train.yaml", configs / "eval.yaml"}
-    runs = [p for p in sorted(configs.glob("*.yaml")) if p not in others]
-    assert runs
-    for path in runs:
+    for path in kinds["train"]:
+        load_train_config(path)
+    for path in kinds["eval"]:
+        load_prompt(load_eval_config(path).prompt)
+    for path in kinds["run"]:
         cfg = load_run_config(path)
         load_prompt(cfg.prompts.teacher)
         load_prompt(cfg.prompts.student)
