@@ -22,8 +22,9 @@ from typing import Any
 
 from rich.console import Console
 
-from genssd_cli.config import load_pipeline_config
+from genssd_cli.config import PipelineConfig, load_pipeline_config
 from genssd_cli.errors import RuntimeFailure, UsageError
+from genssd_cli.eval import bench_slug
 from genssd_cli.paths import bundled_dir
 
 RUN, TRAIN, EVAL, REPORT = "run", "train", "eval", "report"
@@ -37,11 +38,25 @@ def _beside(config_path: Path, name: str) -> Path:
     raise UsageError(f"config {config_path}: {name} is neither next to it nor a bundled config")
 
 
+def stage_names(cfg: PipelineConfig) -> tuple[dict[str, str], list[str]]:
+    """The eval stages' names with their benchmarks, and every stage's name in order. One
+    benchmark: METHOD/eval; several: METHOD/eval-BENCH each."""
+    benches = cfg.eval.benches if cfg.eval else []
+    evals = {EVAL: benches[0]} if len(benches) == 1 else {f"{EVAL}-{bench_slug(b)}": b for b in benches}
+    names = (
+        [f"base/{e}" for e in evals]
+        + ([f"cold-start/{RUN}", f"cold-start/{TRAIN}"] if cfg.cold_start else [])
+        + [f"{method}/{kind}" for method in cfg.methods for kind in (RUN, TRAIN, *evals)]
+        + [REPORT]
+    )
+    return evals, names
+
+
 def pipeline_command(
     config_path: Path, out: Path | None, overrides: list[str], console: Console, resume_hint: str
 ) -> dict[str, Any]:
     from genssd_cli.config import load_run_config
-    from genssd_cli.eval import bench_slug, eval_command
+    from genssd_cli.eval import eval_command
     from genssd_cli.report import report_command
     from genssd_cli.runner import run_command
     from genssd_cli.train import ADAPTER, train_command
@@ -55,15 +70,7 @@ def pipeline_command(
     except OSError as exc:
         raise UsageError(f"cannot write to {out}: {exc.strerror}") from None
     record: dict[str, Any] = {"config": str(config_path), "stages": {}}
-    # One benchmark: METHOD/eval; several: METHOD/eval-BENCH each.
-    benches = cfg.eval.benches if cfg.eval else []
-    evals = {EVAL: benches[0]} if len(benches) == 1 else {f"{EVAL}-{bench_slug(b)}": b for b in benches}
-    names = (
-        [f"base/{e}" for e in evals]
-        + ([f"cold-start/{RUN}", f"cold-start/{TRAIN}"] if cfg.cold_start else [])
-        + [f"{method}/{kind}" for method in cfg.methods for kind in (RUN, TRAIN, *evals)]
-        + [REPORT]
-    )
+    evals, names = stage_names(cfg)
 
     def stage(name: str, work: Callable[[Path], dict[str, Any]]) -> None:
         console.rule(f"stage {names.index(name) + 1}/{len(names)}: {name}", style="bold")
@@ -116,7 +123,7 @@ def pipeline_command(
         for name, bench in evals.items():
             stage(f"{method}/{name}", evaluate(out / method / TRAIN / ADAPTER, bench))
     # Always redone: it only reads what the stages wrote (seconds).
-    stage(REPORT, lambda report_dir: report_command(
-        [out / m / RUN for m in cfg.methods], [out / s for s in names if s.rpartition("/")[2] in evals], report_dir, console,
-    ))  # fmt: skip
+    method_runs = [out / m / RUN for m in cfg.methods]
+    eval_dirs = [out / s for s in names if s.rpartition("/")[2] in evals]
+    stage(REPORT, lambda report_dir: report_command(method_runs, eval_dirs, report_dir, console))
     return record

@@ -52,3 +52,30 @@ def test_pipeline_bad_config_is_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: config") and "methods.0" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_stage_names_with_one_and_with_several_benchmarks(tmp_path):
+    from genssd_cli.config import load_pipeline_config
+    from genssd_cli.paths import bundled_dir
+    from genssd_cli.pipeline import stage_names
+
+    evals, names = stage_names(load_pipeline_config(bundled_dir("configs") / "compare-demo.yaml"))
+    assert evals == {"eval": "gsm8k"}
+    assert names[:3] == ["base/eval", "cold-start/run", "cold-start/train"]
+    assert names[3:6] == ["genssd/run", "genssd/train", "genssd/eval"] and names[-1] == "report"
+    assert len(names) == 3 + 3 * 3 + 1
+    evals, names = stage_names(load_pipeline_config(bundled_dir("configs") / "paper-pipeline.yaml"))
+    assert evals == {"eval-gsm8k-hf": "gsm8k-hf", "eval-math-500": "math-500"}
+    assert names[:2] == ["base/eval-gsm8k-hf", "base/eval-math-500"]
+    assert "posthoc-ppl/eval-math-500" in names
+    evals, _ = stage_names(load_pipeline_config(bundled_dir("configs") / "pipeline-demo.yaml",
+                                                ["eval.bench=[gsm8k, data/my-set.jsonl]"]))  # fmt: skip
+    assert evals == {"eval-gsm8k": "gsm8k", "eval-my-set": "data/my-set.jsonl"}
+
+
+@pytest.mark.parametrize("bench", ["[]", "[gsm8k, gsm8k]"])
+def test_eval_benchmarks_are_some_and_each_once(tmp_path, bench):
+    (tmp_path / "pipe.yaml").write_text(f"eval:\n  bench: {bench}\n")
+    result = genssd("pipeline", str(tmp_path / "pipe.yaml"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "give at least one benchmark, each once" in result.stderr and len(result.stderr.strip().splitlines()) == 1

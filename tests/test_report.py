@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from tests.conftest import genssd
+from conftest import genssd
 
 RECORDED = Path(__file__).parent / "data" / "compare-recorded"
 METHODS = ("genssd", "standard-kd", "posthoc-ppl")
