@@ -80,6 +80,21 @@ def test_demo_run_limit_2(tmp_path):
         os.kill(server["pid"], 0)  # stopped with the run
 
 
+@pytest.mark.parametrize(("method", "candidates"), [("standard-kd", 1), ("posthoc-ppl", 4)])
+def test_baselines_on_the_demo_limit_2(tmp_path, method, candidates):
+    pytest.importorskip("llama_cpp", reason="the demo extra is not installed")
+    run = tmp_path / "run"
+    result = genssd("run", "--limit", "2", "--set", f"method={method}", "--out", str(run))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    # Whole trajectories: one step each, never pruned; n candidates for post-hoc selection.
+    assert summary["trajectories"]["pruned"] == 0 and summary["steps"] == 2
+    assert summary["teacher"]["candidates"] == 2 * candidates
+    rows = [json.loads(line) for line in (run / "trajectories.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["method"] == method and r["steps"] == 1 for r in rows)
+    assert all(r["student_ppl"] > 1.0 and r["completion"][0]["content"].strip() for r in rows)
+
+
 def test_ctrl_c_stops_the_server_and_says_how_to_resume(tmp_path):
     pytest.importorskip("llama_cpp", reason="the demo extra is not installed")
     run = tmp_path / "run"
