@@ -30,6 +30,16 @@ class LaunchConfig(_Strict):
     extra_args: list[str] = Field(default_factory=list)
 
 
+class PriceSettings(_Strict):
+    """What the endpoint charges, in your currency per million tokens."""
+
+    input: float = Field(ge=0, description="per million prompt tokens")
+    output: float = Field(ge=0, description="per million completion tokens")
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input + completion_tokens * self.output) / 1e6
+
+
 class TeacherConfig(_Strict):
     model: str = Field(min_length=1, description="the model name the endpoint serves")
     base_url: str | None = None
@@ -42,6 +52,7 @@ class TeacherConfig(_Strict):
     max_concurrency: int = Field(4, ge=1)
     timeout_s: float = Field(120.0, gt=0)
     retries: int = Field(5, ge=0)
+    price: PriceSettings | None = Field(None, description="null: cost not counted")
 
     @model_validator(mode="before")
     @classmethod
@@ -114,6 +125,13 @@ class RunConfig(_Strict):
     data: DataConfig
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    max_cost: float | None = Field(None, gt=0, description="stop (resumable) once the teacher cost reaches it")
+
+    @model_validator(mode="after")
+    def _cost_needs_prices(self) -> RunConfig:
+        if self.max_cost is not None and self.teacher.price is None:
+            raise ValueError("max_cost needs teacher.price (input and output per million tokens)")
+        return self
 
 
 def default_config_path() -> Path:
@@ -186,6 +204,10 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
 
 # Settings that do not change what the run produces: where the teacher lives, how fast we go.
 _NOT_RESULTS = {
+    "max_cost",
+    "teacher.price",
+    "teacher.price.input",
+    "teacher.price.output",
     "teacher.base_url",
     "teacher.api_key_env",
     "teacher.max_concurrency",

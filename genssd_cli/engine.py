@@ -196,6 +196,7 @@ class Engine:
                 ],
             ))  # fmt: skip
             absorb(part)
+            self._pay(part)
 
         for event in self.replay.responses.get(key, []):
             absorb(TeacherPart(
@@ -225,6 +226,16 @@ class Engine:
             tokens=[s.tokens for s in scores],
         ))  # fmt: skip
         return scores
+
+    def _pay(self, part: TeacherPart) -> None:
+        price, limit = self.cfg.teacher.price, self.cfg.max_cost
+        if price is None:
+            return
+        self.stats.cost += price.cost(part.prompt_tokens, part.completion_tokens)
+        if limit is not None and self.stats.cost >= limit and not self.stop.is_set():
+            # As a first Ctrl-C: nothing new is sent; what is in flight is received and logged.
+            self.stats.budget_reached = self.stats.stopping = True
+            self.stop.set()
 
     def _accept(self, t: Trajectory, chosen: Candidate, ppl: float) -> bool:
         """Append the chosen chunk; True when the trajectory is complete."""

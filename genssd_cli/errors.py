@@ -30,6 +30,10 @@ class TeacherUnavailable(RuntimeFailure):
         self.error_class = error_class
 
 
+class BudgetReached(RuntimeFailure):
+    """The run's teacher cost reached max_cost; what was received is on disk, the run resumes."""
+
+
 class Interrupted(GenssdError):
     """The user asked the run to stop (Ctrl-C / SIGTERM); what was received is on disk."""
 

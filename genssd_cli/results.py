@@ -9,7 +9,7 @@ import statistics
 from collections import Counter
 from typing import Any
 
-from genssd_cli.config import changed_keys
+from genssd_cli.config import PriceSettings, changed_keys
 from genssd_cli.data import Problem
 from genssd_cli.errors import UsageError
 from genssd_cli.store import SCHEMA_VERSION
@@ -114,7 +114,17 @@ def _engine_use(sessions: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def summarize(events: list[dict[str, Any]], problems: list[Problem], samples: int) -> dict[str, Any]:
+def spent(events: list[dict[str, Any]], price: PriceSettings | None) -> float | None:
+    """The teacher cost of every response received in this run directory, at today's prices."""
+    if price is None:
+        return None
+    responses = [e for e in events if e.get("type") == "response"]
+    return price.cost(sum(e["prompt_tokens"] for e in responses), sum(e["completion_tokens"] for e in responses))
+
+
+def summarize(
+    events: list[dict[str, Any]], problems: list[Problem], samples: int, price: PriceSettings | None = None
+) -> dict[str, Any]:
     rows = trajectory_rows(events, problems)
     pruned = sum(1 for e in events if e.get("type") == "prune")
     failed = len(failure_rows(events))
@@ -144,6 +154,8 @@ def summarize(events: list[dict[str, Any]], problems: list[Problem], samples: in
             "prompt_tokens": sum(e["prompt_tokens"] for e in responses),
             "completion_tokens": sum(e["completion_tokens"] for e in responses),
             "candidates": sum(len(e["candidates"]) for e in responses),
+            "cost": round(cost, 6) if (cost := spent(events, price)) is not None else None,
+            "price_per_million": price.model_dump() if price else None,
             "retries": dict(sorted(retries.items())),
             "failures": dict(sorted(failures.items())),
         },

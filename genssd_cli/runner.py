@@ -25,9 +25,9 @@ from genssd_cli import __version__
 from genssd_cli.config import RunConfig, dump_config_yaml, load_run_config, results_settings, settings_hash
 from genssd_cli.data import Problem, load_problems, load_prompt
 from genssd_cli.engine import Engine
-from genssd_cli.errors import Interrupted, UsageError, unwrap_group
+from genssd_cli.errors import BudgetReached, Interrupted, UsageError, unwrap_group
 from genssd_cli.launch import LocalServer, launched
-from genssd_cli.results import Replay, all_ended, check_resume, failure_rows, summarize, trajectory_rows
+from genssd_cli.results import Replay, all_ended, check_resume, failure_rows, spent, summarize, trajectory_rows
 from genssd_cli.scoring_queue import ScoringQueue
 from genssd_cli.store import CONFIG, FAILURES, SUMMARY, TRAJECTORIES, RunStore, read_events
 from genssd_cli.student import StudentScorer
@@ -67,6 +67,9 @@ def run_command(
         with store:
             console.print("every trajectory has already ended; nothing to do")
             return _materialise(store, problems, cfg)
+    already = spent(events, cfg.teacher.price)
+    if cfg.max_cost is not None and already >= cfg.max_cost:
+        raise BudgetReached(_over_budget(already, cfg.max_cost))
     with _sigterm_as_keyboard_interrupt(), store, ExitStack() as stack:
         events = read_events(run_dir)  # again, now that we hold the lock
         check_resume(events, settings, force)
@@ -81,7 +84,7 @@ def run_command(
             server.wait_ready()
         base_url = server.base_url if server else cfg.teacher.base_url
         teacher = TeacherClient(cfg.teacher, base_url)
-        stats = RunStats(problems_total=len(problems), retries=teacher.retries)
+        stats = RunStats(problems_total=len(problems), retries=teacher.retries, cost=already, max_cost=cfg.max_cost)
 
         def begin(stop: anyio.Event) -> Engine:
             """Called once the teacher answered: only now does the run directory change."""
@@ -130,8 +133,15 @@ def run_command(
                 })  # fmt: skip
                 summary = _materialise(store, problems, cfg)
     if end == "stopped":
+        if stats.budget_reached:
+            raise BudgetReached(_over_budget(stats.cost, cfg.max_cost))
         raise Interrupted("stopped")
     return summary
+
+
+def _over_budget(cost: float, limit: float) -> str:
+    return (f"the teacher cost reached max_cost ({cost:.4f} of {limit:g}); the run stopped cleanly: "
+            "raise max_cost (--set max_cost=N) and run the same command to resume")  # fmt: skip
 
 
 async def _session(
@@ -196,6 +206,6 @@ def _materialise(store: RunStore, problems: list[Problem], cfg: RunConfig) -> di
     events = read_events(store.dir)
     store.write_jsonl(TRAJECTORIES, trajectory_rows(events, problems))
     store.write_jsonl(FAILURES, failure_rows(events))
-    summary = summarize(events, problems, cfg.search.samples)
+    summary = summarize(events, problems, cfg.search.samples, cfg.teacher.price)
     store.write_json(SUMMARY, summary)
     return summary

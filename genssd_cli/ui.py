@@ -30,6 +30,9 @@ class RunStats:
     ppl_count: int = 0
     retries: Counter[str] = field(default_factory=Counter)  # the teacher client's, by class
     failures: Counter[str] = field(default_factory=Counter)  # failed trajectories, by class
+    cost: float | None = None  # the teacher's, this run directory's sessions together; None: no prices
+    max_cost: float | None = None
+    budget_reached: bool = False
     stopping: bool = False
     started: float = field(default_factory=time.monotonic)
 
@@ -47,8 +50,12 @@ class RunStats:
             f"correct {self.correct} | steps {self.steps} | cand/s {rate:.2f} | "
             f"teacher tokens {self.teacher_tokens} | mean chosen PPL {mean_ppl} | "
             f"retries {_by_class(self.retries)} | failures {_by_class(self.failures)} | ETA {self.eta()}"
+            + (f" | cost {self.spending()}" if self.cost is not None else "")
             + (" | stopping" if self.stopping else "")
         )
+
+    def spending(self) -> str:
+        return f"{self.cost:.4f}" + (f" of max {self.max_cost:g}" if self.max_cost is not None else "")
 
     def eta(self) -> str:
         elapsed = time.monotonic() - self.started
@@ -68,13 +75,15 @@ class RunStats:
             ("steps", str(self.steps)),
             ("candidates/s", f"{self.candidates / elapsed:.2f}" if elapsed > 0 else "-"),
             ("teacher tokens", str(self.teacher_tokens)),
+            *([("teacher cost", self.spending())] if self.cost is not None else []),
             ("mean chosen PPL", f"{self.ppl_sum / self.ppl_count:.3f}" if self.ppl_count else "-"),
             ("teacher retries", _by_class(self.retries)),
             ("failures", _by_class(self.failures)),
             ("elapsed / ETA", f"{int(elapsed)}s / {self.eta()}"),
         ]  # fmt: skip
         if self.stopping:
-            rows.append(("stopping", "finishing requests in flight (Ctrl-C again: stop at once)"))
+            why = "max_cost reached: " if self.budget_reached else ""
+            rows.append(("stopping", why + "finishing requests in flight (Ctrl-C again: stop at once)"))
         for key, value in rows:
             table.add_row(key, value)
         return table
