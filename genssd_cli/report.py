@@ -286,6 +286,7 @@ def write_plots(columns: list[Column], out: Path) -> list[Path]:
             ax.boxplot([v for _, v in present], showmeans=True)
             ax.set_xticks(range(1, len(present) + 1), [label for label, _ in present])
         ax.set_ylabel(ylabel)
+        ax.set_title("box: quartiles, line: median, triangle: mean", fontsize=9)
         save(fig, name)
 
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(runs), 4))
