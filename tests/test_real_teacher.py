@@ -95,6 +95,20 @@ def test_baselines_on_the_demo_limit_2(tmp_path, method, candidates):
     assert all(r["student_ppl"] > 1.0 and r["completion"][0]["content"].strip() for r in rows)
 
 
+def test_doctor_on_the_demo_teacher():
+    pytest.importorskip("llama_cpp", reason="the demo extra is not installed")
+    from test_doctor import rows
+
+    result = genssd("doctor")  # launches llama.cpp's server for the probes, then stops it
+    assert result.returncode == 0, result.stderr
+    found = rows(result.stdout)
+    assert all(found[check].startswith("ok") for check in (
+        "reachable", "model listed", "completion", "seed honoured", "continues the prefix", "stop strings honoured",
+        "context length"))  # fmt: skip
+    assert found["n > 1 honoured"].startswith("no asked 3 choices, got 1")  # llama.cpp answers one choice
+    assert "2048 tokens" in found["context length"]  # the demo's launch.n_ctx
+
+
 def test_ctrl_c_stops_the_server_and_says_how_to_resume(tmp_path):
     pytest.importorskip("llama_cpp", reason="the demo extra is not installed")
     run = tmp_path / "run"
