@@ -341,6 +341,7 @@ class EvalConfig(_Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    backend: Literal["auto", "hf", "vllm"] = Field("auto", description="auto: vLLM when installed and on a GPU")
     question_field: str = "question"  # for --bench FILE.jsonl
     answer_field: str = "answer"
     id_field: str = "id"

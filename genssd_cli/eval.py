@@ -140,22 +140,31 @@ def eval_command(
     # What changes the results (not where they run, nor the batch size).
     settings = {"model": model_ref, "adapter": str(Path(adapter).resolve()) if adapter else None, "bench": bench,
                 "samples": samples, "prompt_sha256": _sha(template),
-                **cfg.model_dump(exclude={"device", "batch_size"})}  # fmt: skip
+                **cfg.model_dump(exclude={"device", "batch_size", "backend"})}  # fmt: skip
     _check_settings(out, settings)
     done = _read_samples(out)
     todo = [p for p in problems if any((p.id, k) not in done for k in range(samples))]
 
     if todo:
-        from genssd_cli.models import chat_prompt, load_causal_lm, pick_device
+        from genssd_cli.models import SHIPPED, chat_prompt, load_causal_lm, pick_device, student_model_dir
+        from genssd_cli.vllm_generate import VllmGenerator, use_vllm
 
-        device = pick_device(cfg.device)
         console.print(f"loading {model_ref}" + (f" + adapter {adapter}" if adapter else "") + " …")
-        model, tokenizer = load_causal_lm(model_ref, None, adapter, device, cfg.dtype)
+        if use_vllm(cfg):
+            source = str(student_model_dir(model_ref)) if model_ref in SHIPPED else model_ref
+            generate = VllmGenerator(source, adapter, cfg)
+            tokenizer = generate.tokenizer
+        else:
+            model, tokenizer = load_causal_lm(model_ref, None, adapter, pick_device(cfg.device), cfg.dtype)
+
+            def generate(prompts: list[str], cfg: EvalConfig, samples: int, seed: int) -> list[list[Generated]]:
+                return generate_batch(model, tokenizer, prompts, cfg, samples, seed)
+
         _write_settings(out, settings)
         prompts = {p.id: chat_prompt(tokenizer, render_prompt(template, p.question)) for p in todo}
         # Similar lengths together: less padding per batch.
         todo.sort(key=lambda p: len(tokenizer(prompts[p.id], add_special_tokens=False)["input_ids"]))
-        _generate_all(model, tokenizer, todo, prompts, cfg, samples, out, done, console, answers_match, extract_answer)
+        _generate_all(generate, todo, prompts, cfg, samples, out, done, console, answers_match, extract_answer)
     metrics = compute_metrics(problems, done, samples)
     metrics.update({"model": model_ref, "adapter": settings["adapter"], "bench": bench})
     (out / METRICS).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
@@ -163,7 +172,7 @@ def eval_command(
     return metrics
 
 
-def _generate_all(model, tokenizer, todo, prompts, cfg, samples, out, done, console, answers_match, extract_answer):
+def _generate_all(generate, todo, prompts, cfg, samples, out, done, console, answers_match, extract_answer):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = [TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
@@ -176,7 +185,7 @@ def _generate_all(model, tokenizer, todo, prompts, cfg, samples, out, done, cons
             batch = todo[start : start + cfg.batch_size]
             # The seed depends on the batch's first problem, not on what was done before a resume.
             seed = cfg.seed + int(_sha(batch[0].id)[:8], 16)
-            generated = generate_batch(model, tokenizer, [prompts[p.id] for p in batch], cfg, samples, seed)
+            generated = generate([prompts[p.id] for p in batch], cfg, samples, seed)
             for problem, gens in zip(batch, generated, strict=True):
                 for k, gen in enumerate(gens):
                     if (problem.id, k) in done:
