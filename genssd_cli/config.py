@@ -7,6 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -40,18 +41,54 @@ class PriceSettings(_Strict):
         return (prompt_tokens * self.input + completion_tokens * self.output) / 1e6
 
 
+class EndpointConfig(_Strict):
+    """One server of a teacher pool; unset limits and prices are the teacher section's."""
+
+    base_url: str = Field(min_length=1)
+    name: str | None = Field(None, description="how summary.json and doctor call it; null: host:port")
+    weight: float = Field(1.0, gt=0, description="share of the load relative to the others")
+    api_key_env: str | None = None
+    max_concurrency: int | None = Field(None, ge=1)
+    requests_per_minute: float | None = Field(None, gt=0)
+    tokens_per_minute: float | None = Field(None, gt=0)
+    price: PriceSettings | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or endpoint_label(self.base_url)
+
+
+def endpoint_label(base_url: str) -> str:
+    parsed = urlparse(base_url)
+    return parsed.netloc or base_url
+
+
 class TeacherConfig(_Strict):
     model: str = Field(min_length=1, description="the model name the endpoint serves")
     base_url: str | None = None
+    endpoints: list[EndpointConfig] = Field(default_factory=list, description="several servers of one model")
     api_key_env: str | None = Field(None, description="name of the env var holding the API key")
     launch: LaunchConfig | None = None
+    # completions: raw /v1/completions of the prompt template + the trace (the template carries
+    # the teacher's chat format). chat-continue: /v1/chat/completions, the problem as the user
+    # message and the trace as a partial assistant message the server continues.
+    mode: Literal["completions", "chat-continue"] = "completions"
+    prefill: Literal["continue_final_message", "prefix"] = Field(
+        "continue_final_message",
+        description="chat-continue: vLLM/SGLang's continue_final_message, or the assistant message's prefix: true",
+    )
+    system: str | None = Field(None, description="chat-continue: a system message")
+    assistant_prefix: str = Field("", description="chat-continue: what the assistant turn opens with, e.g. <think>")
     temperature: float = Field(0.8, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: list[str] = Field(default_factory=list)
     seed: int = 0
-    max_concurrency: int = Field(4, ge=1)
+    max_concurrency: int = Field(4, ge=1, description="requests in flight per endpoint")
+    requests_per_minute: float | None = Field(None, gt=0, description="per endpoint; null: no limit")
+    tokens_per_minute: float | None = Field(None, gt=0, description="per endpoint (prompt + max new); null: none")
     timeout_s: float = Field(120.0, gt=0)
     retries: int = Field(5, ge=0)
+    preflight: bool = Field(True, description="genssd run first checks that chat-continue really continues")
     price: PriceSettings | None = Field(None, description="null: cost not counted")
 
     @model_validator(mode="before")
@@ -66,9 +103,21 @@ class TeacherConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_endpoint(self) -> TeacherConfig:
-        if (self.base_url is None) == (self.launch is None):
-            raise ValueError("set exactly one of teacher.base_url and teacher.launch")
+        if sum((self.base_url is not None, self.launch is not None, bool(self.endpoints))) != 1:
+            raise ValueError("set exactly one of teacher.base_url, teacher.endpoints and teacher.launch")
+        labels = [e.label for e in self.endpoints]
+        if len(set(labels)) < len(labels):
+            raise ValueError("teacher.endpoints: give each endpoint its own name (or base_url)")
         return self
+
+    def price_of(self, endpoint: str | None) -> PriceSettings | None:
+        """An endpoint's own price, else the teacher's."""
+        own = next((e.price for e in self.endpoints if e.label == endpoint), None)
+        return own or self.price
+
+    @property
+    def priced(self) -> bool:
+        return all(e.price or self.price for e in self.endpoints) if self.endpoints else self.price is not None
 
 
 class StudentConfig(_Strict):
@@ -129,8 +178,8 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _cost_needs_prices(self) -> RunConfig:
-        if self.max_cost is not None and self.teacher.price is None:
-            raise ValueError("max_cost needs teacher.price (input and output per million tokens)")
+        if self.max_cost is not None and not self.teacher.priced:
+            raise ValueError("max_cost needs teacher.price (input and output per million tokens) for every endpoint")
         return self
 
 
@@ -209,6 +258,10 @@ _NOT_RESULTS = {
     "teacher.price.input",
     "teacher.price.output",
     "teacher.base_url",
+    "teacher.endpoints",
+    "teacher.requests_per_minute",
+    "teacher.tokens_per_minute",
+    "teacher.preflight",
     "teacher.api_key_env",
     "teacher.max_concurrency",
     "teacher.timeout_s",
@@ -223,10 +276,22 @@ _NOT_RESULTS = {
 }
 
 
+# Result settings added later: left out while at their default, so older run directories resume.
+_LATER_DEFAULTS = {
+    "teacher.mode": "completions",
+    "teacher.prefill": "continue_final_message",
+    "teacher.system": None,
+    "teacher.assistant_prefix": "",
+}
+
+
 def results_settings(config: RunConfig, prompt_texts: dict[str, str]) -> dict[str, Any]:
     """Flat `{dotted.key: value}` of everything that changes results, prompt texts by sha256."""
     flat = _flatten(config.model_dump(mode="json"))
     flat = {k: v for k, v in flat.items() if k not in _NOT_RESULTS and not k.startswith("engine.")}
+    flat = {k: v for k, v in flat.items() if k not in _LATER_DEFAULTS or _LATER_DEFAULTS[k] != v}
+    if config.teacher.mode == "completions":
+        flat.pop("teacher.prefill", None)  # not used
     for role, text in prompt_texts.items():
         flat[f"prompts.{role}.sha256"] = hashlib.sha256(text.encode()).hexdigest()[:16]
     return flat

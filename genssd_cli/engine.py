@@ -30,7 +30,7 @@ from genssd_cli.results import Replay
 from genssd_cli.scoring_queue import ScoringQueue
 from genssd_cli.store import RunStore
 from genssd_cli.student import Score, ScoreRequest, lowest_ppl
-from genssd_cli.teacher import Candidate, TeacherClient, TeacherPart, request_seed
+from genssd_cli.teacher import Candidate, Prompt, TeacherClient, TeacherPart, request_seed
 from genssd_cli.ui import RunStats
 
 
@@ -114,7 +114,8 @@ class Engine:
                     return await self._finish(t, "truncated")
                 max_tokens = min(search.chunk_tokens, search.max_new_tokens - t.kept_tokens)
                 for attempt in range(search.retries + 1):
-                    candidates = await self._candidates(t, attempt, teacher_prompt + t.text, max_tokens, search.n)
+                    prompt = Prompt(teacher_prompt, t.text)
+                    candidates = await self._candidates(t, attempt, prompt, max_tokens, search.n)
                     scores = await self._choose(t, attempt, student_prompt + t.text, candidates)
                     best = lowest_ppl(scores)
                     if not self._too_hard(scores[best].ppl):
@@ -139,7 +140,7 @@ class Engine:
     async def _whole(self, t: Trajectory, teacher_prompt: str, student_prompt: str) -> None:
         """A baseline: one request for whole trajectories (step 0), the method keeps one."""
         n = self.method.candidates(self.search.n)
-        candidates = await self._candidates(t, 0, teacher_prompt, self.search.max_new_tokens, n)
+        candidates = await self._candidates(t, 0, Prompt(teacher_prompt), self.search.max_new_tokens, n)
         best = await self._choose_whole(t, student_prompt, candidates)
         complete = self._accept(t, candidates[best], math.inf)  # its PPL counts at the finish, scored whole
         return await self._finish(t, "stop" if complete else "truncated")
@@ -173,7 +174,9 @@ class Engine:
         # inf means no candidate had tokens of its own (the teacher just stopped): not "hard".
         return self.search.prune_ppl is not None and math.isfinite(ppl) and ppl > self.search.prune_ppl
 
-    async def _candidates(self, t: Trajectory, attempt: int, prompt: str, max_tokens: int, n: int) -> list[Candidate]:
+    async def _candidates(
+        self, t: Trajectory, attempt: int, prompt: Prompt, max_tokens: int, n: int
+    ) -> list[Candidate]:
         """The step's n candidates: those already received (from the log), then the rest from
         the teacher, each response logged the moment it arrives."""
         key = (*t.key, t.steps, attempt)
@@ -190,6 +193,7 @@ class Engine:
             self.store.append(t.event(
                 "response", step=t.steps, attempt=attempt, start=part.start, seed=part.seed, n=part.n,
                 prompt_tokens=part.prompt_tokens, completion_tokens=part.completion_tokens,
+                endpoint=part.endpoint,
                 candidates=[
                     {"text": c.text, "finish_reason": c.finish_reason, "tokens": c.completion_tokens}
                     for c in part.candidates
@@ -228,7 +232,7 @@ class Engine:
         return scores
 
     def _pay(self, part: TeacherPart) -> None:
-        price, limit = self.cfg.teacher.price, self.cfg.max_cost
+        price, limit = self.cfg.teacher.price_of(part.endpoint), self.cfg.max_cost
         if price is None:
             return
         self.stats.cost += price.cost(part.prompt_tokens, part.completion_tokens)

@@ -22,6 +22,10 @@ class TeacherFatalError(RuntimeFailure):
     """The teacher endpoint refused in a way retrying cannot fix (auth, unknown model, bad request)."""
 
 
+class RequestRefused(TeacherFatalError):
+    """A 400 that is not about the context length: the request itself is not accepted."""
+
+
 class TeacherUnavailable(RuntimeFailure):
     """Retries ran out: the trajectory fails, the run goes on."""
 

@@ -1,12 +1,19 @@
 """A deterministic OpenAI-compatible teacher for tests and `genssd bench engine`, run as its own
 process on 127.0.0.1 (standard library only).
 
-Completions depend only on (prompt, seed): the same request always gets the same text. Every
+Completions depend only on (text continued, seed): the same request always gets the same text.
+A text ending in a count ("…, 7, 8,") is counted on, like any model that continues text. Every
 request is appended to a JSONL log (prompt, seed, n, fault) so tests can count repeats. Faults
 are injected at a configurable rate: HTTP errors, a malformed or empty body, a reset connection, fewer
 choices than asked, and a hang past the client's timeout. Whether the k-th identical request
 (same prompt and seed) fails is decided by hashing it with --fault-seed, so a run's faults do
 not depend on the order in which concurrent requests arrive.
+
+/v1/chat/completions behaves like vLLM's: a final assistant message is continued when the
+request says `continue_final_message` (or, with `--prefill prefix`, when the message has `prefix:
+true`, as some hosted APIs do); otherwise a new answer to the user message starts. `--reasoning`
+hands text before "The answer is" back as `reasoning_content` (its `</think>` dropped, as vLLM's
+reasoning parsers do); `--reject-n` answers 400 to n > 1 on both APIs, as many hosted APIs do.
 
     python -m genssd_cli.fake_teacher --port P --log requests.jsonl [--ignore-n] [--fault-rate 0.2]
 """
@@ -18,6 +25,7 @@ import collections
 import hashlib
 import json
 import random
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +36,10 @@ FAULTS = ["500", "502", "503", "504", "429", "malformed", "empty", "reset", "few
 def continuation(prompt: str, seed: int, max_tokens: int, stop: list[str], answers: int = 61) -> tuple[str, str, int]:
     """Words 'wN' as tokens; with some chance the chunk ends the solution with an answer drawn
     from range(answers) (a small range makes some answers right)."""
+    count = re.search(r"(\d+),\s*$", prompt)
+    if count and re.search(r"\d+,\s*\d+,\s*$", prompt):
+        last = int(count.group(1))
+        return "".join(f" {last + i}," for i in range(1, max_tokens + 1)), "length", max_tokens
     rng = random.Random(hashlib.sha256(f"{seed}\x00{prompt}".encode()).digest())
     words = [f" w{rng.randint(0, 99)}" for _ in range(max_tokens)]
     if rng.random() < 0.35 and max_tokens >= 4:
@@ -84,6 +96,12 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(self.server.status, {"error": {"message": f"forced {self.server.status}"}})
         if req.get("model") != self.server.model:
             return self._send(404, {"error": {"message": f"model {req.get('model')} not found"}})
+        chat = self.path.rstrip("/").endswith("/chat/completions")
+        if chat:
+            req["prompt"], continued = self.server.chat_text(req)
+        if self.server.reject_n and int(req.get("n") or 1) > 1:
+            self.server.record(req, "400")
+            return self._send(400, {"error": {"message": "n must be 1", "type": "invalid_request_error"}})
         if self.server.max_prompt_words and len(req["prompt"].split()) > self.server.max_prompt_words:
             message = f"This model's maximum context length is {self.server.max_prompt_words} tokens"
             return self._send(400, {"error": {"message": message, "type": "invalid_request_error"}})
@@ -113,10 +131,21 @@ class Handler(BaseHTTPRequestHandler):
         choices, total = [], 0
         for i in range(n):
             text, finish, tokens = continuation(req["prompt"], seed + i, max_tokens, stop, self.server.answers)
-            choices.append({"index": i, "text": text, "finish_reason": finish, "logprobs": None})
+            if chat:
+                message = self.server.chat_message(text, continued)
+                choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": None})
+            else:
+                choices.append({"index": i, "text": text, "finish_reason": finish, "logprobs": None})
             total += tokens
         if self.server.latency_per_token:
             time.sleep(self.server.latency_per_token * total)
+        if chat:
+            return self._send(200, {
+                "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": self.server.model,
+                "choices": choices,
+                "usage": {"prompt_tokens": len(req["prompt"].split()), "completion_tokens": total,
+                          "total_tokens": total + len(req["prompt"].split())},
+            })  # fmt: skip
         self._send(200, {
             "id": "cmpl-fake", "object": "text_completion", "created": 0, "model": self.server.model,
             "choices": choices,
@@ -140,9 +169,34 @@ class FakeServer(ThreadingHTTPServer):
         self.fault_rate = args.fault_rate
         self.answers = args.answer_range
         self.fault_seed = args.fault_seed
+        self.prefill = args.prefill
+        self.reasoning = args.reasoning
+        self.reject_n = args.reject_n
         self._seen: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
         self._log = open(args.log, "a", encoding="utf-8") if args.log else None  # noqa: SIM115
+
+    def chat_text(self, req: dict) -> tuple[str, bool]:
+        """The text the model goes on from, and whether the final assistant message is continued
+        (else a new assistant turn starts after the conversation, as a chat template renders it)."""
+        messages = req.get("messages") or []
+        last = messages[-1] if messages else {}
+        continued = last.get("role") == "assistant" and (
+            (self.prefill == "continue_final_message" and req.get("continue_final_message") is True
+             and req.get("add_generation_prompt") is False)
+            or (self.prefill == "prefix" and last.get("prefix") is True)
+        )  # fmt: skip
+        turns = messages[:-1] if continued else messages
+        text = "".join(f"<{m.get('role')}>{m.get('content')}\n" for m in turns)
+        return text + "<assistant>" + (last.get("content") or "" if continued else ""), continued
+
+    def chat_message(self, text: str, continued: bool) -> dict:
+        if self.reasoning and " The answer is" in text:
+            thinking, _, rest = text.partition(" The answer is")
+            return {"role": "assistant", "reasoning_content": thinking, "content": " The answer is" + rest}
+        if self.reasoning:
+            return {"role": "assistant", "reasoning_content": text, "content": None}
+        return {"role": "assistant", "content": text}
 
     def next_fault(self, req: dict) -> str | None:
         key = json.dumps([req["prompt"], req.get("seed")])  # not n: learning n must not change faults
@@ -183,6 +237,10 @@ def main() -> None:
     parser.add_argument("--max-prompt-words", type=int, default=0, help="400 'context length' beyond")
     parser.add_argument("--api-key", help="require this bearer token (401 otherwise)")
     parser.add_argument("--answer-range", type=int, default=61, help="answers are drawn from 0..N-1")
+    parser.add_argument("--prefill", choices=["continue_final_message", "prefix", "none"],
+                        default="continue_final_message", help="how a partial assistant message is continued")
+    parser.add_argument("--reasoning", action="store_true", help="thinking as reasoning_content, apart")
+    parser.add_argument("--reject-n", action="store_true", help="answer 400 to n > 1")
     args = parser.parse_args()
     FakeServer(args.port, args).serve_forever()
 

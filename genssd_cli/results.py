@@ -9,7 +9,7 @@ import statistics
 from collections import Counter
 from typing import Any
 
-from genssd_cli.config import PriceSettings, changed_keys
+from genssd_cli.config import TeacherConfig, changed_keys
 from genssd_cli.data import Problem
 from genssd_cli.errors import UsageError
 from genssd_cli.store import SCHEMA_VERSION
@@ -114,16 +114,48 @@ def _engine_use(sessions: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def spent(events: list[dict[str, Any]], price: PriceSettings | None) -> float | None:
+def spent(events: list[dict[str, Any]], teacher: TeacherConfig) -> float | None:
     """The teacher cost of every response received in this run directory, at today's prices."""
-    if price is None:
+    if not teacher.priced:
         return None
-    responses = [e for e in events if e.get("type") == "response"]
-    return price.cost(sum(e["prompt_tokens"] for e in responses), sum(e["completion_tokens"] for e in responses))
+    return sum(_cost(e, teacher) for e in events if e.get("type") == "response")
+
+
+def _cost(response: dict[str, Any], teacher: TeacherConfig) -> float:
+    price = teacher.price_of(response.get("endpoint"))
+    return price.cost(response["prompt_tokens"], response["completion_tokens"]) if price else 0.0
+
+
+def per_endpoint(events: list[dict[str, Any]], teacher: TeacherConfig) -> dict[str, dict[str, Any]]:
+    """Requests, tokens, cost, failures and benchings of each endpoint that answered or failed."""
+    out: dict[str, dict[str, Any]] = {}
+
+    def entry(name: str) -> dict[str, Any]:
+        return out.setdefault(name, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                                     "cost": 0.0 if teacher.priced else None, "failures": Counter(), "benched": 0})
+
+    for e in events:
+        if e.get("type") == "response":
+            row = entry(e.get("endpoint") or "teacher")
+            row["requests"] += 1
+            row["prompt_tokens"] += e["prompt_tokens"]
+            row["completion_tokens"] += e["completion_tokens"]
+            if row["cost"] is not None:
+                row["cost"] += _cost(e, teacher)
+        elif e.get("type") == "session_end":
+            for name, seen in (e.get("endpoints") or {}).items():
+                row = entry(name)
+                row["failures"].update(seen.get("failures", {}))
+                row["benched"] += seen.get("benched", 0)
+    for row in out.values():
+        row["failures"] = dict(sorted(row["failures"].items()))
+        if row["cost"] is not None:
+            row["cost"] = round(row["cost"], 6)
+    return out
 
 
 def summarize(
-    events: list[dict[str, Any]], problems: list[Problem], samples: int, price: PriceSettings | None = None
+    events: list[dict[str, Any]], problems: list[Problem], samples: int, teacher: TeacherConfig
 ) -> dict[str, Any]:
     rows = trajectory_rows(events, problems)
     pruned = sum(1 for e in events if e.get("type") == "prune")
@@ -154,8 +186,9 @@ def summarize(
             "prompt_tokens": sum(e["prompt_tokens"] for e in responses),
             "completion_tokens": sum(e["completion_tokens"] for e in responses),
             "candidates": sum(len(e["candidates"]) for e in responses),
-            "cost": round(cost, 6) if (cost := spent(events, price)) is not None else None,
-            "price_per_million": price.model_dump() if price else None,
+            "cost": round(cost, 6) if (cost := spent(events, teacher)) is not None else None,
+            "price_per_million": teacher.price.model_dump() if teacher.price else None,
+            "endpoints": per_endpoint(events, teacher),
             "retries": dict(sorted(retries.items())),
             "failures": dict(sorted(failures.items())),
         },

@@ -24,6 +24,7 @@ from rich.console import Console
 from genssd_cli import __version__
 from genssd_cli.config import RunConfig, dump_config_yaml, load_run_config, results_settings, settings_hash
 from genssd_cli.data import Problem, load_problems, load_prompt
+from genssd_cli.doctor import preflight
 from genssd_cli.engine import Engine
 from genssd_cli.errors import BudgetReached, Interrupted, UsageError, unwrap_group
 from genssd_cli.launch import LocalServer, launched
@@ -31,7 +32,7 @@ from genssd_cli.results import Replay, all_ended, check_resume, failure_rows, sp
 from genssd_cli.scoring_queue import ScoringQueue
 from genssd_cli.store import CONFIG, FAILURES, SUMMARY, TRAJECTORIES, RunStore, read_events
 from genssd_cli.student import StudentScorer
-from genssd_cli.teacher import TeacherClient, api_key
+from genssd_cli.teacher import TeacherClient, check_api_keys
 from genssd_cli.ui import RunStats, progress_display
 
 
@@ -52,7 +53,7 @@ def run_command(
     problems = load_problems(cfg.data, limit)
     teacher_template = load_prompt(cfg.prompts.teacher)
     student_template = load_prompt(cfg.prompts.student)
-    api_key(cfg.teacher)  # the named environment variable is set
+    check_api_keys(cfg.teacher)  # every named environment variable is set
     settings = results_settings(cfg, {"teacher": teacher_template, "student": student_template})
     config_hash = settings_hash(settings)
     run_dir = out or default_run_dir(config_path)
@@ -67,7 +68,7 @@ def run_command(
         with store:
             console.print("every trajectory has already ended; nothing to do")
             return _materialise(store, problems, cfg)
-    already = spent(events, cfg.teacher.price)
+    already = spent(events, cfg.teacher)
     if cfg.max_cost is not None and already >= cfg.max_cost:
         raise BudgetReached(_over_budget(already, cfg.max_cost))
     with _sigterm_as_keyboard_interrupt(), store, ExitStack() as stack:
@@ -126,7 +127,8 @@ def run_command(
                     "type": "session_end", "wall_s": round(time.monotonic() - started, 3),
                     "end": end, "retries": dict(teacher.retries),
                     # How well the engine kept the teacher busy, and what its own loop cost.
-                    "teacher_busy_s": round(teacher.busy_s, 3), "max_concurrency": cfg.teacher.max_concurrency,
+                    "teacher_busy_s": round(teacher.busy_s, 3), "max_concurrency": teacher.max_concurrency,
+                    "endpoints": teacher.endpoint_stats(),
                     "engine_wall_s": round(loop.get("wall_s", 0.0), 3), "loop_cpu_s": round(loop["cpu_s"], 3),
                     "candidates": stats.candidates,
                     "student_cache_peak_mb": scorer.peak_cache_mb,
@@ -162,7 +164,10 @@ async def _session(
     try:
         async with anyio.create_task_group() as helpers:
             helpers.start_soon(_watch_signals, stop, stats, console, abort)
-            await teacher.check()
+            for warning in await teacher.check():
+                console.print(f"warning: {warning}")
+            if cfg.teacher.preflight and cfg.teacher.mode == "chat-continue":
+                await preflight(teacher)
             engine = begin(stop)
             helpers.start_soon(store.sync_every_interval)
             cpu, wall = time.thread_time(), time.monotonic()
@@ -206,6 +211,6 @@ def _materialise(store: RunStore, problems: list[Problem], cfg: RunConfig) -> di
     events = read_events(store.dir)
     store.write_jsonl(TRAJECTORIES, trajectory_rows(events, problems))
     store.write_jsonl(FAILURES, failure_rows(events))
-    summary = summarize(events, problems, cfg.search.samples, cfg.teacher.price)
+    summary = summarize(events, problems, cfg.search.samples, cfg.teacher)
     store.write_json(SUMMARY, summary)
     return summary

@@ -1,10 +1,11 @@
-"""The teacher side: an OpenAI-compatible `/v1/completions` endpoint asked for `n` candidate
-continuations of a prompt, with retries, a concurrency limit and usage accounting."""
+"""The teacher side: a pool of OpenAI-compatible endpoints (one, or several servers of one
+model) asked for `n` candidate continuations of a trace, with retries, failover and usage
+accounting. How one request is made (completions or chat-continue, limits, health) is
+endpoint.py's."""
 
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -15,21 +16,17 @@ import openai
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from genssd_cli.config import TeacherConfig
+from genssd_cli.endpoint import BENCH_AFTER, Answer, Candidate, Endpoint, Prompt, ShortResponse, api_key
 from genssd_cli.errors import (
     ContextTooLong,
+    RequestRefused,
     RuntimeFailure,
     StopRequested,
     TeacherFatalError,
     TeacherUnavailable,
-    UsageError,
 )
 
-
-@dataclass(frozen=True)
-class Candidate:
-    text: str
-    finish_reason: str  # "stop" or "length"
-    completion_tokens: int
+__all__ = ["Candidate", "Prompt", "TeacherClient", "TeacherPart", "check_api_keys", "request_seed"]
 
 
 @dataclass(frozen=True)
@@ -42,10 +39,7 @@ class TeacherPart:
     candidates: list[Candidate]
     prompt_tokens: int
     completion_tokens: int
-
-
-class _ShortResponse(Exception):
-    """Malformed or empty body: worth another try."""
+    endpoint: str | None = None  # which server answered
 
 
 def request_seed(base: int, *key: object) -> int:
@@ -61,7 +55,7 @@ def error_class(exc: BaseException) -> str:
         return "connection"
     if isinstance(exc, openai.APIStatusError):
         return f"http_{exc.status_code}"
-    if isinstance(exc, (_ShortResponse, openai.APIResponseValidationError, ValueError)):
+    if isinstance(exc, (ShortResponse, openai.APIResponseValidationError, ValueError)):
         return "malformed"
     return type(exc).__name__
 
@@ -69,7 +63,7 @@ def error_class(exc: BaseException) -> str:
 def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, openai.APIStatusError):
         return exc.status_code in (408, 409, 429) or exc.status_code >= 500
-    return isinstance(exc, (openai.APIConnectionError, openai.APIResponseValidationError, _ShortResponse, ValueError))
+    return isinstance(exc, (openai.APIConnectionError, openai.APIResponseValidationError, ShortResponse, ValueError))
 
 
 class _WaitRetryAfter:
@@ -91,53 +85,79 @@ class _WaitRetryAfter:
 
 
 class TeacherClient:
-    """One endpoint. Servers that ignore `n` (llama.cpp's) are detected on the first short
-    answer and from then on asked once per candidate with seeds seed+i, which gives the same
-    candidates as the top-up path, so the mode switch never changes results.
+    """The pool. Each attempt goes to the least-loaded healthy endpoint (load: requests queued or
+    in flight there, over its weight); a retry avoids the endpoints that already failed it; a
+    server that fails BENCH_AFTER times in a row is benched with a growing backoff and its work
+    moves to the others. With every endpoint benched, requests wait for the first to return.
+
+    Servers that ignore `n` (llama.cpp's) or refuse it (400, as some hosted APIs do) are found
+    on the first step and from then on asked once per candidate with seeds seed+i, which gives
+    the same candidates as the top-up path, so the switch never changes results.
 
     Every received response goes to the caller's `on_response` as soon as it arrives, so a
     step interrupted half-way (a sibling failed, the process was killed) keeps what it got and
     a resumed run asks only for the missing candidates. Once `stop` is set no request is sent
     (requests already in flight finish and are reported)."""
 
-    def __init__(self, cfg: TeacherConfig, base_url: str, backoff_s: float = 0.5):
+    def __init__(self, cfg: TeacherConfig, base_url: str | None = None, backoff_s: float = 0.5):
         self.cfg = cfg
-        self.base_url = base_url
-        # Retries are ours (tenacity), so the SDK's own are off.
-        self._client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key(cfg), max_retries=0, timeout=cfg.timeout_s)
-        self._limit = anyio.CapacityLimiter(cfg.max_concurrency)
+        if cfg.endpoints:
+            self.endpoints = [Endpoint(cfg, own.base_url, own) for own in cfg.endpoints]
+        else:
+            self.endpoints = [Endpoint(cfg, base_url or cfg.base_url)]
         self._backoff_s = backoff_s
         self.honours_n: bool | None = None
         self.in_flight = 0
-        self.busy_s = 0.0  # integral of requests in flight over time: how full the limit was kept
+        self.busy_s = 0.0  # integral of requests in flight over time: how full the limits were kept
         self._busy_since = time.monotonic()
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
         self.retries: Counter[str] = Counter()
         self.stop: anyio.Event | None = None  # set by the runner inside the event loop
 
-    async def aclose(self) -> None:
-        await self._client.close()
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(e.prompt_tokens for e in self.endpoints)
 
-    async def check(self) -> None:
-        """Reachable and serving the configured model, or one clear line."""
-        try:
-            models = await self._client.models.list()
-        except openai.AuthenticationError:
-            raise TeacherFatalError(f"teacher {self.base_url} rejected the API key (401)") from None
-        except (openai.APIConnectionError, openai.APIStatusError) as exc:
-            reason = error_class(exc)
-            raise RuntimeFailure(f"teacher endpoint {self.base_url} is unreachable ({reason})") from None
-        served = [m.id for m in models.data]
-        if served and self.cfg.model not in served:
-            listed = ", ".join(served[:5])
-            raise TeacherFatalError(
-                f"teacher model {self.cfg.model!r} is not served at {self.base_url} (it serves: {listed})"
-            )
+    @property
+    def completion_tokens(self) -> int:
+        return sum(e.completion_tokens for e in self.endpoints)
+
+    @property
+    def max_concurrency(self) -> int:
+        return sum(int(e.limit.total_tokens) for e in self.endpoints)
+
+    async def aclose(self) -> None:
+        for endpoint in self.endpoints:
+            await endpoint.client.close()
+
+    async def check(self) -> list[str]:
+        """Every endpoint reachable and serving the model. A refusal (key, model) is fatal; an
+        unreachable server of a pool is benched and named in the returned warnings; none
+        reachable is fatal."""
+        warnings = []
+        for endpoint in self.endpoints:
+            try:
+                await _check_endpoint(endpoint, self.cfg.model)
+            except TeacherFatalError:
+                raise
+            except RuntimeFailure as exc:
+                if len(self.endpoints) == 1:
+                    raise
+                endpoint.strikes = BENCH_AFTER - 1
+                endpoint.failed("connection")
+                warnings.append(f"{exc}; its share goes to the other endpoints until it answers")
+        if len(warnings) == len(self.endpoints):
+            raise RuntimeFailure("no teacher endpoint is reachable: " + "; ".join(warnings))
+        return warnings
+
+    def endpoint_stats(self) -> dict[str, dict]:
+        return {
+            e.name: {"requests": e.requests, "failures": dict(sorted(e.failures.items())), "benched": e.benched}
+            for e in self.endpoints
+        }
 
     async def sample(
         self,
-        prompt: str,
+        prompt: Prompt,
         n: int,
         max_tokens: int,
         seed: int,
@@ -151,20 +171,29 @@ class TeacherClient:
         if not missing:
             return
         if len(missing) == n and n > 1 and self.honours_n is not False:
-            first = await self._request(prompt, n, max_tokens, seed, start=0)
-            on_response(first)
-            got = len(first.candidates)
-            if got == n:
-                self.honours_n = True
-                return
-            if got == 1 and self.honours_n is not True:
-                self.honours_n = False  # llama.cpp and friends answer one choice whatever n says
+            try:
+                first = await self._request(prompt, n, max_tokens, seed, start=0)
+            except RequestRefused:
+                if self.honours_n:
+                    raise  # n was accepted before: this refusal is about something else
+                # Perhaps the API refuses n > 1: one choice at a time is tried below (a refusal
+                # of that is raised from there).
+                self.honours_n = False
+                self.retries.update(["n_refused"])
             else:
-                self.retries.update(["fewer_choices"])  # topped up below, never asked again
-            missing = missing[got:]
+                on_response(first)
+                got = len(first.candidates)
+                if got == n:
+                    self.honours_n = True
+                    return
+                if got == 1 and self.honours_n is not True:
+                    self.honours_n = False  # llama.cpp and friends answer one choice whatever n says
+                else:
+                    self.retries.update(["fewer_choices"])  # topped up below, never asked again
+                missing = missing[got:]
         await self._fan_out(prompt, missing, max_tokens, seed, on_response)
 
-    async def _fan_out(self, prompt: str, indices: list[int], max_tokens: int, seed: int, on_response) -> None:
+    async def _fan_out(self, prompt: Prompt, indices: list[int], max_tokens: int, seed: int, on_response) -> None:
         """One request per candidate (seed+i). A failing request does not cancel its siblings:
         what they receive is reported, then the most serious error is raised."""
         errors: list[Exception] = []
@@ -181,7 +210,7 @@ class TeacherClient:
         if errors:
             raise min(errors, key=_severity)
 
-    async def _request(self, prompt: str, n: int, max_tokens: int, seed: int, start: int) -> TeacherPart:
+    async def _request(self, prompt: Prompt, n: int, max_tokens: int, seed: int, start: int) -> TeacherPart:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.cfg.retries + 1),
             wait=_WaitRetryAfter(self._backoff_s, 30.0),
@@ -190,23 +219,30 @@ class TeacherClient:
             sleep=self._sleep,
             reraise=True,
         )
+        failed_on: set[Endpoint] = set()
+        endpoint = self.endpoints[0]
+        # A rough count for tokens-per-minute limits: ~4 characters a token, plus all it may write.
+        tokens = len(prompt.head + prompt.trace) // 4 + n * max_tokens
         try:
             async for attempt in retrying:
                 with attempt:
                     self._check_stop()
-                    async with self._limit:
+                    endpoint = await self._pick(failed_on)
+                    async with endpoint.slot(tokens):
                         self._check_stop()
-                        return await self._request_once(prompt, n, max_tokens, seed, start)
+                        answer = await self._ask(endpoint, failed_on, prompt, n, max_tokens, seed)
+                    return TeacherPart(start, seed, n, answer.candidates, answer.prompt_tokens,
+                                       answer.completion_tokens, endpoint.name)  # fmt: skip
         except openai.BadRequestError as exc:
             if "context" in str(exc).lower():
                 raise ContextTooLong(str(exc)) from None
-            raise TeacherFatalError(f"teacher {self.base_url} refused the request (400): {_brief(exc)}") from None
+            raise RequestRefused(f"teacher {endpoint.name} refused the request (400): {_brief(exc)}") from None
         except openai.AuthenticationError:
-            raise TeacherFatalError(f"teacher {self.base_url} rejected the API key (401)") from None
+            raise TeacherFatalError(f"teacher {endpoint.name} rejected the API key (401)") from None
         except openai.PermissionDeniedError:
-            raise TeacherFatalError(f"teacher {self.base_url} denied access (403)") from None
+            raise TeacherFatalError(f"teacher {endpoint.name} denied access (403)") from None
         except openai.NotFoundError:
-            raise TeacherFatalError(f"teacher model {self.cfg.model!r} not found at {self.base_url} (404)") from None
+            raise TeacherFatalError(f"teacher model {self.cfg.model!r} not found at {endpoint.name} (404)") from None
         except Exception as exc:
             if _retryable(exc):
                 kind = error_class(exc)
@@ -215,6 +251,32 @@ class TeacherClient:
                 ) from None
             raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _ask(self, endpoint: Endpoint, failed_on: set[Endpoint], prompt: Prompt, n: int, max_tokens: int,
+                   seed: int) -> Answer:  # fmt: skip
+        self._in_flight_changes(+1)
+        try:
+            answer = await endpoint.create(prompt, n, max_tokens, seed)
+        except Exception as exc:
+            if _server_fault(exc):
+                endpoint.failed(error_class(exc))
+                failed_on.add(endpoint)
+            raise
+        finally:
+            self._in_flight_changes(-1)
+        endpoint.succeeded()
+        return answer
+
+    async def _pick(self, avoid: set[Endpoint]) -> Endpoint:
+        """The least-loaded healthy endpoint, preferring those this request has not failed on."""
+        while True:
+            now = time.monotonic()
+            healthy = [e for e in self.endpoints if e.healthy(now)]
+            if healthy:
+                fresh = [e for e in healthy if e not in avoid] or healthy
+                return min(fresh, key=Endpoint.load)  # ties: the first in config order
+            await self._sleep(min(e.benched_until for e in self.endpoints) - now)
+            self._check_stop()
 
     def _in_flight_changes(self, delta: int) -> None:
         now = time.monotonic()
@@ -234,43 +296,32 @@ class TeacherClient:
         with anyio.move_on_after(seconds):
             await self.stop.wait()
 
-    async def _request_once(self, prompt: str, n: int, max_tokens: int, seed: int, start: int) -> TeacherPart:
-        self._in_flight_changes(+1)
-        try:
-            response = await self._client.completions.create(
-                model=self.cfg.model,
-                prompt=prompt,
-                max_tokens=max_tokens,
-                n=n,
-                temperature=self.cfg.temperature,
-                top_p=self.cfg.top_p,
-                stop=self.cfg.stop or None,
-                seed=seed,
-            )
-        finally:
-            self._in_flight_changes(-1)
-        choices = sorted(response.choices or [], key=lambda c: c.index)[:n]
-        if not choices or any(c.text is None for c in choices):
-            raise _ShortResponse("response had no choices")
-        usage = response.usage
-        prompt_tokens = usage.prompt_tokens if usage else 0
-        completion_tokens = usage.completion_tokens if usage else 0
-        self.prompt_tokens += prompt_tokens
-        self.completion_tokens += completion_tokens
-        # Usage is per request; split it over choices for the per-candidate count.
-        per_choice = completion_tokens // len(choices) if completion_tokens else 0
-        candidates = [Candidate(c.text, c.finish_reason or "length", per_choice) for c in choices]
-        return TeacherPart(start, seed, n, candidates, prompt_tokens, completion_tokens)
+
+async def _check_endpoint(endpoint: Endpoint, model: str) -> None:
+    try:
+        models = await endpoint.client.models.list()
+    except openai.AuthenticationError:
+        raise TeacherFatalError(f"teacher {endpoint.name} rejected the API key (401)") from None
+    except (openai.APIConnectionError, openai.APIStatusError) as exc:
+        raise RuntimeFailure(f"teacher endpoint {endpoint.base_url} is unreachable ({error_class(exc)})") from None
+    served = [m.id for m in models.data]
+    if served and model not in served:
+        listed = ", ".join(served[:5])
+        raise TeacherFatalError(f"teacher model {model!r} is not served at {endpoint.base_url} (it serves: {listed})")
 
 
-def api_key(cfg: TeacherConfig) -> str:
-    """The key, read only from the environment variable the config names (never from a file)."""
-    if not cfg.api_key_env:
-        return "EMPTY"  # local servers ignore it; the SDK insists on one
-    key = os.environ.get(cfg.api_key_env, "")
-    if not key:
-        raise UsageError(f"teacher.api_key_env: environment variable {cfg.api_key_env} is not set")
-    return key
+def check_api_keys(cfg: TeacherConfig) -> None:
+    """Every environment variable the config names is set (before a run directory is touched)."""
+    api_key(cfg.api_key_env)
+    for own in cfg.endpoints:
+        api_key(own.api_key_env or cfg.api_key_env)
+
+
+def _server_fault(exc: BaseException) -> bool:
+    """Failures that say the server is unwell (not that the request or the rate was wrong)."""
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code >= 500
+    return isinstance(exc, (openai.APIConnectionError, openai.APIResponseValidationError, ShortResponse, ValueError))
 
 
 def _severity(exc: Exception) -> int:

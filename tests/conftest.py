@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from genssd_cli.launch import free_port
-from genssd_cli.teacher import TeacherClient, TeacherPart
+from genssd_cli.teacher import Prompt, TeacherClient, TeacherPart
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,6 +102,7 @@ async def collect(teacher: TeacherClient, prompt, n, max_tokens, seed, have=None
     """The step's candidates in index order, and the responses as they were reported."""
     have = dict(have or {})
     parts: list[TeacherPart] = []
+    prompt = Prompt(prompt) if isinstance(prompt, str) else prompt
 
     def on_response(part: TeacherPart) -> None:
         parts.append(part)

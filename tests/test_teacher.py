@@ -6,7 +6,7 @@ from conftest import collect
 
 from genssd_cli.config import TeacherConfig
 from genssd_cli.errors import RuntimeFailure, StopRequested, TeacherFatalError, TeacherUnavailable, UsageError
-from genssd_cli.teacher import TeacherClient, TeacherPart, request_seed
+from genssd_cli.teacher import Prompt, TeacherClient, TeacherPart, request_seed
 
 
 def client(url: str, **kw) -> TeacherClient:
@@ -101,7 +101,7 @@ def test_a_failing_sibling_does_not_lose_the_others(fake_teacher):
 
     async def go():
         with pytest.raises(TeacherUnavailable):
-            await teacher.sample("p", 6, 8, 10, {}, reported.append)
+            await teacher.sample(Prompt("p"), 6, 8, 10, {}, reported.append)
 
     anyio.run(go)
     answered = sorted(r["seed"] - 10 for r in server.requests() if not r["fault"])
@@ -134,7 +134,7 @@ def test_stop_sends_nothing_more_and_cuts_backoff_short(fake_teacher):
 
             group.start_soon(stop_soon)
             with pytest.raises(StopRequested), anyio.fail_after(20):
-                await teacher.sample("p", 1, 8, 0, {}, lambda part: None)
+                await teacher.sample(Prompt("p"), 1, 8, 0, {}, lambda part: None)
 
     anyio.run(go)
     assert len(server.requests()) == 1

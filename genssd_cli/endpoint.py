@@ -1,0 +1,195 @@
+"""One teacher endpoint: its OpenAI client, how it continues a trace (raw completions, or a
+partial assistant message continued through the chat API), its concurrency and rate limits, its
+health, and what it was asked and paid.
+
+One `create` is one HTTP request, no retries: the pool (teacher.py) decides where a retry goes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import anyio
+import openai
+from aiolimiter import AsyncLimiter
+
+from genssd_cli.config import EndpointConfig, TeacherConfig, endpoint_label
+from genssd_cli.errors import UsageError
+
+# A server that failed this many times in a row is benched: its work goes to the others.
+BENCH_AFTER = 3
+BENCH_FIRST_S = 2.0
+BENCH_MAX_S = 60.0
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What the teacher continues: the rendered problem and the trace accepted so far."""
+
+    head: str
+    trace: str = ""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    text: str
+    finish_reason: str  # "stop" or "length"
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Answer:
+    candidates: list[Candidate]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class ShortResponse(Exception):
+    """Malformed or empty body: worth another try."""
+
+
+class Endpoint:
+    def __init__(self, teacher: TeacherConfig, base_url: str, own: EndpointConfig | None = None):
+        self.teacher = teacher
+        self.base_url = base_url
+        self.name = own.label if own else endpoint_label(base_url)
+        self.weight = own.weight if own else 1.0
+        key_env = (own.api_key_env if own else None) or teacher.api_key_env
+        # Retries are the pool's (tenacity), so the SDK's own are off.
+        self.client = openai.AsyncOpenAI(
+            base_url=base_url, api_key=api_key(key_env), max_retries=0, timeout=teacher.timeout_s
+        )
+        self.limit = anyio.CapacityLimiter((own and own.max_concurrency) or teacher.max_concurrency)
+        rpm = (own and own.requests_per_minute) or teacher.requests_per_minute
+        tpm = (own and own.tokens_per_minute) or teacher.tokens_per_minute
+        # Token buckets that sleep until capacity frees up (no polling).
+        self.rpm = AsyncLimiter(rpm, 60) if rpm else None
+        self.tpm = AsyncLimiter(tpm, 60) if tpm else None
+        self.waiting = 0  # requests queued for this endpoint's limits
+        self.in_flight = 0
+        self.requests = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.failures: Counter[str] = Counter()
+        self.strikes = 0  # failures in a row
+        self.benched_until = 0.0
+        self.benched = 0  # times benched
+
+    def load(self) -> float:
+        return (self.waiting + self.in_flight) / self.weight
+
+    def healthy(self, now: float) -> bool:
+        return now >= self.benched_until
+
+    def succeeded(self) -> None:
+        self.strikes = 0
+
+    def failed(self, kind: str) -> None:
+        self.failures.update([kind])
+        self.strikes += 1
+        if self.strikes >= BENCH_AFTER:
+            # Each failure past the threshold (a trial after a bench included) doubles the bench.
+            self.benched_until = time.monotonic() + min(BENCH_MAX_S, BENCH_FIRST_S * 2 ** (self.strikes - BENCH_AFTER))
+            self.benched += 1
+
+    @asynccontextmanager
+    async def slot(self, tokens: int) -> AsyncIterator[None]:
+        """Wait for this endpoint's concurrency and rate limits, then hold a request's place."""
+        self.waiting += 1
+        admitted = False
+        try:
+            async with self.limit:
+                if self.rpm:
+                    await self.rpm.acquire()
+                if self.tpm:
+                    await self.tpm.acquire(min(tokens, self.tpm.max_rate))
+                self.waiting -= 1
+                admitted = True
+                self.in_flight += 1
+                try:
+                    yield
+                finally:
+                    self.in_flight -= 1
+        finally:
+            if not admitted:
+                self.waiting -= 1
+
+    async def create(
+        self,
+        prompt: Prompt,
+        n: int,
+        max_tokens: int,
+        seed: int | None,
+        *,
+        temperature: float | None = None,
+        stop: list[str] | None = None,
+    ) -> Answer:
+        """One request: n choices continuing the prompt's trace."""
+        t = self.teacher
+        options = {
+            "model": t.model, "max_tokens": max_tokens, "n": n, "seed": seed, "top_p": t.top_p,
+            "temperature": t.temperature if temperature is None else temperature,
+            "stop": (t.stop if stop is None else stop) or None,
+        }  # fmt: skip
+        if t.mode == "completions":
+            response = await self.client.completions.create(prompt=prompt.head + prompt.trace, **options)
+            choices = sorted(response.choices or [], key=lambda c: c.index)[:n]
+            if not choices or any(c.text is None for c in choices):
+                raise ShortResponse("response had no choices")
+            texts = [(c.text, c.finish_reason) for c in choices]
+        else:
+            extra = {"continue_final_message": True, "add_generation_prompt": False}
+            response = await self.client.chat.completions.create(
+                messages=chat_messages(t, prompt),
+                extra_body=extra if t.prefill == "continue_final_message" else None,
+                **options,
+            )
+            choices = sorted(response.choices or [], key=lambda c: c.index)[:n]
+            if not choices or any(c.message is None for c in choices):
+                raise ShortResponse("response had no choices")
+            texts = [(continued_text(c.message), c.finish_reason) for c in choices]
+        usage = response.usage
+        prompt_tokens = usage.prompt_tokens if usage else 0
+        completion_tokens = usage.completion_tokens if usage else 0
+        self.requests += 1
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+        # Usage is per request; split it over choices for the per-candidate count.
+        per_choice = completion_tokens // len(texts) if completion_tokens else 0
+        candidates = [Candidate(text, finish or "length", per_choice) for text, finish in texts]
+        return Answer(candidates, prompt_tokens, completion_tokens)
+
+
+def chat_messages(teacher: TeacherConfig, prompt: Prompt) -> list[dict]:
+    partial = {"role": "assistant", "content": teacher.assistant_prefix + prompt.trace}
+    if teacher.prefill == "prefix":
+        partial["prefix"] = True  # the hosted-API variant of continuing the last assistant message
+    system = [{"role": "system", "content": teacher.system}] if teacher.system else []
+    return [*system, {"role": "user", "content": prompt.head}, partial]
+
+
+def continued_text(message) -> str:
+    """The continuation as one string. A server with a reasoning parser hands the thinking back
+    apart (`reasoning_content`, or `reasoning` in newer vLLM) and drops the `</think>` between
+    the two parts; genssd puts it back, so the trace reads as the model wrote it."""
+    extra = message.model_extra or {}
+    reasoning = getattr(message, "reasoning_content", None) or extra.get("reasoning_content") or extra.get("reasoning")
+    content = message.content or ""
+    if reasoning and content:
+        return f"{reasoning}</think>{content}"
+    return reasoning or content
+
+
+def api_key(env_name: str | None) -> str:
+    """The key, read only from the environment variable the config names (never from a file)."""
+    if not env_name:
+        return "EMPTY"  # local servers ignore it; the SDK insists on one
+    key = os.environ.get(env_name, "")
+    if not key:
+        raise UsageError(f"teacher.api_key_env: environment variable {env_name} is not set")
+    return key
