@@ -77,8 +77,8 @@ class TeacherConfig(_Strict):
         "continue_final_message",
         description="chat-continue: vLLM/SGLang's continue_final_message, or the assistant message's prefix: true",
     )
-    system: str | None = Field(None, description="chat-continue: a system message")
-    assistant_prefix: str = Field("", description="chat-continue: what the assistant turn opens with, e.g. <think>")
+    system: str | None = Field(None, description="a system message (chat-continue, or with a chat template)")
+    assistant_prefix: str = Field("", description="what the assistant turn opens with, e.g. <think>")
     temperature: float = Field(0.8, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: list[str] = Field(default_factory=list)
@@ -155,6 +155,9 @@ class DataConfig(_Strict):
 class PromptsConfig(_Strict):
     teacher: str = "teacher_fewshot"
     student: str = "student"
+    teacher_chat_template: str | None = Field(
+        None, description="completions mode: wrap the teacher prompt in this tokenizer's chat template (id or folder)"
+    )
 
 
 class EngineConfig(_Strict):
@@ -282,6 +285,7 @@ _LATER_DEFAULTS = {
     "teacher.prefill": "continue_final_message",
     "teacher.system": None,
     "teacher.assistant_prefix": "",
+    "prompts.teacher_chat_template": None,
 }
 
 

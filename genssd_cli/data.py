@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from genssd_cli.config import DataConfig
+from genssd_cli.config import DataConfig, PromptsConfig, TeacherConfig
 from genssd_cli.errors import UsageError
 from genssd_cli.paths import bundled_dir, package_data
 
@@ -193,6 +193,26 @@ def load_prompt(name_or_path: str) -> str:
     if "{question}" not in text:
         raise UsageError(f"prompt template {name_or_path} has no {{question}} placeholder")
     return text
+
+
+def teacher_template(prompts: PromptsConfig, teacher: TeacherConfig) -> str:
+    """The teacher-side template. In chat-continue mode the prompt file is the user message. In
+    completions mode it is sent as written, or wrapped in the chat template of
+    prompts.teacher_chat_template (the teacher's tokenizer) with the assistant turn opened; then
+    teacher.assistant_prefix. Rendering with `{question}` still in it keeps one template per run."""
+    text = load_prompt(prompts.teacher)
+    if teacher.mode == "chat-continue":
+        return text
+    if prompts.teacher_chat_template:
+        from genssd_cli.models import load_tokenizer
+
+        tokenizer = load_tokenizer(prompts.teacher_chat_template, "prompts.teacher_chat_template")
+        if not getattr(tokenizer, "chat_template", None):
+            raise UsageError(f"prompts.teacher_chat_template: {prompts.teacher_chat_template!r} has no chat template")
+        system = [{"role": "system", "content": teacher.system}] if teacher.system else []
+        text = tokenizer.apply_chat_template([*system, {"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)  # fmt: skip
+    return text + teacher.assistant_prefix
 
 
 def render_prompt(template: str, question: str) -> str:

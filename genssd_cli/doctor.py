@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from genssd_cli.config import RunConfig, TeacherConfig, load_run_config
-from genssd_cli.data import load_problems, load_prompt, render_prompt
+from genssd_cli.data import load_problems, render_prompt, teacher_template
 from genssd_cli.endpoint import Endpoint, Prompt
 from genssd_cli.errors import RuntimeFailure
 from genssd_cli.teacher import TeacherClient, check_api_keys, error_class
@@ -71,7 +71,7 @@ async def diagnose(cfg: RunConfig, endpoint: Endpoint, context: int | None) -> l
     # The run's own first prompt, as the run would send it.
     api = "/v1/completions" if teacher.mode == "completions" else "/v1/chat/completions"
     problem = load_problems(cfg.data, 1)[0]
-    prompt = Prompt(render_prompt(load_prompt(cfg.prompts.teacher), problem.question))
+    prompt = Prompt(render_prompt(teacher_template(cfg.prompts, cfg.teacher), problem.question))
     try:
         first = await endpoint.create(prompt, 1, 4, teacher.seed)
     except (openai.APIConnectionError, openai.APIStatusError) as exc:

@@ -160,6 +160,20 @@ def load_causal_lm(
     return model, tokenizer
 
 
+def load_tokenizer(ref: str, setting: str):
+    """A tokenizer by shipped name, local folder, or model id in the local Hugging Face cache."""
+    from transformers import AutoTokenizer
+
+    source = str(student_model_dir(ref)) if ref in SHIPPED else ref
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError):
+        raise UsageError(
+            f"{setting}: no tokenizer at {ref!r} (a shipped name, a local model folder, or a model id "
+            "in the local Hugging Face cache)"
+        ) from None
+
+
 def chat_prompt(tokenizer, message: str) -> str:
     """The student's own chat template with the assistant turn opened: what scoring, training
     (TRL applies the same template) and eval all see."""

@@ -23,7 +23,7 @@ from rich.console import Console
 
 from genssd_cli import __version__
 from genssd_cli.config import RunConfig, dump_config_yaml, load_run_config, results_settings, settings_hash
-from genssd_cli.data import Problem, load_problems, load_prompt
+from genssd_cli.data import Problem, load_problems, load_prompt, teacher_template
 from genssd_cli.doctor import preflight
 from genssd_cli.engine import Engine
 from genssd_cli.errors import BudgetReached, Interrupted, UsageError, unwrap_group
@@ -51,10 +51,10 @@ def run_command(
 ) -> dict:
     cfg = load_run_config(config_path, overrides)
     problems = load_problems(cfg.data, limit)
-    teacher_template = load_prompt(cfg.prompts.teacher)
+    teacher_prompt = teacher_template(cfg.prompts, cfg.teacher)
     student_template = load_prompt(cfg.prompts.student)
     check_api_keys(cfg.teacher)  # every named environment variable is set
-    settings = results_settings(cfg, {"teacher": teacher_template, "student": student_template})
+    settings = results_settings(cfg, {"teacher": teacher_prompt, "student": student_template})
     config_hash = settings_hash(settings)
     run_dir = out or default_run_dir(config_path)
     if run_dir.exists() and not run_dir.is_dir():
@@ -85,7 +85,8 @@ def run_command(
             server.wait_ready()
         base_url = server.base_url if server else cfg.teacher.base_url
         teacher = TeacherClient(cfg.teacher, base_url)
-        stats = RunStats(problems_total=len(problems), retries=teacher.retries, cost=already, max_cost=cfg.max_cost)
+        stats = RunStats(problems_total=len(problems), retries=teacher.retries, cost=already, max_cost=cfg.max_cost,
+                         endpoints=teacher.health if len(teacher.endpoints) > 1 else None)
 
         def begin(stop: anyio.Event) -> Engine:
             """Called once the teacher answered: only now does the run directory change."""
@@ -98,7 +99,7 @@ def run_command(
             })  # fmt: skip
             store.write_text(CONFIG, dump_config_yaml(cfg, config_hash))
             replay = Replay(events)
-            return Engine(cfg, teacher, ScoringQueue(scorer), store, stats, teacher_template, replay, stop)
+            return Engine(cfg, teacher, ScoringQueue(scorer), store, stats, teacher_prompt, replay, stop)
 
         def abort() -> None:
             """Second signal: no draining. Every logged line is already whole."""
