@@ -149,6 +149,15 @@ class TeacherClient:
             raise RuntimeFailure("no teacher endpoint is reachable: " + "; ".join(warnings))
         return warnings
 
+    def health(self) -> str:
+        """`node1 3 in flight, 120 answered; node2 benched 8s` for the progress panel."""
+        now = time.monotonic()
+        parts = []
+        for e in self.endpoints:
+            state = f"benched {e.benched_until - now:.0f}s" if not e.healthy(now) else f"{e.in_flight} in flight"
+            parts.append(f"{e.name} {state}, {e.requests} answered")
+        return "; ".join(parts)
+
     def endpoint_stats(self) -> dict[str, dict]:
         return {
             e.name: {"requests": e.requests, "failures": dict(sorted(e.failures.items())), "benched": e.benched}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -33,6 +34,7 @@ class RunStats:
     cost: float | None = None  # the teacher's, this run directory's sessions together; None: no prices
     max_cost: float | None = None
     budget_reached: bool = False
+    endpoints: Callable[[], str] | None = None  # a pool's state, when there is more than one
     stopping: bool = False
     started: float = field(default_factory=time.monotonic)
 
@@ -51,6 +53,7 @@ class RunStats:
             f"teacher tokens {self.teacher_tokens} | mean chosen PPL {mean_ppl} | "
             f"retries {_by_class(self.retries)} | failures {_by_class(self.failures)} | ETA {self.eta()}"
             + (f" | cost {self.spending()}" if self.cost is not None else "")
+            + (f" | endpoints {self.endpoints()}" if self.endpoints else "")
             + (" | stopping" if self.stopping else "")
         )
 
@@ -76,6 +79,7 @@ class RunStats:
             ("candidates/s", f"{self.candidates / elapsed:.2f}" if elapsed > 0 else "-"),
             ("teacher tokens", str(self.teacher_tokens)),
             *([("teacher cost", self.spending())] if self.cost is not None else []),
+            *([("teacher endpoints", self.endpoints())] if self.endpoints else []),
             ("mean chosen PPL", f"{self.ppl_sum / self.ppl_count:.3f}" if self.ppl_count else "-"),
             ("teacher retries", _by_class(self.retries)),
             ("failures", _by_class(self.failures)),
