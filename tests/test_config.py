@@ -28,7 +28,7 @@ def test_demo_config_loads_with_overrides():
         ("search.n=many", "search.n: Input should be a valid integer"),
         ("search.bogus=1", "search.bogus: unknown key"),
         ("method=beam", "method"),
-        ("teacher.base_url=http://x/v1", "set exactly one of teacher.base_url and teacher.launch"),
+        ("teacher.base_url=http://x/v1", "set exactly one of teacher.base_url, teacher.endpoints and teacher.launch"),
         ("n", "--set expects KEY=VALUE"),
         ("search.n.x=1", "'n' is not a section"),
     ],

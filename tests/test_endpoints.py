@@ -111,3 +111,33 @@ def test_endpoint_settings_are_checked(tmp_path):
     cfg["teacher"]["endpoints"] = [{"base_url": "http://127.0.0.1:9/v1", "weight": 0}]
     zero = genssd("run", str(write_config(tmp_path / "zero.yaml", cfg)))
     assert zero.returncode == 2 and "teacher.endpoints.0.weight" in zero.stderr
+
+
+def test_completions_prompt_in_the_teachers_chat_template(tmp_path, fake_teacher):
+    from genssd_cli.config import DataConfig
+    from genssd_cli.data import load_problems, load_prompt
+    from genssd_cli.models import load_tokenizer
+
+    server = fake_teacher()
+    cfg = run_config(server.base_url, teacher={"assistant_prefix": "<think>\n", "system": "Be brief."},
+                     prompts={"teacher": "teacher_user", "teacher_chat_template": "smollm2-135m-instruct"},
+                     data={"count": 1}, search={"max_steps": 1})  # fmt: skip
+    result = genssd("run", str(write_config(tmp_path / "c.yaml", cfg)), "--out", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    tokenizer = load_tokenizer("smollm2-135m-instruct", "test")
+    [problem] = load_problems(DataConfig(**cfg["data"]))
+    user = load_prompt("teacher_user").replace("{question}", problem.question)
+    expected = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": user}],
+        tokenize=False, add_generation_prompt=True,
+    ) + "<think>\n"  # fmt: skip
+    assert server.requests()[0]["prompt"] == expected
+    assert expected.startswith("<|im_start|>system\nBe brief.<|im_end|>")
+
+    cfg["prompts"]["teacher_chat_template"] = str(tmp_path / "no-such-tokenizer")
+    bad = genssd("run", str(write_config(tmp_path / "bad.yaml", cfg)), "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        f"error: prompts.teacher_chat_template: no tokenizer at '{tmp_path / 'no-such-tokenizer'}' (a shipped name, "
+        "a local model folder, or a model id in the local Hugging Face cache)"
+    ]

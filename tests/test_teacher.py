@@ -1,5 +1,7 @@
 """The teacher client against a real local OpenAI-compatible server process (genssd_cli/fake_teacher.py)."""
 
+import time
+
 import anyio
 import pytest
 from conftest import collect
@@ -171,3 +173,70 @@ def test_request_seed_is_stable_and_spread():
     assert request_seed(0, "p1", 0, 2, 0) == request_seed(0, "p1", 0, 2, 0)
     seeds = {request_seed(0, f"p{i}", 0, s, a) for i in range(20) for s in range(5) for a in range(2)}
     assert len(seeds) == 200
+
+
+def pool(*endpoints: dict, **kw) -> TeacherClient:
+    cfg = TeacherConfig(model="fake-teacher", endpoints=list(endpoints), retries=kw.pop("retries", 3), **kw)
+    return TeacherClient(cfg, backoff_s=0.01)
+
+
+def test_requests_spread_by_weight_over_the_least_loaded(fake_teacher):
+    first, second = fake_teacher("--latency-per-token", "0.02"), fake_teacher("--latency-per-token", "0.02")
+    teacher = pool({"base_url": first.base_url, "name": "a"}, {"base_url": second.base_url, "name": "b", "weight": 2},
+                   max_concurrency=32)  # fmt: skip
+
+    async def burst():
+        try:
+            async with anyio.create_task_group() as group:
+                for i in range(30):
+                    group.start_soon(collect, teacher, f"problem {i}", 1, 4, i)
+        finally:
+            await teacher.aclose()
+
+    anyio.run(burst)
+    # All 30 are placed before any answers: loads a = k/1 and b = k/2 stay level, so b takes two thirds.
+    assert (len(first.requests()), len(second.requests())) == (10, 20)
+    assert teacher.endpoint_stats()["b"]["requests"] == 20
+
+
+def test_a_failing_endpoint_is_benched_and_its_work_moves(fake_teacher):
+    from genssd_cli.launch import free_port
+
+    alive = fake_teacher()
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    teacher = pool({"base_url": dead, "name": "dead"}, {"base_url": alive.base_url, "name": "alive"}, retries=1)
+
+    async def one_after_another():
+        try:
+            return [(await collect(teacher, f"p{i}", 2, 4, 0))[0] for i in range(6)]
+        finally:
+            await teacher.aclose()
+
+    got = anyio.run(one_after_another)
+    # The first three go to "dead" first (least loaded, first in order), fail, and are retried on
+    # "alive" (retries=1: one more attempt each); the third failure benches it, the rest skip it.
+    assert all(len(candidates) == 2 for candidates in got)
+    stats = teacher.endpoint_stats()
+    assert stats["dead"] == {"requests": 0, "failures": {"connection": 3}, "benched": 1}
+    assert stats["alive"]["requests"] == 6 == len(alive.requests())
+    assert not teacher.endpoints[0].healthy(time.monotonic())
+
+
+def test_with_every_endpoint_benched_a_stop_is_not_kept_waiting():
+    from genssd_cli.launch import free_port
+
+    teacher = pool({"base_url": f"http://127.0.0.1:{free_port()}/v1"}, retries=10)
+    for endpoint in teacher.endpoints:
+        endpoint.strikes = 10
+        endpoint.failed("connection")  # benched for the longest backoff
+
+    async def go():
+        teacher.stop = anyio.Event()
+        async with anyio.create_task_group() as group:
+            group.start_soon(collect, teacher, "p", 1, 4, 0)
+            await anyio.sleep(0.1)
+            teacher.stop.set()
+
+    with pytest.raises(BaseExceptionGroup) as caught:
+        anyio.run(go)
+    assert isinstance(caught.value.exceptions[0], StopRequested)
