@@ -251,7 +251,9 @@ class TeacherClient:
         except openai.PermissionDeniedError:
             raise TeacherFatalError(f"teacher {endpoint.name} denied access (403)") from None
         except openai.NotFoundError:
-            raise TeacherFatalError(f"teacher model {self.cfg.model!r} not found at {endpoint.name} (404)") from None
+            api = "/v1/completions" if self.cfg.mode == "completions" else "/v1/chat/completions"
+            raise TeacherFatalError(f"teacher {endpoint.name} answered 404: model {self.cfg.model!r} not served or "
+                                    f"no {api} (teacher.mode {self.cfg.mode}; genssd doctor tells)") from None
         except Exception as exc:
             if _retryable(exc):
                 kind = error_class(exc)

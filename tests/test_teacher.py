@@ -110,8 +110,11 @@ def test_a_failing_sibling_does_not_lose_the_others(fake_teacher):
     assert answered and sorted(p.start for p in reported) == answered
 
 
+NOT_SERVED = "answered 404: model .fake-teacher. not served or no /v1/completions"
+
+
 @pytest.mark.parametrize(("status", "message"), [(401, "rejected the API key"), (403, "denied access"),
-                                                 (404, "not found")])  # fmt: skip
+                                                 (404, NOT_SERVED)])  # fmt: skip
 def test_fatal_statuses_fail_fast(fake_teacher, status, message):
     server = fake_teacher("--status", str(status))
     teacher = client(server.base_url, retries=5)
