@@ -163,7 +163,7 @@ async def preflight(teacher: TeacherClient) -> None:
         except openai.BadRequestError as exc:
             ok, found, advice = False, f"refused (400: {str(exc)[:80]})", "run genssd doctor CONFIG"
         if not ok:
-            raise RuntimeFailure(f"teacher {endpoint.name} does not continue a partial trace in chat-continue mode "
+            raise RuntimeFailure(f"teacher {endpoint.base_url} does not continue a partial trace in chat-continue mode "
                                  f"({found}): {advice}; genssd doctor CONFIG tells more "
                                  "(teacher.preflight: false skips this check)")  # fmt: skip
 

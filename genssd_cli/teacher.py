@@ -245,14 +245,14 @@ class TeacherClient:
         except openai.BadRequestError as exc:
             if "context" in str(exc).lower():
                 raise ContextTooLong(str(exc)) from None
-            raise RequestRefused(f"teacher {endpoint.name} refused the request (400): {_brief(exc)}") from None
+            raise RequestRefused(f"teacher {endpoint.base_url} refused the request (400): {_brief(exc)}") from None
         except openai.AuthenticationError:
-            raise TeacherFatalError(f"teacher {endpoint.name} rejected the API key (401)") from None
+            raise TeacherFatalError(f"teacher {endpoint.base_url} rejected the API key (401)") from None
         except openai.PermissionDeniedError:
-            raise TeacherFatalError(f"teacher {endpoint.name} denied access (403)") from None
+            raise TeacherFatalError(f"teacher {endpoint.base_url} denied access (403)") from None
         except openai.NotFoundError:
             api = "/v1/completions" if self.cfg.mode == "completions" else "/v1/chat/completions"
-            raise TeacherFatalError(f"teacher {endpoint.name} answered 404: model {self.cfg.model!r} not served or "
+            raise TeacherFatalError(f"teacher {endpoint.base_url} answered 404: model {self.cfg.model!r} not served or "
                                     f"no {api} (teacher.mode {self.cfg.mode}; genssd doctor tells)") from None
         except Exception as exc:
             if _retryable(exc):
@@ -312,7 +312,7 @@ async def _check_endpoint(endpoint: Endpoint, model: str) -> None:
     try:
         models = await endpoint.client.models.list()
     except openai.AuthenticationError:
-        raise TeacherFatalError(f"teacher {endpoint.name} rejected the API key (401)") from None
+        raise TeacherFatalError(f"teacher {endpoint.base_url} rejected the API key (401)") from None
     except (openai.APIConnectionError, openai.APIStatusError) as exc:
         raise RuntimeFailure(f"teacher endpoint {endpoint.base_url} is unreachable ({error_class(exc)})") from None
     served = [m.id for m in models.data]

@@ -50,7 +50,7 @@ def test_chat_continue_on_a_server_that_restarts_is_refused_before_the_run(tmp_p
     result = genssd("run", str(write_config(tmp_path / "c.yaml", cfg)), "--out", str(tmp_path / "run"))
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()
-    assert line.startswith("error: teacher 127.0.0.1:") and "does not continue a partial trace" in line
+    assert line.startswith("error: teacher http://127.0.0.1:") and "does not continue a partial trace" in line
     assert "genssd doctor CONFIG" in line
     assert not (tmp_path / "run" / "events.jsonl").exists()
     assert len(server.requests()) == 1  # the 4-token probe, nothing else
