@@ -25,8 +25,9 @@ from genssd_cli.endpoint import Endpoint, Prompt
 from genssd_cli.errors import RuntimeFailure
 from genssd_cli.teacher import TeacherClient, check_api_keys, error_class
 
-# Any model that continues text goes on with 9; one that starts a new answer does not.
-COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"
+# A model that continues the text completes "10"; one that starts a new answer does not. (Ending
+# on a whole number is not enough: llama.cpp's chat API starts a new turn and still says "9".)
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 1"
 COUNT_ASK = "Count from 1 to 20, separated by commas."
 LINES = "red\ngreen\nblue\nred\ngreen\nblue\nred\n"  # the next chunk crosses a newline
 LINES_ASK = "Repeat red, green, blue, one per line, without end."
@@ -130,7 +131,7 @@ async def continues_verdict(endpoint: Endpoint) -> Verdict:
     teacher = endpoint.teacher
     answer = await endpoint.create(probe_prompt(teacher, COUNT_ASK, COUNTING), 1, 4, 0, temperature=0.0, stop=[])
     counted = answer.candidates[0].text
-    continues = counted.lstrip().startswith("9")
+    continues = counted.startswith("0")
     if teacher.mode == "completions":
         advice = ("it restarts or ignores the text: Gen-SSD needs an endpoint that continues a partial "
                   "trace (a base or completions-capable model)")  # fmt: skip

@@ -2,7 +2,7 @@
 process on 127.0.0.1 (standard library only).
 
 Completions depend only on (text continued, seed): the same request always gets the same text.
-A text ending in a count ("…, 7, 8,") is counted on, like any model that continues text. Every
+A text ending in a count ("…, 7, 8," or "…, 9, 1") is counted on, as a model continuing text does. Every
 request is appended to a JSONL log (prompt, seed, n, fault) so tests can count repeats. Faults
 are injected at a configurable rate: HTTP errors, a malformed or empty body, a reset connection, fewer
 choices than asked, and a hang past the client's timeout. Whether the k-th identical request
@@ -36,10 +36,11 @@ FAULTS = ["500", "502", "503", "504", "429", "malformed", "empty", "reset", "few
 def continuation(prompt: str, seed: int, max_tokens: int, stop: list[str], answers: int = 61) -> tuple[str, str, int]:
     """Words 'wN' as tokens; with some chance the chunk ends the solution with an answer drawn
     from range(answers) (a small range makes some answers right)."""
-    count = re.search(r"(\d+),\s*$", prompt)
-    if count and re.search(r"\d+,\s*\d+,\s*$", prompt):
-        last = int(count.group(1))
-        return "".join(f" {last + i}," for i in range(1, max_tokens + 1)), "length", max_tokens
+    count = re.search(r"\d+,\s*(\d+),\s*(\d*)$", prompt)  # "…, 8," or "…, 9, 1": counted on
+    if count and (following := str(int(count.group(1)) + 1)).startswith(count.group(2)):
+        first = following[len(count.group(2)):] + "," if count.group(2) else f" {following},"
+        rest = "".join(f" {int(following) + i}," for i in range(1, max_tokens))
+        return first + rest, "length", max_tokens
     rng = random.Random(hashlib.sha256(f"{seed}\x00{prompt}".encode()).digest())
     words = [f" w{rng.randint(0, 99)}" for _ in range(max_tokens)]
     if rng.random() < 0.35 and max_tokens >= 4:

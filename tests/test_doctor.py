@@ -40,7 +40,7 @@ def test_doctor_reports_what_the_endpoint_does(tmp_path, fake_teacher):
     assert found["n > 1 honoured"].startswith("no asked 3 choices, got 1")
     assert "once per candidate" in found["n > 1 honoured"]
     assert found["seed honoured"].startswith("ok same seed, same text; another seed, another")
-    assert found["continues the prefix"].startswith("ok '1, 2, 3, 4, 5, 6, 7, 8,' -> ' 9, 10, 11, 12,'")
+    assert found["continues the prefix"].startswith("ok '1, 2, 3, 4, 5, 6, 7, 8, 9, 1' -> '0, 11, 12, 13,'")
     assert found["stop strings honoured"].startswith("ok")
     assert found["context length"].startswith("?")
     assert "see the rows marked no: n > 1 honoured" in result.stdout
@@ -79,7 +79,7 @@ def test_doctor_chat_continue_on_a_vllm_like_server(tmp_path, fake_teacher):
     found = rows(result.stdout)
     assert found["completion"].startswith("ok /v1/chat/completions answers")
     assert found["n > 1 honoured"].startswith("ok asked 3 choices, got 3")
-    assert found["continues the prefix"].startswith("ok '1, 2, 3, 4, 5, 6, 7, 8,' -> ' 9, 10, 11, 12,'")
+    assert found["continues the prefix"].startswith("ok '1, 2, 3, 4, 5, 6, 7, 8, 9, 1' -> '0, 11, 12, 13,'")
     assert found["stop strings honoured"].startswith("ok")
     assert "(chat-continue)" in result.stdout
     assert result.stdout.strip().endswith("the endpoint can serve a run")

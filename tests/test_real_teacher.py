@@ -107,6 +107,29 @@ def test_doctor_on_the_demo_teacher():
         "context length"))  # fmt: skip
     assert found["n > 1 honoured"].startswith("no asked 3 choices, got 1")  # llama.cpp answers one choice
     assert "2048 tokens" in found["context length"]  # the demo's launch.n_ctx
+    assert found["continues the prefix"].startswith("ok '1, 2, 3, 4, 5, 6, 7, 8, 9, 1' -> '0")
+
+
+def test_chat_continue_on_llama_cpp_is_caught_by_doctor_and_refused_by_run(tmp_path):
+    """llama.cpp's chat API ignores continue_final_message and answers in a new turn: doctor says
+    so and `genssd run` refuses to start in that mode."""
+    pytest.importorskip("llama_cpp", reason="the demo extra is not installed")
+    from test_doctor import rows
+
+    chat = ["--set", "teacher.mode=chat-continue", "--set", "prompts.teacher=teacher_user"]
+    result = genssd("doctor", *chat)
+    assert result.returncode == 1
+    found = rows(result.stdout)
+    assert found["completion"].startswith("ok /v1/chat/completions answers")
+    assert found["continues the prefix"].startswith("no '1, 2, 3, 4, 5, 6, 7, 8, 9, 1' -> ")
+    assert "try teacher.prefill: prefix" in found["continues the prefix"]
+    assert result.stderr.strip() == "error: the teacher endpoint cannot serve a run: continues the prefix failed"
+
+    run = genssd("run", *chat, "--limit", "1", "--out", str(tmp_path / "run"))
+    assert run.returncode == 1
+    [line] = run.stderr.strip().splitlines()
+    assert "does not continue a partial trace in chat-continue mode" in line
+    assert not (tmp_path / "run" / "events.jsonl").exists()
 
 
 def test_ctrl_c_stops_the_server_and_says_how_to_resume(tmp_path):
