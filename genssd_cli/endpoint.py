@@ -98,16 +98,15 @@ class Endpoint:
             self.benched += 1
 
     @asynccontextmanager
-    async def slot(self, tokens: int) -> AsyncIterator[None]:
-        """Wait for this endpoint's concurrency and rate limits, then hold a request's place."""
+    async def slot(self, tokens: int, stop: anyio.Event | None = None) -> AsyncIterator[None]:
+        """Wait for this endpoint's concurrency and rate limits, then hold a request's place.
+        A stop request ends the wait for the rate limits (which can be long) at once."""
         self.waiting += 1
         admitted = False
         try:
             async with self.limit:
-                if self.rpm:
-                    await self.rpm.acquire()
-                if self.tpm:
-                    await self.tpm.acquire(min(tokens, self.tpm.max_rate))
+                if self.rpm or self.tpm:
+                    await self._rate(tokens, stop)
                 self.waiting -= 1
                 admitted = True
                 self.in_flight += 1
@@ -118,6 +117,20 @@ class Endpoint:
         finally:
             if not admitted:
                 self.waiting -= 1
+
+    async def _rate(self, tokens: int, stop: anyio.Event | None) -> None:
+        async def acquire() -> None:
+            if self.rpm:
+                await self.rpm.acquire()
+            if self.tpm:
+                await self.tpm.acquire(min(tokens, self.tpm.max_rate))
+            waits.cancel_scope.cancel()
+
+        async with anyio.create_task_group() as waits:
+            waits.start_soon(acquire)
+            if stop is not None:
+                await stop.wait()
+                waits.cancel_scope.cancel()  # the caller sees the stop and sends nothing
 
     async def create(
         self,

@@ -237,7 +237,7 @@ class TeacherClient:
                 with attempt:
                     self._check_stop()
                     endpoint = await self._pick(failed_on)
-                    async with endpoint.slot(tokens):
+                    async with endpoint.slot(tokens, self.stop):
                         self._check_stop()
                         answer = await self._ask(endpoint, failed_on, prompt, n, max_tokens, seed)
                     return TeacherPart(start, seed, n, answer.candidates, answer.prompt_tokens,

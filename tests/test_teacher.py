@@ -243,3 +243,35 @@ def test_with_every_endpoint_benched_a_stop_is_not_kept_waiting():
     with pytest.raises(BaseExceptionGroup) as caught:
         anyio.run(go)
     assert isinstance(caught.value.exceptions[0], StopRequested)
+
+
+def test_requests_per_minute_are_kept_and_a_stop_ends_the_wait(fake_teacher):
+    server = fake_teacher()
+    teacher = client(server.base_url, requests_per_minute=2)
+    outcomes: list[str] = []
+
+    async def one(i: int) -> None:
+        try:
+            await collect(teacher, f"p{i}", 1, 4, i)
+            outcomes.append("answered")
+        except StopRequested:
+            outcomes.append("stopped")
+
+    async def go():
+        teacher.stop = anyio.Event()
+        try:
+            with anyio.fail_after(20):  # not a speed claim: without the stop it would wait ~30 s
+                async with anyio.create_task_group() as group:
+                    for i in range(3):
+                        group.start_soon(one, i)
+                    while outcomes.count("answered") < 2:
+                        await anyio.sleep(0.05)
+                    await anyio.sleep(0.3)
+                    assert teacher.endpoints[0].waiting == 1  # the third waits for the rate limit
+                    teacher.stop.set()
+        finally:
+            await teacher.aclose()
+
+    anyio.run(go)
+    assert sorted(outcomes) == ["answered", "answered", "stopped"]
+    assert len(server.requests()) == 2  # two a minute: the third was never sent
