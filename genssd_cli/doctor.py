@@ -83,7 +83,7 @@ async def diagnose(cfg: RunConfig, endpoint: Endpoint, context: int | None) -> l
     out.append(Finding("completion", True, f"{api} answers ({first.prompt_tokens} prompt tokens)", ""))
 
     for name, check in (("n > 1 honoured", _n_honoured), ("seed honoured", _seed_honoured),
-                        ("continues the prefix", _continues), ("stop strings honoured", _stops)):  # fmt: skip
+                        ("continues the prefix", continues_verdict), ("stop strings honoured", _stops)):  # fmt: skip
         try:
             out.append(Finding(name, *await check(endpoint)))
         except (openai.APIConnectionError, openai.APIStatusError) as exc:
@@ -140,10 +140,6 @@ async def continues_verdict(endpoint: Endpoint) -> Verdict:
         advice = (f"the partial assistant message was not continued (prefill {teacher.prefill}): "
                   f"try teacher.prefill: {other}, or teacher.mode: completions with the teacher's chat template")
     return continues, f"{COUNTING!r} -> {counted!r}", "" if continues else advice
-
-
-async def _continues(endpoint: Endpoint) -> Verdict:
-    return await continues_verdict(endpoint)
 
 
 async def _stops(endpoint: Endpoint) -> Verdict:
