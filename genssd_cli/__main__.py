@@ -1,3 +1,5 @@
 from genssd_cli.cli import main
 
-main()
+# Guarded: vLLM's engine starts worker processes by spawning, which imports this module again.
+if __name__ == "__main__":
+    main()

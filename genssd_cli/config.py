@@ -411,6 +411,9 @@ class EvalConfig(_Strict):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     backend: Literal["auto", "hf", "vllm"] = Field("auto", description="auto: vLLM when installed and on a GPU")
+    vllm_args: dict[str, Any] = Field(
+        default_factory=dict, description="extra vLLM engine arguments, e.g. gpu_memory_utilization, max_model_len"
+    )
     question_field: str = "question"  # for --bench FILE.jsonl
     answer_field: str = "answer"
     id_field: str = "id"

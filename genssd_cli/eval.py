@@ -140,7 +140,7 @@ def eval_command(
     # What changes the results (not where they run, nor the batch size).
     settings = {"model": model_ref, "adapter": str(Path(adapter).resolve()) if adapter else None, "bench": bench,
                 "samples": samples, "prompt_sha256": _sha(template),
-                **cfg.model_dump(exclude={"device", "batch_size", "backend"})}  # fmt: skip
+                **cfg.model_dump(exclude={"device", "batch_size", "backend", "vllm_args"})}  # fmt: skip
     _check_settings(out, settings)
     done = _read_samples(out)
     todo = [p for p in problems if any((p.id, k) not in done for k in range(samples))]
@@ -150,21 +150,26 @@ def eval_command(
         from genssd_cli.vllm_generate import VllmGenerator, use_vllm
 
         console.print(f"loading {model_ref}" + (f" + adapter {adapter}" if adapter else "") + " …")
+        close = None
         if use_vllm(cfg):
             source = str(student_model_dir(model_ref)) if model_ref in SHIPPED else model_ref
             generate = VllmGenerator(source, adapter, cfg)
-            tokenizer = generate.tokenizer
+            tokenizer, close = generate.tokenizer, generate.close
         else:
             model, tokenizer = load_causal_lm(model_ref, None, adapter, pick_device(cfg.device), cfg.dtype)
 
             def generate(prompts: list[str], cfg: EvalConfig, samples: int, seed: int) -> list[list[Generated]]:
                 return generate_batch(model, tokenizer, prompts, cfg, samples, seed)
 
-        _write_settings(out, settings)
-        prompts = {p.id: chat_prompt(tokenizer, render_prompt(template, p.question)) for p in todo}
-        # Similar lengths together: less padding per batch.
-        todo.sort(key=lambda p: len(tokenizer(prompts[p.id], add_special_tokens=False)["input_ids"]))
-        _generate_all(generate, todo, prompts, cfg, samples, out, done, console, answers_match, extract_answer)
+        try:
+            _write_settings(out, settings)
+            prompts = {p.id: chat_prompt(tokenizer, render_prompt(template, p.question)) for p in todo}
+            # Similar lengths together: less padding per batch.
+            todo.sort(key=lambda p: len(tokenizer(prompts[p.id], add_special_tokens=False)["input_ids"]))
+            _generate_all(generate, todo, prompts, cfg, samples, out, done, console, answers_match, extract_answer)
+        finally:
+            if close is not None:
+                close()
     metrics = compute_metrics(problems, done, samples)
     metrics.update({"model": model_ref, "adapter": settings["adapter"], "bench": bench})
     (out / METRICS).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")

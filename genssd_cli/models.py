@@ -116,6 +116,14 @@ def pick_device(requested: str) -> str:
     return "cpu"
 
 
+def resolve_dtype(dtype: str, device: str) -> str:
+    """`auto`: float32 on a CPU (bfloat16 matmuls are slow or missing there), bfloat16 elsewhere.
+    Both eval backends follow it, so they write the same samples."""
+    if dtype != "auto":
+        return dtype
+    return "float32" if device == "cpu" else "bfloat16"
+
+
 def load_causal_lm(
     ref: str, gguf_file: str | None, adapter: str | None, device: str, dtype: str, trainable: bool = False
 ):
@@ -126,9 +134,7 @@ def load_causal_lm(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    if dtype == "auto":
-        dtype = "float32" if device == "cpu" else "bfloat16"
-    torch_dtype = getattr(torch, dtype)
+    torch_dtype = getattr(torch, resolve_dtype(dtype, device))
     source = str(student_model_dir(ref)) if ref in SHIPPED else ref
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:

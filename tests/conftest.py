@@ -124,3 +124,33 @@ def save_adapter_of_another_model(path: Path) -> None:
         LoraConfig(r=4, target_modules="all-linear"),
     )  # fmt: skip
     other.save_pretrained(path)
+
+
+QUESTIONS = [("q1", "What is 2 + 3?", "5"), ("q2", "What is 10 - 4?", "6"), ("q3", "What is 3 * 3?", "9"),
+             ("q4", "What is 8 / 2?", "4")]  # fmt: skip
+STUDENT = "smollm2-135m-instruct"
+
+
+def bench_file(path: Path) -> Path:
+    """QUESTIONS as a benchmark JSONL file."""
+    path.write_text("".join(json.dumps({"id": i, "question": q, "answer": a}) + "\n" for i, q, a in QUESTIONS))
+    return path
+
+
+def train_adapter_on_questions(tmp: Path) -> Path:
+    """`genssd train` on QUESTIONS answered right: an adapter that changes what the student writes."""
+    from genssd_cli.store import CONFIG, TRAJECTORIES
+
+    run = tmp / "run"
+    run.mkdir()
+    trajectories = [{"problem_id": i, "sample": 0, "correct": True,
+                     "prompt": [{"role": "user", "content": f"Question: {q}"}],
+                     "completion": [{"role": "assistant", "content": f"The answer is {a}."}]}
+                    for i, q, a in QUESTIONS]  # fmt: skip
+    (run / TRAJECTORIES).write_text("".join(json.dumps(t) + "\n" for t in trajectories))
+    (run / CONFIG).write_text(f"teacher: {{model: t, base_url: 'http://127.0.0.1:9/v1'}}\nstudent: {{model: {STUDENT}}}"
+                              "\ndata: {source: arith}\n")  # fmt: skip
+    trained = genssd("train", str(run), "--out", str(tmp / "train"), "--set", "training.epochs=4",
+                     "--set", "training.learning_rate=0.003", "--set", "training.batch_size=2")  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    return tmp / "train" / "adapter"

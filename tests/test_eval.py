@@ -3,22 +3,11 @@ with an adapter from `genssd train`), resume, and bad inputs."""
 
 import json
 import math
-from pathlib import Path
 
 import pytest
-from conftest import genssd, save_adapter_of_another_model
+from conftest import STUDENT, bench_file, genssd, save_adapter_of_another_model, train_adapter_on_questions
 
 from genssd_cli.eval import compute_metrics, pass_at_k
-from genssd_cli.store import CONFIG, TRAJECTORIES
-
-STUDENT = "smollm2-135m-instruct"
-QUESTIONS = [("q1", "What is 2 + 3?", "5"), ("q2", "What is 10 - 4?", "6"), ("q3", "What is 3 * 3?", "9"),
-             ("q4", "What is 8 / 2?", "4")]  # fmt: skip
-
-
-def bench_file(path: Path) -> Path:
-    path.write_text("".join(json.dumps({"id": i, "question": q, "answer": a}) + "\n" for i, q, a in QUESTIONS))
-    return path
 
 
 def test_pass_at_k_and_the_interval():
@@ -71,25 +60,14 @@ def test_eval_base_then_adapter_and_resume(tmp_path):
     assert changed.returncode == 2 and "changed: temperature" in changed.stderr
 
     # An adapter trained on these very answers changes what the student writes.
-    run = tmp_path / "run"
-    run.mkdir()
-    trajectories = [{"problem_id": i, "sample": 0, "correct": True,
-                     "prompt": [{"role": "user", "content": f"Question: {q}"}],
-                     "completion": [{"role": "assistant", "content": f"The answer is {a}."}]}
-                    for i, q, a in QUESTIONS]  # fmt: skip
-    (run / TRAJECTORIES).write_text("".join(json.dumps(t) + "\n" for t in trajectories))
-    (run / CONFIG).write_text(f"teacher: {{model: t, base_url: 'http://127.0.0.1:9/v1'}}\nstudent: {{model: {STUDENT}}}"
-                              "\ndata: {source: arith}\n")  # fmt: skip
-    trained = genssd("train", str(run), "--out", str(tmp_path / "train"), "--set", "training.epochs=4",
-                     "--set", "training.learning_rate=0.003", "--set", "training.batch_size=2")  # fmt: skip
-    assert trained.returncode == 0, trained.stderr
+    adapter = train_adapter_on_questions(tmp_path)
     tuned = tmp_path / "tuned"
-    with_adapter = genssd(*args, "--limit", "4", "--out", str(tuned), "--adapter", str(tmp_path / "train/adapter"))
+    with_adapter = genssd(*args, "--limit", "4", "--out", str(tuned), "--adapter", str(adapter))
     assert with_adapter.returncode == 0, with_adapter.stderr
     tuned_rows = {json.loads(line)["problem_id"]: json.loads(line) for line in (tuned / "samples.jsonl").open()}
     base_rows = {json.loads(line)["problem_id"]: json.loads(line) for line in after.splitlines()}
     assert any(tuned_rows[q]["generation"] != base_rows[q]["generation"] for q in tuned_rows)
-    assert json.loads((tuned / "metrics.json").read_text())["adapter"] == str((tmp_path / "train/adapter").resolve())
+    assert json.loads((tuned / "metrics.json").read_text())["adapter"] == str(adapter.resolve())
 
 
 @pytest.mark.slow

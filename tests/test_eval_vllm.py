@@ -1,20 +1,26 @@
-"""genssd eval's vLLM path against a stand-in `vllm` module (vLLM needs a CUDA GPU, which this
-machine lacks): what is handed to vLLM (model folder, LoRA request for the adapter, sampling
-settings, prompts as token ids without a second BOS) and what comes back into samples.jsonl."""
+"""genssd eval's vLLM path. Against a stand-in `vllm` module (a GPU build's platform): what is
+handed to vLLM (model folder, LoRA request for the adapter, sampling settings, prompts as token ids
+without a second BOS) and what comes back into samples.jsonl. Against real vLLM (its CPU build, in
+the venv `make setup-vllm` makes): the same samples as HF generate, adapter included."""
 
 import importlib.machinery
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 import types
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
-from conftest import save_adapter_of_another_model
+from conftest import ROOT, STUDENT, genssd, save_adapter_of_another_model, train_adapter_on_questions
 from rich.console import Console
 
+from genssd_cli.config import EvalConfig
 from genssd_cli.errors import UsageError
 from genssd_cli.eval import eval_command
+from genssd_cli.vllm_generate import engine_args
 
 
 @dataclass
@@ -57,6 +63,7 @@ def stand_in_vllm(monkeypatch) -> Calls:
         return mod
 
     module("vllm", LLM=LLM, SamplingParams=lambda **kw: types.SimpleNamespace(**kw))
+    module("vllm.platforms", current_platform=types.SimpleNamespace(device_type="cuda"))
     module("vllm.lora")
     module("vllm.lora.request", LoRARequest=lambda name, id_, path: ("lora", name, id_, path))
     return calls
@@ -74,6 +81,7 @@ def test_eval_through_vllm_with_an_adapter(tmp_path, monkeypatch):
                            Console(quiet=True))  # fmt: skip
     assert calls.init["model"] == str(student_model_dir("smollm2-135m-instruct"))
     assert calls.init["enable_lora"] is True and calls.init["max_lora_rank"] == 8  # vLLM's smallest rank
+    assert "enforce_eager" not in calls.init  # the CPU build's defaults stay off a GPU
     assert len(calls.generate) == 2  # 3 problems in batches of 2
     _, params, lora = calls.generate[0]
     assert lora == ("lora", "adapter", 1, str(trained_adapter.resolve()))
@@ -102,7 +110,61 @@ def test_backend_vllm_without_vllm_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="vLLM is not installed"):
         eval_command("smollm2-135m-instruct", None, "gsm8k", 1, 1, tmp_path / "e", None, ["backend=vllm"],
                      Console(quiet=True))  # fmt: skip
-    with pytest.raises(UsageError, match="needs a CUDA device"):
+    with pytest.raises(UsageError, match="this vLLM runs on cuda, not on device cpu"):
         stand_in_vllm(monkeypatch)
         eval_command("smollm2-135m-instruct", None, "gsm8k", 1, 1, tmp_path / "e", None,
                      ["backend=vllm", "device=cpu"], Console(quiet=True))  # fmt: skip
+
+
+def test_engine_args_platform_defaults_then_the_users_own():
+    cfg = EvalConfig(vllm_args={"gpu_memory_utilization": 0.5, "max_model_len": 4096})
+    on_gpu = engine_args("m", None, cfg, "cuda")
+    assert on_gpu == {"model": "m", "dtype": "bfloat16", "seed": 0, "gpu_memory_utilization": 0.5,
+                      "max_model_len": 4096}  # fmt: skip
+    on_cpu = engine_args("m", None, EvalConfig(), "cpu")
+    assert on_cpu["enforce_eager"] is True and on_cpu["gpu_memory_utilization"] == 0.3
+    assert on_cpu["dtype"] == "float32"  # as the HF path: both backends write the same samples
+    assert engine_args("m", None, cfg, "cpu")["gpu_memory_utilization"] == 0.5
+    with pytest.raises(UsageError, match="runs on cpu, not on device cuda"):
+        engine_args("m", None, EvalConfig(device="cuda"), "cpu")
+
+
+def vllm_python() -> Path | None:
+    """The venv with real vLLM (`make setup-vllm`; `make test` passes it as GENSSD_VLLM_PYTHON)."""
+    path = Path(os.environ.get("GENSSD_VLLM_PYTHON") or ROOT / ".venv-vllm/bin/python")
+    return path if path.exists() else None
+
+
+@pytest.mark.slow
+def test_real_vllm_with_an_adapter_writes_what_hf_generate_writes(tmp_path):
+    python = vllm_python()
+    if python is None:
+        if os.environ.get("CI"):
+            pytest.fail("no venv with vLLM: `make test` makes one (make setup-vllm)")
+        pytest.skip("no venv with vLLM (make setup-vllm)")
+    adapter = train_adapter_on_questions(tmp_path)
+    # Default settings but the size: `backend` is not a results setting, so both must write the same.
+    args = ["eval", STUDENT, "--bench", "gsm8k", "--limit", "4", "--set", "max_new_tokens=40",
+            "--set", "batch_size=4"]  # fmt: skip
+    vllm = subprocess.run([str(python), "-m", "genssd_cli", *args, "--adapter", str(adapter),
+                           "--set", "backend=vllm", "--out", str(tmp_path / "vllm")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900)  # fmt: skip
+    assert vllm.returncode == 0, vllm.stderr[-3000:]
+    hf = genssd(*args, "--adapter", str(adapter), "--set", "backend=hf", "--out", str(tmp_path / "hf"))
+    assert hf.returncode == 0, hf.stderr
+    base = genssd(*args, "--set", "backend=hf", "--out", str(tmp_path / "base"))
+    assert base.returncode == 0, base.stderr
+
+    def samples(name: str) -> dict[str, dict]:
+        rows = [json.loads(line) for line in (tmp_path / name / "samples.jsonl").read_text().splitlines()]
+        return {row["problem_id"]: row for row in rows}
+
+    through_vllm, through_hf, untuned = samples("vllm"), samples("hf"), samples("base")
+    assert len(through_vllm) == 4 and through_vllm.keys() == through_hf.keys()
+    for problem_id, row in through_vllm.items():
+        other = through_hf[problem_id]
+        assert {k: row[k] for k in other} == other, problem_id  # text, tokens, limit, answer, verdict
+    # The adapter took effect in vLLM (its LoRA request), not only in HF's peft model.
+    assert any(through_vllm[p]["generation"] != untuned[p]["generation"] for p in untuned)
+    metrics = json.loads((tmp_path / "vllm" / "metrics.json").read_text())
+    assert metrics == json.loads((tmp_path / "hf" / "metrics.json").read_text())
