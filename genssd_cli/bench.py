@@ -307,9 +307,12 @@ def _load_lm(model: str, random_init: str | None, device: str):
     return lm, tokenizer
 
 
-def bench_eval(model: str, random_init: str | None, rows: int, batch_size: int, max_new_tokens: int) -> list[dict]:
-    """`genssd eval`'s generation loop against plain HF `generate` on the same batches of bundled
-    GSM8K prompts, both greedy with the same new-token limit."""
+def bench_eval(
+    model: str, random_init: str | None, rows: int, batch_size: int, max_new_tokens: int, backend: str = "hf"
+) -> list[dict]:
+    """`genssd eval`'s generation loop (HF `generate_batch`, or the vLLM generator with `backend`
+    vllm) against plain HF `generate` on the same batches of bundled GSM8K prompts, both greedy
+    with the same new-token limit."""
     import torch
 
     from genssd_cli.config import DataConfig, EvalConfig
@@ -323,7 +326,7 @@ def bench_eval(model: str, random_init: str | None, rows: int, batch_size: int, 
     prompts = [chat_prompt(tokenizer, render_prompt(template, p.question))
                for p in load_problems(DataConfig(source="gsm8k-test"), rows)]  # fmt: skip
     batches = [prompts[b : b + batch_size] for b in range(0, len(prompts), batch_size)]
-    cfg = EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    cfg = EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, backend=backend)
     eos = set(_as_list(lm.generation_config.eos_token_id or tokenizer.eos_token_id))
 
     def sync() -> None:
@@ -345,12 +348,52 @@ def bench_eval(model: str, random_init: str | None, rows: int, batch_size: int, 
     sync()
     plain = _eval_line("plain_hf_generate", len(prompts), new_tokens, time.perf_counter() - started, device)
 
+    if backend == "vllm":
+        ours, name = _vllm_eval_loop(lm, tokenizer, model, random_init, batches, cfg), "genssd_eval_vllm"
+    else:
+        def ours(batch: list[str]):
+            return generate_batch(lm, tokenizer, batch, cfg, 1, 0)
+
+        name = "genssd_eval"
     started = time.perf_counter()
-    ours_tokens = sum(g.tokens for batch in batches for [g] in generate_batch(lm, tokenizer, batch, cfg, 1, 0))
+    ours_tokens = sum(g.tokens for batch in batches for [g] in ours(batch))
     sync()
-    ours = _eval_line("genssd_eval", len(prompts), ours_tokens, time.perf_counter() - started, device)
-    return [ours, plain, {"bench": "eval", "ratio": "genssd_eval / plain_hf_generate",
-                          "speedup": round(ours["new_tokens_per_s"] / plain["new_tokens_per_s"], 3)}]  # fmt: skip
+    line = _eval_line(name, len(prompts), ours_tokens, time.perf_counter() - started, device)
+    if backend == "vllm":
+        ours.close()
+    return [line, plain, {"bench": "eval", "ratio": f"{name} / plain_hf_generate",
+                          "speedup": round(line["new_tokens_per_s"] / plain["new_tokens_per_s"], 3)}]  # fmt: skip
+
+
+class _VllmLoop:
+    """The vLLM generator over the bench's batches, warmed up like the HF loops."""
+
+    def __init__(self, source: str, batches: list[list[str]], cfg):
+        from genssd_cli.vllm_generate import VllmGenerator, use_vllm
+
+        use_vllm(cfg)  # one line when vLLM is not installed
+        self.generate, self.cfg = VllmGenerator(source, None, cfg), cfg
+        self.generate(batches[0], cfg.model_copy(update={"max_new_tokens": 8}), 1, 0)
+
+    def __call__(self, batch: list[str]):
+        return self.generate(batch, self.cfg, 1, 0)
+
+    def close(self) -> None:
+        self.generate.close()
+
+
+def _vllm_eval_loop(lm, tokenizer, model: str, random_init: str | None, batches, cfg) -> _VllmLoop:
+    """vLLM loads from a folder: the model's own, or the random-init weights saved to one."""
+    import tempfile
+
+    from genssd_cli.models import SHIPPED, student_model_dir
+
+    if random_init is None:
+        return _VllmLoop(str(student_model_dir(model)) if model in SHIPPED else model, batches, cfg)
+    with tempfile.TemporaryDirectory(prefix="genssd-bench-") as folder:
+        lm.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        return _VllmLoop(folder, batches, cfg)  # the weights are loaded before the folder goes
 
 
 def _as_list(value) -> list:

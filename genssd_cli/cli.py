@@ -6,6 +6,7 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
+from typing import Literal
 
 import typer
 from rich.console import Console
@@ -225,12 +226,13 @@ def bench_eval(
     rows: int = typer.Option(16, "--rows", min=1, help="bundled GSM8K prompts"),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+    backend: Literal["hf", "vllm"] = typer.Option("hf", "--backend", help="eval's loop to time: HF or vLLM"),
 ) -> None:
     """`genssd eval`'s generation loop against plain HF generate, same batches, greedy."""
     from genssd_cli.bench import bench_eval as run_bench
     from genssd_cli.bench import print_lines
 
-    print_lines(run_bench(model, random_init, rows, batch_size, max_new_tokens))
+    print_lines(run_bench(model, random_init, rows, batch_size, max_new_tokens, backend))
 
 
 def _resume_command() -> str:
