@@ -9,7 +9,7 @@
 Each stage is the ordinary command on its own directory under OUT, so it resumes the way it does
 alone: a finished run asks the teacher nothing, a finished training is skipped, an interrupted
 one continues from its checkpoint. Re-running the pipeline walks the stages and does only what is
-missing. Stage wall times and outcomes go to OUT/pipeline.json.
+missing. Stage outcomes and wall times (summed over every session) go to OUT/pipeline.json.
 """
 
 from __future__ import annotations
@@ -71,12 +71,16 @@ def pipeline_command(
         raise UsageError(f"cannot write to {out}: {exc.strerror}") from None
     record: dict[str, Any] = {"config": str(config_path), "stages": {}}
     evals, names = stage_names(cfg)
+    earlier = _earlier_stages(out / "pipeline.json")
 
     def stage(name: str, work: Callable[[Path], dict[str, Any]]) -> None:
         console.rule(f"stage {names.index(name) + 1}/{len(names)}: {name}", style="bold")
         started = time.monotonic()
         outcome = work(out / name)
-        record["stages"][name] = {"dir": str(out / name), "wall_s": round(time.monotonic() - started, 1), **outcome}
+        # Time spent on the stage in every session: a stage found done adds its few seconds to
+        # the time the earlier sessions spent doing it, instead of replacing it.
+        wall_s = earlier.get(name, {}).get("wall_s", 0.0) + time.monotonic() - started
+        record["stages"][name] = {"dir": str(out / name), "wall_s": round(wall_s, 1), **outcome}
         record["wall_s"] = round(sum(s["wall_s"] for s in record["stages"].values()), 1)
         (out / "pipeline.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
@@ -127,3 +131,12 @@ def pipeline_command(
     eval_dirs = [out / s for s in names if s.rpartition("/")[2] in evals]
     stage(REPORT, lambda report_dir: report_command(method_runs, eval_dirs, report_dir, console))
     return record
+
+
+def _earlier_stages(path: Path) -> dict[str, dict[str, Any]]:
+    """The stages an earlier session recorded; none when there is no readable record."""
+    try:
+        stages = json.loads(path.read_text(encoding="utf-8")).get("stages", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {name: s for name, s in stages.items() if isinstance(s, dict) and isinstance(s.get("wall_s"), int | float)}

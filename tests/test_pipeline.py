@@ -44,6 +44,11 @@ def test_pipeline_chains_cold_start_run_and_training_and_resumes(tmp_path, fake_
     assert again.returncode == 0, again.stderr
     assert len(server.requests()) == asked
     assert again.stdout.count("nothing to do") == 2 and again.stdout.count("already trained") == 2
+    # The first session's stage times are kept: the second adds only its own (short) time.
+    rerun = json.loads((out / "pipeline.json").read_text())
+    for name, first_stage in record["stages"].items():
+        assert rerun["stages"][name]["wall_s"] >= first_stage["wall_s"], name
+    assert rerun["wall_s"] >= record["wall_s"]
 
 
 def test_pipeline_bad_config_is_one_line(tmp_path):
