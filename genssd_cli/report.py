@@ -20,9 +20,11 @@ from rich.console import Console
 from rich.table import Table
 
 from genssd_cli.errors import RuntimeFailure, UsageError
-from genssd_cli.store import CONFIG, SUMMARY, TRAJECTORIES, read_records
+from genssd_cli.eval_dir import METRICS, SETTINGS, read_eval_settings
+from genssd_cli.records import TrajectoryRow, read_rows, read_summary
+from genssd_cli.store import CONFIG, SUMMARY, TRAJECTORIES
 
-PIPELINE, METRICS, EVAL_SETTINGS = "pipeline.json", "metrics.json", "eval.json"
+PIPELINE = "pipeline.json"
 PLOTS = ("ppl.png", "length.png", "teacher_tokens.png", "accuracy.png")
 
 
@@ -33,7 +35,7 @@ class Column:
 
     label: str
     run: dict[str, Any] | None = None
-    evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # by benchmark
+    evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # by eval dataset
     ppls: list[float] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
 
@@ -45,50 +47,50 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], list[float], list[int]]:
     for name in (TRAJECTORIES, SUMMARY, CONFIG):
         if not (run_dir / name).is_file():
             raise UsageError(f"{run_dir} has no {name}: not a genssd run directory, or no session ended")
-    rows = read_records(run_dir / TRAJECTORIES, "run `genssd run` on it again to rewrite it")
+    rows = read_rows(run_dir / TRAJECTORIES, TrajectoryRow, "run `genssd run` on it again to rewrite it")
+    summary = read_summary(run_dir / SUMMARY)
     try:
-        summary = json.loads((run_dir / SUMMARY).read_text(encoding="utf-8"))
         config = yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8"))
-        ppls = [r["student_ppl"] for r in rows if r["student_ppl"] is not None and math.isfinite(r["student_ppl"])]
-        lengths = [int(r["completion_tokens"]) for r in rows]
-        correct = sum(bool(r["correct"]) for r in rows)
-        teacher, counts = summary["teacher"], summary["trajectories"]
         method, student = config["method"], config["student"]
     except (ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError):
         raise RuntimeFailure(f"{run_dir}: unreadable run files; run `genssd run` on it again to rewrite them") from None
+    ppls = [r.student_ppl for r in rows if r.student_ppl is not None and math.isfinite(r.student_ppl)]
+    lengths = [r.completion_tokens for r in rows]
+    correct = sum(r.correct for r in rows)
+    teacher, counts = summary.teacher, summary.trajectories
     kept, kept_tokens = len(rows), sum(lengths)
-    generated = teacher["completion_tokens"]
+    generated = teacher.completion_tokens
     return {
         "dir": str(run_dir),
         "method": method,
         "student": {"model": student.get("model"), "adapter": student.get("adapter")},
-        "problems": summary["problems"],
-        "problems_sha256": summary.get("problems_sha256"),
+        "problems": summary.problems,
+        "problems_sha256": summary.problems_sha256,
         "kept": kept,
         "correct": correct,
-        "pruned": counts["pruned"],
-        "failed": counts["failed"],
-        "pending": counts["pending"],
-        "truncated": counts["truncated"],
+        "pruned": counts.pruned,
+        "failed": counts.failed,
+        "pending": counts.pending,
+        "truncated": counts.truncated,
         "student_ppl": _centre(ppls),
         "length_tokens": _centre(lengths),
         "teacher_tokens": generated,
         "teacher_tokens_per_kept": round(generated / kept, 2) if kept else None,
         "teacher_tokens_per_kept_token": round(generated / kept_tokens, 3) if kept_tokens else None,
-        "requests": teacher["requests"],
-        "cost": teacher.get("cost"),
-        "wall_s": summary["wall_s"],
+        "requests": teacher.requests,
+        "cost": teacher.cost,
+        "wall_s": summary.wall_s,
     }, ppls, lengths
 
 
 def read_eval(eval_dir: Path) -> dict[str, Any]:
-    for name in (METRICS, EVAL_SETTINGS):
+    for name in (METRICS, SETTINGS):
         if not (eval_dir / name).is_file():
             raise UsageError(f"{eval_dir} has no {name}: not a genssd eval directory, or the eval never finished")
+    settings = read_eval_settings(eval_dir)
     try:
         metrics = json.loads((eval_dir / METRICS).read_text(encoding="utf-8"))
-        settings = json.loads((eval_dir / EVAL_SETTINGS).read_text(encoding="utf-8"))
-        return {"dir": str(eval_dir), "bench": settings["bench"], "adapter": settings["adapter"],
+        return {"dir": str(eval_dir), "dataset": settings["dataset"], "adapter": settings["adapter"],
                 **{k: metrics[k] for k in ("accuracy", "ci95", "problems", "mean_generated_tokens")}}  # fmt: skip
     except (ValueError, KeyError, TypeError):
         raise RuntimeFailure(f"{eval_dir}: unreadable eval files; run `genssd eval` on it again") from None
@@ -157,10 +159,10 @@ def build_columns(run_dirs: list[Path], eval_dirs: list[Path]) -> tuple[list[Col
         info = read_eval(eval_dir)
         owner = _trained_on(info, run_dirs)
         home = base if info["adapter"] is None else columns[owner] if owner is not None else None
-        if home is None or info["bench"] in home.evals:
-            alone.append(Column(f"eval {eval_dir}", evals={info["bench"]: info}))
+        if home is None or info["dataset"] in home.evals:
+            alone.append(Column(f"eval {eval_dir}", evals={info["dataset"]: info}))
         else:
-            home.evals[info["bench"]] = info
+            home.evals[info["dataset"]] = info
     ordered = ([base] if base.evals else []) + list(columns.values()) + alone
     return ordered, _warnings(ordered)
 
@@ -176,9 +178,9 @@ def _warnings(columns: list[Column]) -> list[str]:
     for r in runs:
         if r["pending"] or r["failed"]:
             notes.append(f"{r['dir']}: {r['pending']} pending and {r['failed']} failed trajectories (not finished)")
-    for bench in _benches(columns):
-        if len({c.evals[bench]["problems"] for c in columns if bench in c.evals}) > 1:
-            notes.append(f"the {bench} evals differ in number of problems")
+    for dataset in _datasets(columns):
+        if len({c.evals[dataset]["problems"] for c in columns if dataset in c.evals}) > 1:
+            notes.append(f"the {dataset} evals differ in number of problems")
     return notes
 
 
@@ -204,8 +206,8 @@ def _accuracy(e: dict[str, Any] | None) -> str:
     return f"{100 * e['accuracy']:.1f} %{span}"
 
 
-def _benches(columns: list[Column]) -> list[str]:
-    return list(dict.fromkeys(bench for c in columns for bench in c.evals))
+def _datasets(columns: list[Column]) -> list[str]:
+    return list(dict.fromkeys(dataset for c in columns for dataset in c.evals))
 
 
 def table_rows(columns: list[Column]) -> list[tuple[str, list[str]]]:
@@ -227,12 +229,13 @@ def table_rows(columns: list[Column]) -> list[tuple[str, list[str]]]:
         ("cost", run("cost", 4)),
         ("wall time (s)", run("wall_s", 1)),
     ]
-    for bench in _benches(columns):
-        size = next(c.evals[bench]["problems"] for c in columns if bench in c.evals)
+    for dataset in _datasets(columns):
+        size = next(c.evals[dataset]["problems"] for c in columns if dataset in c.evals)
         rows += [
-            (f"eval accuracy, {bench} ({size} problems, 95 % CI)", [_accuracy(c.evals.get(bench)) for c in columns]),
+            (f"eval accuracy, {dataset} ({size} problems, 95 % CI)",
+             [_accuracy(c.evals.get(dataset)) for c in columns]),
             ("  mean generated tokens",
-             [_fmt(c.evals[bench]["mean_generated_tokens"], 1) if bench in c.evals else "—" for c in columns]),
+             [_fmt(c.evals[dataset]["mean_generated_tokens"], 1) if dataset in c.evals else "—" for c in columns]),
         ]  # fmt: skip
     return rows
 
@@ -294,20 +297,21 @@ def write_plots(columns: list[Column], out: Path) -> list[Path]:
     ax.set_ylabel("teacher tokens generated per kept token")
     save(fig, "teacher_tokens.png")
 
-    benches = _benches(columns)
+    datasets = _datasets(columns)
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * max(1, len(columns)), 4))
-    width = 0.8 / max(1, len(benches))
-    for k, bench in enumerate(benches):
-        at = [(i, c.evals[bench]) for i, c in enumerate(columns) if c.evals.get(bench, {}).get("accuracy") is not None]
+    width = 0.8 / max(1, len(datasets))
+    for k, dataset in enumerate(datasets):
+        at = [(i, c.evals[dataset]) for i, c in enumerate(columns)
+              if c.evals.get(dataset, {}).get("accuracy") is not None]
         acc = [100 * e["accuracy"] for _, e in at]
         ci = [e["ci95"] or [e["accuracy"]] * 2 for _, e in at]
         below = [a - 100 * lo for a, (lo, _) in zip(acc, ci, strict=True)]
         above = [100 * hi - a for a, (_, hi) in zip(acc, ci, strict=True)]
-        ax.bar([i + (k - (len(benches) - 1) / 2) * width for i, _ in at], acc, width, yerr=[below, above],
-               capsize=4, label=bench)  # fmt: skip
+        ax.bar([i + (k - (len(datasets) - 1) / 2) * width for i, _ in at], acc, width, yerr=[below, above],
+               capsize=4, label=dataset)  # fmt: skip
     ax.set_xticks(range(len(columns)), [c.label for c in columns])
     ax.set_ylim(0, 100)
-    if benches:
+    if datasets:
         ax.legend()
     save(fig, "accuracy.png")
     return written

@@ -11,12 +11,13 @@ import fcntl
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import anyio
 
 from genssd_cli.errors import RuntimeFailure, UsageError
+from genssd_cli.records import Event, Record, read_log
 
 EVENTS = "events.jsonl"
 TRAJECTORIES = "trajectories.jsonl"
@@ -24,27 +25,10 @@ FAILURES = "failures.jsonl"
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 LOCK = ".lock"
-SCHEMA_VERSION = 2  # 2: one `response` event per received teacher response
 
 
-def read_events(run_dir: Path) -> list[dict[str, Any]]:
-    return read_records(run_dir / EVENTS, "the log cannot be replayed")
-
-
-def read_records(path: Path, if_corrupt: str) -> list[dict[str, Any]]:
-    """Parse an append-only JSONL file. A torn last line (crash mid-write) is dropped, never
-    fatal; a corrupt line anywhere else means the file was edited or damaged, and we stop rather
-    than guess (`if_corrupt` tells the user what that means)."""
-    if not path.exists():
-        return []
-    lines = path.read_bytes().split(b"\n")
-    records = []
-    for number, line in enumerate(lines[:-1], start=1):
-        try:
-            records.append(json.loads(line))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise RuntimeFailure(f"{path} line {number} is corrupt; {if_corrupt}") from None
-    return records
+def read_events(run_dir: Path) -> list[Event]:
+    return read_log(run_dir / EVENTS)
 
 
 def torn_tail(run_dir: Path) -> bytes:
@@ -110,10 +94,9 @@ class RunStore:
     def log_open(self) -> bool:
         return self._events is not None
 
-    def append(self, event: dict[str, Any]) -> None:
+    def append(self, event: Event) -> None:
         # One write of one whole line, then flush: a crash leaves at most a torn last line.
-        line = json.dumps({"v": SCHEMA_VERSION, **event}, ensure_ascii=False) + "\n"
-        self._events.write(line)
+        self._events.write(event.line())
         self._events.flush()
         self._unsynced = True
         if self._fsync == "record":
@@ -143,8 +126,8 @@ class RunStore:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, self.dir / name)
 
-    def write_jsonl(self, name: str, rows: list[dict[str, Any]]) -> None:
-        self.write_text(name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    def write_jsonl(self, name: str, rows: Sequence[Record]) -> None:
+        self.write_text(name, "".join(row.line() for row in rows))
 
-    def write_json(self, name: str, obj: dict[str, Any]) -> None:
-        self.write_text(name, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    def write_json(self, name: str, record: Record) -> None:
+        self.write_text(name, json.dumps(record.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n")

@@ -149,4 +149,5 @@ def test_unreadable_summary_is_one_line(recorded, tmp_path):
     (recorded / "genssd/run/summary.json").write_text("{not json")
     result = genssd("report", str(recorded), "--out", str(tmp_path / "report"))
     assert result.returncode == 1
-    assert "unreadable run files" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "summary.json: unreadable summary (Invalid JSON" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -1,0 +1,476 @@
+"""The run directory's record format: every event of events.jsonl, the trajectory row (one line of
+trajectories.jsonl), the failure row and summary.json, as typed records with a schema version.
+
+This module is the one contract between the writers (engine, runner) and the readers (replay and
+materialisation, report, train, pipeline, bench). docs/records.md is generated from it
+(`python -m genssd_cli.records > docs/records.md`) and a test fails when the two disagree.
+
+Readers ignore fields they do not know (a newer genssd may add some) and default the fields an
+older genssd of the same format version did not write yet; a log of another format version is
+refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from genssd_cli.errors import RuntimeFailure, UsageError
+
+SCHEMA_VERSION = 2  # 2: one `response` event per received teacher response
+Ending = Literal["stop", "truncated"]
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="ignore", use_attribute_docstrings=True, populate_by_name=True)
+
+    def line(self) -> str:
+        """One JSON line, as written to a .jsonl file."""
+        return json.dumps(self.model_dump(mode="json"), ensure_ascii=False) + "\n"
+
+
+# ---- events.jsonl ---------------------------------------------------------------------------
+
+
+class Event(Record):
+    v: int = SCHEMA_VERSION
+    """Format version of the log (this genssd reads and writes 2)."""
+    type: str
+    """The event's kind; the fields that follow depend on it."""
+
+
+class TeacherServer(Record):
+    pid: int
+    """Process id of the llama.cpp server genssd launched for this session."""
+    port: int
+    """Its port on 127.0.0.1."""
+
+
+class RunStart(Event):
+    """A session began (written once the teacher answered, before any request of the run)."""
+
+    type: Literal["run_start"] = "run_start"
+    config_hash: str
+    """Hash of the settings that change results: a resume with other ones is refused."""
+    settings: dict[str, Any]
+    """Those settings (teacher model and sampling, search, student, prompts, data)."""
+    forced: bool
+    """True when `--force` continued despite changed settings."""
+    limit: int | None
+    """`--limit`, when given."""
+    problems: int
+    """Problems in this session's run."""
+    genssd: str
+    """genssd's version."""
+    time: float
+    """Start, seconds since the epoch."""
+    teacher_server: TeacherServer | None = None
+    """The server launched for this session (`teacher.launch`), else null."""
+
+
+class TrajectoryEvent(Event):
+    problem_id: str
+    """The problem's id in the dataset."""
+    sample: int
+    """Which of the problem's `search.samples` trajectories (0-based)."""
+
+
+class CandidateRecord(Record):
+    text: str
+    """What the teacher wrote."""
+    finish_reason: str
+    """`stop` (the model ended or a stop string matched) or `length` (max_tokens reached)."""
+    tokens: int
+    """Its completion tokens (an even share of the response's usage when the server gives one total)."""
+
+
+class Response(TrajectoryEvent):
+    """One teacher response, logged the moment it arrives (before it is used)."""
+
+    type: Literal["response"] = "response"
+    step: int
+    """The trajectory's step (0 for whole-trajectory methods)."""
+    attempt: int
+    """0, then 1, 2, … for each re-sample of a step whose best candidate was too hard."""
+    start: int
+    """Index of the first candidate this response holds within the step's n."""
+    seed: int
+    """The seed asked for (candidate i of a one-choice-per-request endpoint used seed + i)."""
+    n: int
+    """Choices asked for in this request."""
+    prompt_tokens: int
+    """As billed by the server."""
+    completion_tokens: int
+    """As billed by the server, all choices together."""
+    endpoint: str | None = None
+    """The endpoint that answered (its name in a pool)."""
+    candidates: list[CandidateRecord]
+    """Candidates start, start + 1, …"""
+
+
+class Choice(TrajectoryEvent):
+    """The student's scores of a step's candidates and the one the method kept."""
+
+    type: Literal["choice"] = "choice"
+    step: int
+    """As in `response`."""
+    attempt: int
+    """As in `response`."""
+    chosen: int
+    """Index of the kept candidate (the method's selection rule)."""
+    correct: list[bool] | None = None
+    """Per candidate, whether its answer is right (methods that select on correctness), else null."""
+    ppl: list[float | None]
+    """Per candidate, the student's perplexity of its own tokens given the prompt and the prefix;
+    null when it has no token of its own or was not scored (a single candidate)."""
+    tokens: list[int]
+    """Per candidate, the student tokens the perplexity is over."""
+
+
+class Prune(TrajectoryEvent):
+    """The trajectory ended: even the best candidate stayed above `search.prune_ppl`."""
+
+    type: Literal["prune"] = "prune"
+    step: int
+    """The step that was too hard."""
+    best_ppl: float
+    """The lowest candidate perplexity of its last attempt."""
+
+
+class Message(Record):
+    role: str
+    content: str
+
+
+class TrajectoryRow(Record):
+    """One line of trajectories.jsonl: a TRL conversational prompt-completion row plus what
+    genssd knows about it."""
+
+    problem_id: str
+    """The problem's id."""
+    sample: int
+    """Which of the problem's trajectories."""
+    method: str
+    """The selection method that produced it (`genssd`, `standard-kd`, `posthoc-ppl`)."""
+    prompt: list[Message]
+    """The user turn, rendered with the student prompt template."""
+    completion: list[Message]
+    """The assistant turn: the kept trace, cut at the first stop string."""
+    reference: str
+    """The dataset's answer."""
+    answer: str | None
+    """The answer extracted from the trace (null when none was found)."""
+    correct: bool
+    """The extracted answer matches the reference."""
+    finish: Ending
+    """`stop`: the trace ended; `truncated`: it hit max_steps, max_new_tokens or the teacher's context."""
+    steps: int
+    """Chunks kept (1 for whole-trajectory methods)."""
+    student_ppl: float | None
+    """The student's perplexity of the whole kept completion, scored alone (null: empty)."""
+    teacher_tokens: int
+    """Teacher completion tokens of every candidate received for this trajectory (what was paid)."""
+    completion_tokens: int
+    """Teacher completion tokens of the kept candidates."""
+
+
+class Finish(TrajectoryEvent):
+    """The trajectory ended with a row (finished or truncated)."""
+
+    type: Literal["finish"] = "finish"
+    row: TrajectoryRow
+    """The row trajectories.jsonl gets."""
+
+
+class TrajectoryError(TrajectoryEvent):
+    """The teacher could not serve the trajectory after retries; a resumed run retries it."""
+
+    type: Literal["error"] = "error"
+    step: int
+    """The step it failed at."""
+    error_class: str
+    """`timeout`, `connection`, `http_503`, `malformed`, …"""
+    message: str
+    """What went wrong, in one line."""
+
+
+class EndpointUse(Record):
+    requests: int = 0
+    """Responses received from it in the session."""
+    failures: dict[str, int] = Field(default_factory=dict)
+    """Failed attempts by error class."""
+    sidelined: int = Field(0, validation_alias=AliasChoices("sidelined", "benched"))
+    """Times it was taken out of rotation after failing repeatedly."""
+
+
+class SessionEnd(Event):
+    """A session ended (also after Ctrl-C or a fatal error): how it ended and what it used."""
+
+    type: Literal["session_end"] = "session_end"
+    wall_s: float
+    """The session's wall time."""
+    end: Literal["completed", "stopped", "failed"]
+    """How it ended."""
+    retries: dict[str, int]
+    """Teacher attempts retried, by error class."""
+    teacher_busy_s: float
+    """Integral of teacher requests in flight over time."""
+    max_concurrency: int
+    """Requests allowed in flight, all endpoints together."""
+    endpoints: dict[str, EndpointUse] = Field(default_factory=dict)
+    """Per endpoint."""
+    engine_wall_s: float
+    """Wall time of the engine's loop."""
+    loop_cpu_s: float
+    """CPU time of the event-loop thread (the student runs in another)."""
+    candidates: int
+    """Candidates received in the session."""
+    student_cache_peak_mb: float | None = None
+    """Peak size of the student's prefix caches."""
+
+
+EVENTS: tuple[type[Event], ...] = (RunStart, Response, Choice, Prune, Finish, TrajectoryError, SessionEnd)
+_EVENT = TypeAdapter(Annotated[typing.Union[EVENTS], Field(discriminator="type")])  # noqa: UP007 -- built from a tuple
+
+
+# ---- failures.jsonl -------------------------------------------------------------------------
+
+
+class FailureRow(Record):
+    """One line of failures.jsonl: a trajectory whose latest error was not followed by an end."""
+
+    problem_id: str
+    sample: int
+    step: int
+    error_class: str
+    message: str
+
+
+# ---- summary.json ---------------------------------------------------------------------------
+
+
+class Centre(Record):
+    mean: float | None = None
+    median: float | None = None
+
+
+class TrajectoryCounts(Record):
+    finished: int
+    """Ended with `finish: stop`."""
+    truncated: int
+    """Ended with `finish: truncated`."""
+    pruned: int
+    """Pruned (no row)."""
+    failed: int
+    """Failed after retries and not ended since (in failures.jsonl)."""
+    pending: int
+    """Not ended yet (the run was stopped)."""
+
+
+class Price(Record):
+    input: float
+    """Per million prompt tokens."""
+    output: float
+    """Per million completion tokens."""
+
+
+class EndpointTotals(Record):
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float | None = None
+    failures: dict[str, int] = Field(default_factory=dict)
+    sidelined: int = Field(0, validation_alias=AliasChoices("sidelined", "benched"))
+
+
+class TeacherTotals(Record):
+    requests: int
+    """Responses received (retried attempts are under `retries`)."""
+    prompt_tokens: int
+    """As billed, all sessions."""
+    completion_tokens: int
+    """As billed, all sessions."""
+    candidates: int
+    """Candidates received."""
+    cost: float | None = None
+    """At `teacher.price` (null: no price set)."""
+    price_per_million: Price | None = None
+    """The price the cost was computed with."""
+    endpoints: dict[str, EndpointTotals] = Field(default_factory=dict)
+    """Per endpoint."""
+    retries: dict[str, int] = Field(default_factory=dict)
+    """Attempts retried, by error class."""
+    failures: dict[str, int] = Field(default_factory=dict)
+    """Failed trajectories, by error class."""
+
+
+class KeptStats(Record):
+    student_ppl: Centre
+    """Of the rows' `student_ppl`."""
+    completion_tokens: Centre
+    """Of the rows' `completion_tokens`."""
+
+
+class EngineUse(Record):
+    teacher_busy_fraction: float | None = None
+    """Share of the allowed teacher concurrency kept busy, all sessions."""
+    loop_cpu_ms_per_candidate: float | None = None
+    """The event loop's own CPU time per candidate."""
+    student_cache_peak_mb: float | None = None
+    """Peak size of the student's prefix caches."""
+
+
+class Summary(Record):
+    """summary.json, materialised from events.jsonl at the end of every session."""
+
+    problems: int
+    """Problems in the run."""
+    problems_sha256: str | None = None
+    """Hash of their ids: tells runs of the same problems apart."""
+    trajectories: TrajectoryCounts
+    correct: int
+    """Rows marked correct."""
+    steps: int
+    """Choices recorded."""
+    teacher: TeacherTotals
+    kept: KeptStats
+    engine: EngineUse = Field(default_factory=EngineUse)
+    sessions: int
+    """Sessions (each `genssd run` of the directory)."""
+    wall_s: float
+    """Their wall time, summed."""
+    config_hash: str | None = None
+    """The results hash of the latest session."""
+
+
+# ---- reading --------------------------------------------------------------------------------
+
+
+def parse_jsonl(path: Path, if_corrupt: str) -> list[dict[str, Any]]:
+    """The JSON objects of an append-only JSONL file. A torn last line (crash mid-write) is
+    dropped, never fatal; a corrupt line anywhere else means the file was edited or damaged, and
+    we stop rather than guess (`if_corrupt` tells the user what to do)."""
+    if not path.exists():
+        return []
+    lines = path.read_bytes().split(b"\n")
+    records = []
+    for number, line in enumerate(lines[:-1], start=1):
+        try:
+            records.append(json.loads(line))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RuntimeFailure(f"{path} line {number} is corrupt; {if_corrupt}") from None
+    return records
+
+
+def read_log(path: Path) -> list[Event]:
+    """events.jsonl as typed events. A log of another format version is refused in one line."""
+    events = []
+    for number, raw in enumerate(parse_jsonl(path, "the log cannot be replayed"), start=1):
+        version = raw.get("v") if isinstance(raw, dict) else None
+        if version != SCHEMA_VERSION:
+            raise UsageError(
+                f"this run directory was written by another genssd version (log format {version}, "
+                f"this one reads {SCHEMA_VERSION}); use another --out"
+            )
+        try:
+            events.append(_EVENT.validate_python(raw))
+        except ValidationError as exc:
+            raise RuntimeFailure(f"{path} line {number} is not a genssd record: {_first_error(exc)}") from None
+    return events
+
+
+def read_rows(path: Path, record: type[Record], if_bad: str) -> list[Any]:
+    """A materialised .jsonl file (trajectories, failures) as typed rows."""
+    rows = []
+    for number, raw in enumerate(parse_jsonl(path, if_bad), start=1):
+        try:
+            rows.append(record.model_validate(raw))
+        except ValidationError as exc:
+            raise RuntimeFailure(
+                f"{path} line {number}: not a {record.__name__} ({_first_error(exc)}); {if_bad}"
+            ) from None
+    return rows
+
+
+def read_summary(path: Path) -> Summary:
+    try:
+        return Summary.model_validate_json(path.read_bytes())
+    except (OSError, ValidationError) as exc:
+        reason = _first_error(exc) if isinstance(exc, ValidationError) else exc.strerror
+        raise RuntimeFailure(f"{path}: unreadable summary ({reason}); run `genssd run` on it again") from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(p) for p in error["loc"])
+    return f"{where}: {error['msg']}" if where else error["msg"]
+
+
+# ---- documentation --------------------------------------------------------------------------
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return " \\| ".join(f"`{a}`" for a in typing.get_args(annotation))
+    if origin in (types.UnionType, typing.Union):
+        return " \\| ".join(_type_name(a) for a in typing.get_args(annotation))
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in typing.get_args(annotation))
+        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
+    if annotation is type(None):
+        return "null"
+    if annotation is Any:
+        return "any"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _table(model: type[Record]) -> list[str]:
+    lines = ["| field | type | meaning |", "|---|---|---|"]
+    for name, info in model.model_fields.items():
+        text = " ".join((info.description or "").split())
+        lines.append(f"| `{name}` | {_type_name(info.annotation)} | {text} |")
+    return lines
+
+
+def markdown() -> str:
+    """docs/records.md."""
+    out = [
+        "# The run directory's records",
+        "",
+        "<!-- Generated from genssd_cli/records.py by `python -m genssd_cli.records > docs/records.md`;"
+        " a test fails when they disagree. -->",
+        "",
+        "`events.jsonl` is the source of truth of a run: one JSON object per line, appended and "
+        "flushed as it happens, never rewritten. `trajectories.jsonl`, `failures.jsonl` and "
+        "`summary.json` are materialised from it at the end of every session. Every event carries "
+        f"`v` (the format version, {SCHEMA_VERSION}) and `type`. A genssd that reads another format "
+        "version refuses the directory in one line; fields a reader does not know are ignored.",
+        "",
+        "## Events (events.jsonl)",
+    ]
+    for model in EVENTS:
+        kind = model.model_fields["type"].default
+        out += ["", f"### `{kind}`", "", " ".join((model.__doc__ or "").split()), "", *_table(model)]
+    parts = [
+        ("## Trajectory rows (trajectories.jsonl)", [TrajectoryRow, Message]),
+        ("## Failure rows (failures.jsonl)", [FailureRow]),
+        ("## Summary (summary.json)", [Summary, TrajectoryCounts, TeacherTotals, EndpointTotals, Price, KeptStats,
+                                       Centre, EngineUse]),
+        ("## Nested records of events", [CandidateRecord, TeacherServer, EndpointUse]),
+    ]  # fmt: skip
+    for title, models in parts:
+        out += ["", title]
+        for model in models:
+            doc = " ".join((model.__doc__ or "").split())
+            out += ["", f"### {model.__name__}", *(["", doc] if doc else []), "", *_table(model)]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")
