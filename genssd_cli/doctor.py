@@ -1,6 +1,6 @@
 """`genssd doctor`: what each teacher endpoint really does, before hours are spent on it.
 
-Each probe is one or two tiny requests (a few tokens each), sent the way the run sends its own
+The probes (probes.py) are one or two tiny requests each, sent the way the run sends its own
 (raw completions, or a partial assistant message continued through the chat API). Hard failures
 (unreachable, model not served, the run's own prompt refused, a chat-continue that restarts
 instead of continuing) make the command exit 1; the rest says how genssd adapts (an endpoint that
@@ -19,19 +19,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from genssd_cli.config import RunConfig, TeacherConfig, load_run_config
+from genssd_cli.config import RunConfig, load_run_config
 from genssd_cli.data import load_problems, render_prompt, teacher_template
 from genssd_cli.endpoint import Endpoint, Prompt
 from genssd_cli.errors import RuntimeFailure
+from genssd_cli.probes import continues_verdict, n_honoured, seed_honoured, stops_honoured
 from genssd_cli.teacher import TeacherClient, check_api_keys, error_class
-
-# A model that continues the text completes "10"; one that starts a new answer does not. (Ending
-# on a whole number is not enough: llama.cpp's chat API starts a new turn and still says "9".)
-COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 1"
-COUNT_ASK = "Count from 1 to 20, separated by commas."
-LINES = "red\ngreen\nblue\nred\ngreen\nblue\nred\n"  # the next chunk crosses a newline
-LINES_ASK = "Repeat red, green, blue, one per line, without end."
-STORY, STORY_ASK = "Once upon a time", "Tell me a short story."
 
 
 @dataclass
@@ -41,14 +34,6 @@ class Finding:
     found: str
     then: str  # what genssd does about it, or what to change
     fatal: bool = False  # the run cannot work with this endpoint
-
-
-Verdict = tuple[bool, str, str]  # ok, found, what genssd does about it
-
-
-def probe_prompt(teacher: TeacherConfig, ask: str, text: str) -> Prompt:
-    """`text` to continue: raw in completions mode, the assistant's partial answer to `ask` in chat."""
-    return Prompt("", text) if teacher.mode == "completions" else Prompt(ask, text)
 
 
 async def diagnose(cfg: RunConfig, endpoint: Endpoint, context: int | None) -> list[Finding]:
@@ -82,8 +67,9 @@ async def diagnose(cfg: RunConfig, endpoint: Endpoint, context: int | None) -> l
         return out
     out.append(Finding("completion", True, f"{api} answers ({first.prompt_tokens} prompt tokens)", ""))
 
-    for name, check in (("n > 1 honoured", _n_honoured), ("seed honoured", _seed_honoured),
-                        ("continues the prefix", continues_verdict), ("stop strings honoured", _stops)):  # fmt: skip
+    checks = (("n > 1 honoured", n_honoured), ("seed honoured", seed_honoured),
+              ("continues the prefix", continues_verdict), ("stop strings honoured", stops_honoured))  # fmt: skip
+    for name, check in checks:
         try:
             out.append(Finding(name, *await check(endpoint)))
         except (openai.APIConnectionError, openai.APIStatusError) as exc:
@@ -103,66 +89,6 @@ async def diagnose(cfg: RunConfig, endpoint: Endpoint, context: int | None) -> l
                            f"({first.prompt_tokens} prompt + search.max_new_tokens {cfg.search.max_new_tokens})",
                            "" if fits else "lower search.max_new_tokens or serve a longer context"))  # fmt: skip
     return out
-
-
-async def _n_honoured(endpoint: Endpoint) -> Verdict:
-    try:
-        answer = await endpoint.create(probe_prompt(endpoint.teacher, STORY_ASK, STORY), 3, 4, 1, temperature=1.0)
-    except openai.BadRequestError as exc:
-        return (False, f"asked 3 choices: refused (400: {str(exc)[:80]})",
-                "asked once per candidate (seeds seed+i): same results, n times the requests")  # fmt: skip
-    got = len(answer.candidates)
-    return (got == 3, f"asked 3 choices, got {got}",
-            "one request per step" if got == 3 else
-            "asked once per candidate (seeds seed+i): same results, n times the requests")  # fmt: skip
-
-
-async def _seed_honoured(endpoint: Endpoint) -> Verdict:
-    prompt = probe_prompt(endpoint.teacher, STORY_ASK, STORY)
-    texts = [(await endpoint.create(prompt, 1, 8, s, temperature=1.0)).candidates[0].text for s in (7, 7, 8)]
-    same, varies = texts[0] == texts[1], texts[0] != texts[2]
-    found = ("same seed, same text; another seed, another" if same and varies else
-             "same seed, same text, but another seed too: sampling looks off" if same else "same seed, other text")
-    then = "" if same and varies else "resume still never asks twice (responses are logged); a fresh rerun differs"
-    return same and varies, found, then  # fmt: skip
-
-
-async def continues_verdict(endpoint: Endpoint) -> Verdict:
-    teacher = endpoint.teacher
-    answer = await endpoint.create(probe_prompt(teacher, COUNT_ASK, COUNTING), 1, 4, 0, temperature=0.0, stop=[])
-    counted = answer.candidates[0].text
-    continues = counted.startswith("0")
-    if teacher.mode == "completions":
-        advice = ("it restarts or ignores the text: Gen-SSD needs an endpoint that continues a partial "
-                  "trace (a base or completions-capable model)")  # fmt: skip
-    else:
-        other = "prefix" if teacher.prefill == "continue_final_message" else "continue_final_message"
-        advice = (f"the partial assistant message was not continued (prefill {teacher.prefill}): "
-                  f"try teacher.prefill: {other}, or teacher.mode: completions with the teacher's chat template")
-    return continues, f"{COUNTING!r} -> {counted!r}", "" if continues else advice
-
-
-async def _stops(endpoint: Endpoint) -> Verdict:
-    prompt = probe_prompt(endpoint.teacher, LINES_ASK, LINES)
-    lines = (await endpoint.create(prompt, 1, 12, 0, temperature=0.0, stop=["\n"])).candidates[0].text
-    stops = "\n" not in lines
-    return (stops, f"stop ['\\n'] -> {lines!r}",
-            "" if stops else "genssd cuts at teacher.stop itself; the tokens past it are still paid for")
-
-
-async def preflight(teacher: TeacherClient) -> None:
-    """`genssd run` in chat-continue mode: one 4-token request per reachable endpoint proves that
-    a partial assistant message is continued, not answered anew; refuse the run otherwise."""
-    now = time.monotonic()
-    for endpoint in (e for e in teacher.endpoints if e.healthy(now)):
-        try:
-            ok, found, advice = await continues_verdict(endpoint)
-        except openai.BadRequestError as exc:
-            ok, found, advice = False, f"refused (400: {str(exc)[:80]})", "run genssd doctor CONFIG"
-        if not ok:
-            raise RuntimeFailure(f"teacher {endpoint.base_url} does not continue a partial trace in chat-continue mode "
-                                 f"({found}): {advice}; genssd doctor CONFIG tells more "
-                                 "(teacher.preflight: false skips this check)")  # fmt: skip
 
 
 def render(findings: list[Finding], endpoint: Endpoint, model: str, mode: str) -> Table:

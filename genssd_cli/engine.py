@@ -7,8 +7,13 @@ The loop is deterministic given the teacher's responses and the student's scores
 logged before they are used. Resuming walks the same loop with the log as a cache: nothing that
 was received is asked for again, nothing that was scored is scored again.
 
-A stop request (first Ctrl-C / SIGTERM) lets requests in flight finish and be recorded, then
-each trajectory returns at its next teacher request, leaving no record: it is simply resumed.
+A stop request (first Ctrl-C / SIGTERM, or max_cost reached: `RunControl`) lets requests in
+flight finish and be recorded, then each trajectory returns at its next teacher request, leaving
+no record: it is simply resumed.
+
+The method's selection rule (methods.py) is the only place a candidate is chosen: the engine asks
+it, and hands it to the scorer with each step so the scorer keeps the chosen candidate's cache.
+Every record goes to the log as a typed record (records.py).
 
 The baselines (methods.py) run through the same engine as one step of whole trajectories, so
 they share the teacher client, the log, resume and the records.
@@ -23,13 +28,24 @@ import anyio
 
 from genssd_cli.answers import answers_match, extract_answer
 from genssd_cli.config import RunConfig
+from genssd_cli.control import RunControl
 from genssd_cli.data import Problem, render_prompt
 from genssd_cli.errors import ContextTooLong, StopRequested, TeacherUnavailable
 from genssd_cli.methods import METHODS
+from genssd_cli.records import (
+    CandidateRecord,
+    Choice,
+    Finish,
+    Message,
+    Prune,
+    Response,
+    TrajectoryError,
+    TrajectoryRow,
+)
 from genssd_cli.results import Replay
 from genssd_cli.scoring_queue import ScoringQueue
 from genssd_cli.store import RunStore
-from genssd_cli.student import Score, ScoreRequest, lowest_ppl
+from genssd_cli.student import Score, ScoreRequest
 from genssd_cli.teacher import Candidate, Prompt, TeacherClient, TeacherPart, request_seed
 from genssd_cli.ui import RunStats
 
@@ -47,8 +63,10 @@ class Trajectory:
     def key(self) -> tuple[str, int]:
         return (self.problem.id, self.sample)
 
-    def event(self, kind: str, **fields) -> dict:
-        return {"type": kind, "problem_id": self.problem.id, "sample": self.sample, **fields}
+    @property
+    def ids(self) -> dict[str, str | int]:
+        """The fields every record of this trajectory starts with."""
+        return {"problem_id": self.problem.id, "sample": self.sample}
 
 
 class Engine:
@@ -61,7 +79,7 @@ class Engine:
         stats: RunStats,
         teacher_template: str,
         replay: Replay,
-        stop: anyio.Event,
+        control: RunControl,
     ):
         self.cfg = cfg
         self.search = cfg.search
@@ -72,7 +90,8 @@ class Engine:
         self.stats = stats
         self.teacher_template = teacher_template
         self.replay = replay
-        self.stop = stop
+        self.control = control
+        self.stop = control.stop
         self.method = METHODS[cfg.method]
 
     async def run(self, problems: list[Problem]) -> None:
@@ -116,12 +135,11 @@ class Engine:
                 for attempt in range(search.retries + 1):
                     prompt = Prompt(teacher_prompt, t.text)
                     candidates = await self._candidates(t, attempt, prompt, max_tokens, search.n)
-                    scores = await self._choose(t, attempt, student_prompt + t.text, candidates)
-                    best = lowest_ppl(scores)
+                    scores, best = await self._choose(t, attempt, student_prompt + t.text, candidates)
                     if not self._too_hard(scores[best].ppl):
                         break
                 else:
-                    self.store.append(t.event("prune", step=t.steps, best_ppl=scores[best].ppl))
+                    self.store.append(Prune(**t.ids, step=t.steps, best_ppl=scores[best].ppl))
                     self.stats.pruned += 1
                     return
                 if self._accept(t, candidates[best], scores[best].ppl):
@@ -131,7 +149,7 @@ class Engine:
         except ContextTooLong:
             return await self._finish(t, "truncated")
         except TeacherUnavailable as exc:
-            self.store.append(t.event("error", step=t.steps, error_class=exc.error_class, message=str(exc)))
+            self.store.append(TrajectoryError(**t.ids, step=t.steps, error_class=exc.error_class, message=str(exc)))
             self.stats.failed += 1
             self.stats.failures.update([exc.error_class])
         finally:
@@ -148,7 +166,7 @@ class Engine:
     async def _choose_whole(self, t: Trajectory, context: str, candidates: list[Candidate]) -> int:
         recorded = self.replay.choices.get((*t.key, 0, 0))
         if recorded is not None:
-            return recorded["chosen"]
+            return recorded.chosen
         texts = [self._until_stop(c.text) for c in candidates]
         if self.method.uses_n:
             scores = await self.scoring.score(ScoreRequest(context, texts))
@@ -159,11 +177,7 @@ class Engine:
             for text in texts:
                 correct.append(await anyio.to_thread.run_sync(answers_match, t.problem.reference, extract_answer(text)))
         best = self.method.select([s.ppl for s in scores], correct)
-        self.store.append(t.event(
-            "choice", step=0, attempt=0, chosen=best, correct=correct or None,
-            ppl=[s.ppl if math.isfinite(s.ppl) else None for s in scores],
-            tokens=[s.tokens for s in scores],
-        ))  # fmt: skip
+        self.store.append(_choice(t, 0, 0, best, scores, correct or None))
         return best
 
     def _until_stop(self, text: str) -> str:
@@ -190,12 +204,12 @@ class Engine:
             self.stats.teacher_tokens += part.completion_tokens
 
         def receive(part: TeacherPart) -> None:
-            self.store.append(t.event(
-                "response", step=t.steps, attempt=attempt, start=part.start, seed=part.seed, n=part.n,
+            self.store.append(Response(
+                **t.ids, step=t.steps, attempt=attempt, start=part.start, seed=part.seed, n=part.n,
                 prompt_tokens=part.prompt_tokens, completion_tokens=part.completion_tokens,
                 endpoint=part.endpoint,
                 candidates=[
-                    {"text": c.text, "finish_reason": c.finish_reason, "tokens": c.completion_tokens}
+                    CandidateRecord(text=c.text, finish_reason=c.finish_reason, tokens=c.completion_tokens)
                     for c in part.candidates
                 ],
             ))  # fmt: skip
@@ -204,9 +218,9 @@ class Engine:
 
         for event in self.replay.responses.get(key, []):
             absorb(TeacherPart(
-                event["start"], event["seed"], event["n"],
-                [Candidate(c["text"], c["finish_reason"], c["tokens"]) for c in event["candidates"]],
-                event["prompt_tokens"], event["completion_tokens"],
+                event.start, event.seed, event.n,
+                [Candidate(c.text, c.finish_reason, c.tokens) for c in event.candidates],
+                event.prompt_tokens, event.completion_tokens,
             ))  # fmt: skip
         if len(have) < n:
             if self.stop.is_set():
@@ -215,31 +229,24 @@ class Engine:
             await self.teacher.sample(prompt, n, max_tokens, seed, have, receive)
         return [have[i] for i in range(n)]
 
-    async def _choose(self, t: Trajectory, attempt: int, context: str, candidates: list[Candidate]) -> list[Score]:
+    async def _choose(
+        self, t: Trajectory, attempt: int, context: str, candidates: list[Candidate]
+    ) -> tuple[list[Score], int]:
+        """The step's scores and the kept candidate: recorded, or scored now and recorded."""
         recorded = self.replay.choices.get((*t.key, t.steps, attempt))
         if recorded is not None:
-            return [
-                Score(math.inf if p is None else p, n) for p, n in zip(recorded["ppl"], recorded["tokens"], strict=True)
-            ]
+            ppls = [math.inf if p is None else p for p in recorded.ppl]
+            return [Score(p, n) for p, n in zip(ppls, recorded.tokens, strict=True)], recorded.chosen
         texts = [c.text for c in candidates]
-        scores = await self.scoring.score(ScoreRequest(context, texts, key=t.key))
-        best = lowest_ppl(scores)
-        self.store.append(t.event(
-            "choice", step=t.steps, attempt=attempt, chosen=best,
-            ppl=[s.ppl if math.isfinite(s.ppl) else None for s in scores],
-            tokens=[s.tokens for s in scores],
-        ))  # fmt: skip
-        return scores
+        scores = await self.scoring.score(ScoreRequest(context, texts, key=t.key, keep=self.method.select))
+        best = self.method.select([s.ppl for s in scores])
+        self.store.append(_choice(t, t.steps, attempt, best, scores))
+        return scores, best
 
     def _pay(self, part: TeacherPart) -> None:
-        price, limit = self.cfg.teacher.price_of(part.endpoint), self.cfg.max_cost
-        if price is None:
-            return
-        self.stats.cost += price.cost(part.prompt_tokens, part.completion_tokens)
-        if limit is not None and self.stats.cost >= limit and not self.stop.is_set():
-            # As a first Ctrl-C: nothing new is sent; what is in flight is received and logged.
-            self.stats.budget_reached = self.stats.stopping = True
-            self.stop.set()
+        price = self.cfg.teacher.price_of(part.endpoint)
+        if price is not None:
+            self.control.pay(price.cost(part.prompt_tokens, part.completion_tokens))
 
     def _accept(self, t: Trajectory, chosen: Candidate, ppl: float) -> bool:
         """Append the chosen chunk; True when the trajectory is complete."""
@@ -265,34 +272,41 @@ class Engine:
             self.stats.add_ppl(whole.ppl)
         answer = extract_answer(t.text)
         correct = await anyio.to_thread.run_sync(answers_match, t.problem.reference, answer)
-        row = {
-            "problem_id": t.problem.id,
-            "sample": t.sample,
-            "method": self.cfg.method,
-            "prompt": [{"role": "user", "content": self.scorer.user_message(t.problem.question)}],
-            "completion": [{"role": "assistant", "content": t.text}],
-            "reference": t.problem.reference,
-            "answer": answer,
-            "correct": correct,
-            "finish": finish,
-            "steps": t.steps,
-            "student_ppl": round(whole.ppl, 6) if math.isfinite(whole.ppl) else None,
-            "teacher_tokens": t.teacher_tokens,
-            "completion_tokens": t.kept_tokens,
-        }
-        self.store.append(t.event("finish", row=row))
-        self._count_end({"type": "finish", "row": row})
+        row = TrajectoryRow(
+            **t.ids,
+            method=self.cfg.method,
+            prompt=[Message(role="user", content=self.scorer.user_message(t.problem.question))],
+            completion=[Message(role="assistant", content=t.text)],
+            reference=t.problem.reference,
+            answer=answer,
+            correct=correct,
+            finish=finish,
+            steps=t.steps,
+            student_ppl=round(whole.ppl, 6) if math.isfinite(whole.ppl) else None,
+            teacher_tokens=t.teacher_tokens,
+            completion_tokens=t.kept_tokens,
+        )
+        event = Finish(**t.ids, row=row)
+        self.store.append(event)
+        self._count_end(event)
 
-    def _count_end(self, event: dict) -> None:
-        if event["type"] == "prune":
+    def _count_end(self, event: Finish | Prune) -> None:
+        if isinstance(event, Prune):
             self.stats.pruned += 1
             return
-        row = event["row"]
-        if row["finish"] == "stop":
+        if event.row.finish == "stop":
             self.stats.finished += 1
         else:
             self.stats.truncated += 1
-        self.stats.correct += bool(row["correct"])
+        self.stats.correct += event.row.correct
+
+
+def _choice(
+    t: Trajectory, step: int, attempt: int, chosen: int, scores: list[Score], correct: list[bool] | None = None
+) -> Choice:
+    return Choice(**t.ids, step=step, attempt=attempt, chosen=chosen, correct=correct,
+                  ppl=[s.ppl if math.isfinite(s.ppl) else None for s in scores],
+                  tokens=[s.tokens for s in scores])  # fmt: skip
 
 
 def _longest(stops: list[str]) -> int:

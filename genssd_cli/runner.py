@@ -23,11 +23,13 @@ from rich.console import Console
 
 from genssd_cli import __version__
 from genssd_cli.config import RunConfig, dump_config_yaml, load_run_config, results_settings, settings_hash
+from genssd_cli.control import RunControl
 from genssd_cli.data import Problem, load_problems, load_prompt, teacher_template
-from genssd_cli.doctor import preflight
 from genssd_cli.engine import Engine
 from genssd_cli.errors import BudgetReached, Interrupted, UsageError, unwrap_group
 from genssd_cli.launch import LocalServer, launched
+from genssd_cli.probes import preflight
+from genssd_cli.records import EndpointUse, RunStart, SessionEnd, Summary, TeacherServer
 from genssd_cli.results import Replay, all_ended, check_resume, failure_rows, spent, summarize, trajectory_rows
 from genssd_cli.scoring_queue import ScoringQueue
 from genssd_cli.store import CONFIG, FAILURES, SUMMARY, TRAJECTORIES, RunStore, read_events
@@ -48,7 +50,7 @@ def run_command(
     force: bool,
     console: Console,
     resume_hint: str,
-) -> dict:
+) -> Summary:
     cfg = load_run_config(config_path, overrides)
     problems = load_problems(cfg.data, limit)
     teacher_prompt = teacher_template(cfg.prompts, cfg.teacher)
@@ -85,21 +87,20 @@ def run_command(
             server.wait_ready()
         base_url = server.base_url if server else cfg.teacher.base_url
         teacher = TeacherClient(cfg.teacher, base_url)
-        stats = RunStats(problems_total=len(problems), retries=teacher.retries, cost=already, max_cost=cfg.max_cost,
-                         endpoints=teacher.health if len(teacher.endpoints) > 1 else None)
+        stats = RunStats(problems_total=len(problems), retries=teacher.retries,
+                         endpoints=teacher.health if len(teacher.endpoints) > 1 else None)  # fmt: skip
 
-        def begin(stop: anyio.Event) -> Engine:
+        def begin(control: RunControl) -> Engine:
             """Called once the teacher answered: only now does the run directory change."""
             store.open_log()
-            store.append({
-                "type": "run_start", "config_hash": config_hash, "settings": settings,
-                "forced": force, "limit": limit, "problems": len(problems),
-                "genssd": __version__, "time": time.time(),
-                "teacher_server": {"pid": server.process.pid, "port": server.port} if server else None,
-            })  # fmt: skip
+            store.append(RunStart(
+                config_hash=config_hash, settings=settings, forced=force, limit=limit, problems=len(problems),
+                genssd=__version__, time=time.time(),
+                teacher_server=TeacherServer(pid=server.process.pid, port=server.port) if server else None,
+            ))  # fmt: skip
             store.write_text(CONFIG, dump_config_yaml(cfg, config_hash))
             replay = Replay(events)
-            return Engine(cfg, teacher, ScoringQueue(scorer), store, stats, teacher_prompt, replay, stop)
+            return Engine(cfg, teacher, ScoringQueue(scorer), store, stats, teacher_prompt, replay, control)
 
         def abort() -> None:
             """Second signal: no draining. Every logged line is already whole."""
@@ -113,31 +114,30 @@ def run_command(
         loop = {"cpu_s": 0.0}
         try:
             try:
-                stopped = anyio.run(_session, teacher, begin, store, problems, stats, console, cfg, abort, loop)
+                control = anyio.run(_session, teacher, begin, store, problems, stats, console, cfg, abort, loop,
+                                    already)  # fmt: skip
             except BaseExceptionGroup as group_error:
                 raise unwrap_group(group_error) from None
             finally:
                 signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # the loop reset it
-            end = "stopped" if stopped else "completed"
+            end = "stopped" if control.stopping else "completed"
         except KeyboardInterrupt:
             end = "stopped"
             raise
         finally:
             if store.log_open:
-                store.append({
-                    "type": "session_end", "wall_s": round(time.monotonic() - started, 3),
-                    "end": end, "retries": dict(teacher.retries),
+                store.append(SessionEnd(
+                    wall_s=round(time.monotonic() - started, 3), end=end, retries=dict(teacher.retries),
                     # How well the engine kept the teacher busy, and what its own loop cost.
-                    "teacher_busy_s": round(teacher.busy_s, 3), "max_concurrency": teacher.max_concurrency,
-                    "endpoints": teacher.endpoint_stats(),
-                    "engine_wall_s": round(loop.get("wall_s", 0.0), 3), "loop_cpu_s": round(loop["cpu_s"], 3),
-                    "candidates": stats.candidates,
-                    "student_cache_peak_mb": scorer.peak_cache_mb,
-                })  # fmt: skip
+                    teacher_busy_s=round(teacher.busy_s, 3), max_concurrency=teacher.max_concurrency,
+                    endpoints={name: EndpointUse(**use) for name, use in teacher.endpoint_stats().items()},
+                    engine_wall_s=round(loop.get("wall_s", 0.0), 3), loop_cpu_s=round(loop["cpu_s"], 3),
+                    candidates=stats.candidates, student_cache_peak_mb=scorer.peak_cache_mb,
+                ))  # fmt: skip
                 summary = _materialise(store, problems, cfg)
     if end == "stopped":
-        if stats.budget_reached:
-            raise BudgetReached(_over_budget(stats.cost, cfg.max_cost))
+        if control.reason == "budget":
+            raise BudgetReached(_over_budget(control.spent, cfg.max_cost))
         raise Interrupted("stopped")
     return summary
 
@@ -149,7 +149,7 @@ def _over_budget(cost: float, limit: float) -> str:
 
 async def _session(
     teacher: TeacherClient,
-    begin: Callable[[anyio.Event], Engine],
+    begin: Callable[[RunControl], Engine],
     store: RunStore,
     problems: list[Problem],
     stats: RunStats,
@@ -157,40 +157,41 @@ async def _session(
     cfg: RunConfig,
     abort: Callable[[], None],
     loop: dict[str, float],
-) -> bool:
-    """The whole asynchronous part of a run; True when it was stopped by a signal. `loop` gets
-    the engine's wall time and the CPU time of the event-loop thread (scoring runs elsewhere)."""
-    stop = anyio.Event()
-    teacher.stop = stop
+    already_spent: float | None,
+) -> RunControl:
+    """The whole asynchronous part of a run; returns its control (stopped or not, and why).
+    `loop` gets the engine's wall time and the CPU time of the event-loop thread (scoring runs
+    elsewhere)."""
+    control = RunControl(anyio.Event(), spent=already_spent, max_cost=cfg.max_cost)
+    teacher.stop = control.stop
     try:
         async with anyio.create_task_group() as helpers:
-            helpers.start_soon(_watch_signals, stop, stats, console, abort)
+            helpers.start_soon(_watch_signals, control, console, abort)
             for warning in await teacher.check():
                 console.print(f"warning: {warning}")
             if cfg.teacher.preflight and cfg.teacher.mode == "chat-continue":
                 await preflight(teacher)
-            engine = begin(stop)
+            engine = begin(control)
             helpers.start_soon(store.sync_every_interval)
             cpu, wall = time.thread_time(), time.monotonic()
             teacher.busy_s = 0.0
             try:
-                async with progress_display(stats, console, cfg.engine.progress_interval_s):
+                async with progress_display(stats, control, console, cfg.engine.progress_interval_s):
                     await engine.run(problems)
             finally:
                 loop["cpu_s"], loop["wall_s"] = time.thread_time() - cpu, time.monotonic() - wall
             helpers.cancel_scope.cancel()
     finally:
         await teacher.aclose()
-    return stop.is_set()
+    return control
 
 
-async def _watch_signals(stop: anyio.Event, stats: RunStats, console: Console, abort: Callable[[], None]) -> None:
+async def _watch_signals(control: RunControl, console: Console, abort: Callable[[], None]) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for _ in signals:
-            if stop.is_set():
+            if control.stopping:
                 abort()
-            stop.set()
-            stats.stopping = True
+            control.request_stop("signal")
             console.print("stopping: finishing the requests in flight (Ctrl-C again to stop at once) …")
 
 
@@ -208,7 +209,7 @@ def _sigterm_as_keyboard_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _materialise(store: RunStore, problems: list[Problem], cfg: RunConfig) -> dict:
+def _materialise(store: RunStore, problems: list[Problem], cfg: RunConfig) -> Summary:
     events = read_events(store.dir)
     store.write_jsonl(TRAJECTORIES, trajectory_rows(events, problems))
     store.write_jsonl(FAILURES, failure_rows(events))

@@ -14,11 +14,13 @@ trajectory's prefix KV cache (kv_cache.py), so a step computes only its candidat
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from genssd_cli.data import render_prompt
 from genssd_cli.kv_cache import (
+    KV,
     PrefixCache,
     PrefixEntry,
     cache_argument,
@@ -28,7 +30,8 @@ from genssd_cli.kv_cache import (
     supports_prefix_cache,
     to_cache,
 )
-from genssd_cli.methods import lowest_index
+
+Select = Callable[[Sequence[float]], int]  # a method's selection rule: candidate PPLs -> the kept index
 
 
 @dataclass(frozen=True)
@@ -36,12 +39,58 @@ class ScoreRequest:
     context: str  # student prompt + accepted prefix
     candidates: list[str]
     key: Any = None  # the trajectory, whose prefix cache may be used; None: score from scratch
+    keep: Select | None = None  # with a key: the rule that picks the candidate the trajectory continues with
+
+    def __post_init__(self) -> None:
+        if self.key is not None and self.keep is None:
+            raise ValueError("a request that names its trajectory needs the method's selection rule (keep)")
 
 
 @dataclass(frozen=True)
 class Score:
     ppl: float  # inf when the candidate has no tokens of its own
     tokens: int
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """A candidate as the student reads it: the ids of context + candidate, and the index of the
+    candidate's first own token (a token merged across the seam counts as the candidate's)."""
+
+    ids: list[int]
+    start: int
+
+    @property
+    def own(self) -> int:
+        return len(self.ids) - self.start
+
+
+@dataclass(frozen=True)
+class Step:
+    """One trajectory's step for the cached path: its context ids and candidates, and the rule
+    that says which candidate's keys and values become the next step's prefix."""
+
+    key: Any
+    context: list[int]
+    candidates: list[Tokenized]
+    keep: Select
+
+    @property
+    def shared(self) -> int:
+        """Positions every candidate shares, less one: that token is fed again with the
+        candidates so that its logits score each candidate's first token. At a seam (the chunk
+        merged with the prefix's last token) this rolls the cache back."""
+        return min(c.start for c in self.candidates) - 1
+
+    @property
+    def width(self) -> int:
+        return max(len(c.ids) for c in self.candidates) - self.shared
+
+
+@dataclass
+class _Prepared:
+    step: Step
+    kv: KV | None  # the prefix's keys and values for step.shared positions (batch 1)
 
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:
@@ -58,11 +107,6 @@ def default_batch_tokens(device: str, configured: int | None) -> int:
     if configured is not None:
         return configured
     return 8192 if device == "cuda" else 512
-
-
-def lowest_ppl(scores: list[Score]) -> int:
-    """The selection rule: the candidate the student finds easiest (first one on ties)."""
-    return lowest_index([s.ppl for s in scores])
 
 
 class StudentScorer:
@@ -120,66 +164,72 @@ class StudentScorer:
         results: list[list[Score] | None] = [None] * len(requests)
         naive = [i for i, r in enumerate(requests) if r.key is None or self.cache is None]
         cached = [i for i in range(len(requests)) if i not in naive]
-        steps = [(requests[i].key, *self._tokenize(requests[i])) for i in cached]
-        for i, scores in zip(cached, self.score_steps_cached(steps), strict=True):
+        steps = [self._step(requests[i]) for i in cached]
+        for i, scores in zip(cached, self.score_steps(steps), strict=True):
             results[i] = scores
         for i, scores in zip(naive, self.score_naive([requests[i] for i in naive]), strict=True):
             results[i] = scores
         return results
 
-    def _tokenize(self, request: ScoreRequest) -> tuple[list[int], list[tuple[list[int], int]]]:
-        """Context ids, and per candidate (ids of context+candidate, index of its first own token)."""
+    def _tokenize(self, request: ScoreRequest) -> tuple[list[int], list[Tokenized]]:
+        """Context ids, and each candidate tokenized after the context."""
         context = self._encode(request.context)
-        sequences = []
+        candidates = []
         for text in request.candidates:
             full = self._encode(request.context + text)
-            sequences.append((full, max(common_prefix_len(context, full), 1)))
-        return context, sequences
+            candidates.append(Tokenized(full, max(common_prefix_len(context, full), 1)))
+        return context, candidates
 
-    def score_steps_cached(self, steps: list[tuple[Any, list[int], list[tuple[list[int], int]]]]) -> list[list[Score]]:
+    def _step(self, request: ScoreRequest) -> Step:
+        context, candidates = self._tokenize(request)
+        return Step(request.key, context, candidates, request.keep)
+
+    def prefill(self, key: Any, ids: list[int]) -> None:
+        """Compute and keep the prefix cache of `ids` for a trajectory, as if earlier steps had
+        built it (genssd bench scoring starts its timing from there)."""
+        import torch
+
+        with torch.inference_mode():
+            self.cache.put(key, PrefixEntry(list(ids), self._extend(None, ids, 0)))
+
+    def score_steps(self, steps: list[Step]) -> list[list[Score]]:
         """Steps of many trajectories, their candidates batched into forwards under the token budget."""
         results: list[list[Score]] = []
-        group: list = []
+        group: list[Step] = []
         rows = width = 0
         for step in steps:
-            shared = min(start for _, start in step[2]) - 1
-            step_width = max(len(full) for full, _ in step[2]) - shared
-            if group and (rows + len(step[2])) * max(width, step_width) > self.batch_tokens:
+            if group and (rows + len(step.candidates)) * max(width, step.width) > self.batch_tokens:
                 results.extend(self._forward_steps(group))
                 group, rows, width = [], 0, 0
             group.append(step)
-            rows += len(step[2])
-            width = max(width, step_width)
+            rows += len(step.candidates)
+            width = max(width, step.width)
         if group:
             results.extend(self._forward_steps(group))
         return results
 
-    def _forward_steps(self, steps) -> list[list[Score]]:
+    def _forward_steps(self, steps: list[Step]) -> list[list[Score]]:
         import torch
 
-        prepared = []  # (key, shared, prefix kv, sequences)
+        prepared: list[_Prepared] = []
         with torch.inference_mode():
-            for key, context, sequences in steps:
-                # Positions every candidate shares, less one: that token is fed again with the
-                # candidates so that its logits score each candidate's first token. At a seam
-                # (the chunk merged with the prefix's last token) this rolls the cache back.
-                shared = min(start for _, start in sequences) - 1
-                entry = self.cache.get(key)
-                reused = common_prefix_len(entry.ids, context[:shared]) if entry else 0
+            for step in steps:
+                shared = step.shared
+                entry = self.cache.get(step.key)
+                reused = common_prefix_len(entry.ids, step.context[:shared]) if entry else 0
                 kv = slice_kv(entry.kv, 0, reused) if reused else None
                 if reused < shared:  # new prefix tokens (a seam), or all of them after an eviction
-                    kv = self._extend(kv, context[reused:shared], reused)
-                prepared.append((key, shared, kv, sequences))
+                    kv = self._extend(kv, step.context[reused:shared], reused)
+                prepared.append(_Prepared(step, kv))
             # One padded batch: each row is [left pad | its prefix (cached) | candidate | right pad].
-            span = max(shared for _, shared, _, _ in prepared)
-            owners = [(i, full) for i, (_, _, _, sequences) in enumerate(prepared) for full, _ in sequences]
-            width = max(len(full) - prepared[i][1] for i, full in owners)
+            span = max(p.step.shared for p in prepared)
+            owners = [(p.step.shared, c) for p in prepared for c in p.step.candidates]
+            width = max(len(c.ids) - shared for shared, c in owners)
             ids = torch.full((len(owners), width), self.tokenizer.pad_token_id, dtype=torch.long)
             mask = torch.zeros((len(owners), span + width), dtype=torch.long)
             positions = torch.zeros((len(owners), width), dtype=torch.long)
-            for r, (i, full) in enumerate(owners):
-                shared = prepared[i][1]
-                row = full[shared:]
+            for r, (shared, candidate) in enumerate(owners):
+                row = candidate.ids[shared:]
                 ids[r, : len(row)] = torch.tensor(row)
                 mask[r, span - shared : span + len(row)] = 1
                 positions[r] = torch.arange(shared, shared + width)
@@ -193,49 +243,50 @@ class StudentScorer:
             self.forward_tokens += ids.numel()
             cache_out = from_cache(output_cache(out))
             results, r = [], 0
-            for key, shared, _, sequences in prepared:
-                scores = []
-                for full, start in sequences:
-                    count = len(full) - start
-                    if count == 0:
+            for p in prepared:
+                shared, scores = p.step.shared, []
+                for candidate in p.step.candidates:
+                    if candidate.own == 0:
                         scores.append(Score(math.inf, 0))
                     else:
-                        first = start - shared - 1  # logits at index k predict the token after it
-                        logprobs = torch.log_softmax(out.logits[r, first : first + count].float(), dim=-1)
-                        targets = torch.tensor(full[start:], device=logprobs.device)
+                        first = candidate.start - shared - 1  # logits at index k predict the token after it
+                        logits = out.logits[r, first : first + candidate.own].float()
+                        logprobs = torch.log_softmax(logits, dim=-1)
+                        targets = torch.tensor(candidate.ids[candidate.start :], device=logprobs.device)
                         nll = -float(logprobs.gather(-1, targets[:, None]).sum())
-                        scores.append(Score(math.exp(nll / count), count))
+                        scores.append(Score(math.exp(nll / candidate.own), candidate.own))
                     r += 1
-                # Keep the candidate the engine will accept (same rule): the next step's prefix.
-                best = lowest_ppl(scores)
-                kept, row = sequences[best][0], r - len(sequences) + best
+                # The candidate the method keeps is the next step's prefix: keep its keys and values.
+                best = p.step.keep([s.ppl for s in scores])
+                kept, row = p.step.candidates[best].ids, r - len(p.step.candidates) + best
                 begin = span - shared  # the row's first real position
                 kept_kv = slice_kv([(k[:, :, begin:], v[:, :, begin:]) for k, v in cache_out], row, len(kept))
                 kv = [(k.clone(), v.clone()) for k, v in kept_kv]  # a copy: the batch's tensors can go
-                self.cache.put(key, PrefixEntry(kept, kv))
+                self.cache.put(p.step.key, PrefixEntry(kept, kv))
                 results.append(scores)
         return results
 
-    def _padded_past(self, prepared, span: int):
+    def _padded_past(self, prepared: list[_Prepared], span: int):
         """Each step's prefix cache, repeated for its candidates and left-padded to `span`."""
         if span == 0:
             return None
-        template = next(kv for _, _, kv, _ in prepared if kv)
-        rows = sum(len(sequences) for *_, sequences in prepared)
+        template = next(p.kv for p in prepared if p.kv)
+        rows = sum(len(p.step.candidates) for p in prepared)
         past = []
         for layer, (k0, v0) in enumerate(template):
             keys = k0.new_zeros((rows, k0.shape[1], span, k0.shape[3]))
             values = v0.new_zeros((rows, v0.shape[1], span, v0.shape[3]))
             r = 0
-            for _, shared, kv, sequences in prepared:
+            for p in prepared:
+                count, shared = len(p.step.candidates), p.step.shared
                 if shared:
-                    keys[r : r + len(sequences), :, span - shared :] = kv[layer][0]
-                    values[r : r + len(sequences), :, span - shared :] = kv[layer][1]
-                r += len(sequences)
+                    keys[r : r + count, :, span - shared :] = p.kv[layer][0]
+                    values[r : r + count, :, span - shared :] = p.kv[layer][1]
+                r += count
             past.append((keys, values))
         return past
 
-    def _extend(self, kv, tokens: list[int], offset: int):
+    def _extend(self, kv: KV | None, tokens: list[int], offset: int) -> KV:
         import torch
 
         ids = torch.tensor([tokens], device=self.device)
@@ -245,48 +296,43 @@ class StudentScorer:
         return from_cache(output_cache(out))
 
     def score_naive(self, requests: list[ScoreRequest]) -> list[list[Score]]:
-        sequences: list[tuple[list[int], int]] = []
+        sequences: list[Tokenized] = []
         for request in requests:
             sequences.extend(self._tokenize(request)[1])
         nll = self.sequence_nll(sequences)
-        scores: list[Score] = []
-        for (ids, start), total in zip(sequences, nll, strict=True):
-            count = len(ids) - start
-            scores.append(Score(math.exp(total / count) if count else math.inf, count))
+        scores = [Score(math.exp(nll[i] / s.own) if s.own else math.inf, s.own) for i, s in enumerate(sequences)]
         out, i = [], 0
         for request in requests:
             out.append(scores[i : i + len(request.candidates)])
             i += len(request.candidates)
         return out
 
-    def sequence_nll(self, sequences: list[tuple[list[int], int]]) -> list[float]:
-        """Summed NLL of tokens[start:] per sequence, in padded batches under the token budget."""
-        import torch
-
+    def sequence_nll(self, sequences: list[Tokenized]) -> list[float]:
+        """Summed NLL of each sequence's own tokens (ids[start:]), in padded batches under the token budget."""
         totals = [0.0] * len(sequences)
-        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0]))
+        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i].ids))
         batch: list[int] = []
         for index in order:
-            width = len(sequences[batch[0]][0]) if batch else len(sequences[index][0])
+            width = len(sequences[batch[0] if batch else index].ids)
             if batch and (len(batch) + 1) * width > self.batch_tokens:
-                self._nll_batch(sequences, batch, totals, torch)
+                self._nll_batch([sequences[i] for i in batch], batch, totals)
                 batch = []
             batch.append(index)
         if batch:
-            self._nll_batch(sequences, batch, totals, torch)
+            self._nll_batch([sequences[i] for i in batch], batch, totals)
         return totals
 
-    def _nll_batch(self, sequences, batch: list[int], totals: list[float], torch) -> None:
-        pad = self.tokenizer.pad_token_id
-        width = max(len(sequences[i][0]) for i in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    def _nll_batch(self, batch: list[Tokenized], indices: list[int], totals: list[float]) -> None:
+        import torch
+
+        width = max(len(s.ids) for s in batch)
+        ids = torch.full((len(batch), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            seq = sequences[i][0]
-            ids[row, width - len(seq) :] = torch.tensor(seq)  # left padding: targets end aligned
-            mask[row, width - len(seq) :] = 1
+        for row, s in enumerate(batch):
+            ids[row, width - len(s.ids) :] = torch.tensor(s.ids)  # left padding: targets end aligned
+            mask[row, width - len(s.ids) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        keep = max(len(sequences[i][0]) - sequences[i][1] for i in batch) + 1
+        keep = max(s.own for s in batch) + 1
         with torch.inference_mode():
             logits = self.model(
                 input_ids=ids.to(self.device),
@@ -296,14 +342,12 @@ class StudentScorer:
                 use_cache=False,
             ).logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)
-        for row, i in enumerate(batch):
-            seq, start = sequences[i]
-            count = len(seq) - start
-            if count == 0:
+        for row, (s, i) in enumerate(zip(batch, indices, strict=True)):
+            if s.own == 0:
                 continue
             # logits index j is absolute position width-keep+j and predicts the token after it.
-            first = keep - 1 - count
-            targets = torch.tensor(seq[start:], device=logprobs.device)
-            picked = logprobs[row, first : first + count].gather(-1, targets[:, None])
+            first = keep - 1 - s.own
+            targets = torch.tensor(s.ids[s.start :], device=logprobs.device)
+            picked = logprobs[row, first : first + s.own].gather(-1, targets[:, None])
             totals[i] = -float(picked.sum())
         self.forward_tokens += ids.numel()

@@ -1,4 +1,6 @@
-"""Progress for `genssd run`: a rich live panel on a terminal, plain periodic lines otherwise."""
+"""Progress for `genssd run`: a rich live panel on a terminal, plain periodic lines otherwise.
+`RunStats` holds display counters only; the run's stop and budget state is the engine's
+(`RunControl`), shown here, never decided here."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import anyio
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+
+from genssd_cli.control import RunControl
 
 
 @dataclass
@@ -31,18 +35,14 @@ class RunStats:
     ppl_count: int = 0
     retries: Counter[str] = field(default_factory=Counter)  # the teacher client's, by class
     failures: Counter[str] = field(default_factory=Counter)  # failed trajectories, by class
-    cost: float | None = None  # the teacher's, this run directory's sessions together; None: no prices
-    max_cost: float | None = None
-    budget_reached: bool = False
     endpoints: Callable[[], str] | None = None  # a pool's state, when there is more than one
-    stopping: bool = False
     started: float = field(default_factory=time.monotonic)
 
     def add_ppl(self, ppl: float) -> None:
         self.ppl_sum += ppl
         self.ppl_count += 1
 
-    def line(self) -> str:
+    def line(self, control: RunControl) -> str:
         elapsed = time.monotonic() - self.started
         rate = self.candidates / elapsed if elapsed > 0 else 0.0
         mean_ppl = f"{self.ppl_sum / self.ppl_count:.2f}" if self.ppl_count else "-"
@@ -52,13 +52,10 @@ class RunStats:
             f"correct {self.correct} | steps {self.steps} | cand/s {rate:.2f} | "
             f"teacher tokens {self.teacher_tokens} | mean chosen PPL {mean_ppl} | "
             f"retries {_by_class(self.retries)} | failures {_by_class(self.failures)} | ETA {self.eta()}"
-            + (f" | cost {self.spending()}" if self.cost is not None else "")
+            + (f" | cost {_spending(control)}" if control.spent is not None else "")
             + (f" | endpoints {self.endpoints()}" if self.endpoints else "")
-            + (" | stopping" if self.stopping else "")
+            + (" | stopping" if control.stopping else "")
         )
-
-    def spending(self) -> str:
-        return f"{self.cost:.4f}" + (f" of max {self.max_cost:g}" if self.max_cost is not None else "")
 
     def eta(self) -> str:
         elapsed = time.monotonic() - self.started
@@ -67,7 +64,7 @@ class RunStats:
         seconds = elapsed / self.problems_done * (self.problems_total - self.problems_done)
         return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
-    def table(self) -> Table:
+    def table(self, control: RunControl) -> Table:
         elapsed = time.monotonic() - self.started
         table = Table(title="genssd run", show_header=False, min_width=60)
         rows = [
@@ -78,19 +75,23 @@ class RunStats:
             ("steps", str(self.steps)),
             ("candidates/s", f"{self.candidates / elapsed:.2f}" if elapsed > 0 else "-"),
             ("teacher tokens", str(self.teacher_tokens)),
-            *([("teacher cost", self.spending())] if self.cost is not None else []),
+            *([("teacher cost", _spending(control))] if control.spent is not None else []),
             *([("teacher endpoints", self.endpoints())] if self.endpoints else []),
             ("mean chosen PPL", f"{self.ppl_sum / self.ppl_count:.3f}" if self.ppl_count else "-"),
             ("teacher retries", _by_class(self.retries)),
             ("failures", _by_class(self.failures)),
             ("elapsed / ETA", f"{int(elapsed)}s / {self.eta()}"),
         ]  # fmt: skip
-        if self.stopping:
-            why = "max_cost reached: " if self.budget_reached else ""
+        if control.stopping:
+            why = "max_cost reached: " if control.reason == "budget" else ""
             rows.append(("stopping", why + "finishing requests in flight (Ctrl-C again: stop at once)"))
         for key, value in rows:
             table.add_row(key, value)
         return table
+
+
+def _spending(control: RunControl) -> str:
+    return f"{control.spent:.4f}" + (f" of max {control.max_cost:g}" if control.max_cost is not None else "")
 
 
 def _by_class(counts: Counter[str]) -> str:
@@ -102,9 +103,9 @@ def _by_class(counts: Counter[str]) -> str:
 
 
 @asynccontextmanager
-async def progress_display(stats: RunStats, console: Console, interval_s: float):
+async def progress_display(stats: RunStats, control: RunControl, console: Console, interval_s: float):
     if console.is_terminal:
-        with Live(get_renderable=stats.table, console=console, refresh_per_second=2):
+        with Live(get_renderable=lambda: stats.table(control), console=console, refresh_per_second=2):
             yield
         return
     async with anyio.create_task_group() as group:
@@ -112,11 +113,11 @@ async def progress_display(stats: RunStats, console: Console, interval_s: float)
         async def ticker() -> None:
             while True:
                 await anyio.sleep(interval_s)
-                console.print(stats.line(), soft_wrap=True)
+                console.print(stats.line(control), soft_wrap=True)
 
         group.start_soon(ticker)
         try:
             yield
         finally:
             group.cancel_scope.cancel()
-    console.print(stats.line(), soft_wrap=True)
+    console.print(stats.line(control), soft_wrap=True)

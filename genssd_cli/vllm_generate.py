@@ -13,7 +13,7 @@ from typing import Any
 
 from genssd_cli.config import EvalConfig
 from genssd_cli.errors import RuntimeFailure, UsageError
-from genssd_cli.eval import Generated
+from genssd_cli.generation import Generated
 from genssd_cli.models import resolve_dtype
 
 # vLLM preallocates LoRA buffers for one of these ranks.

@@ -15,9 +15,9 @@ PRICE = {"input": 100.0, "output": 400.0}  # per million tokens: big, so that sm
 
 
 def expected_cost(run) -> float:
-    responses = [e for e in read_events(run) if e["type"] == "response"]
-    prompt = sum(e["prompt_tokens"] for e in responses)
-    completion = sum(e["completion_tokens"] for e in responses)
+    responses = [e for e in read_events(run) if e.type == "response"]
+    prompt = sum(e.prompt_tokens for e in responses)
+    completion = sum(e.completion_tokens for e in responses)
     return (prompt * PRICE["input"] + completion * PRICE["output"]) / 1e6
 
 

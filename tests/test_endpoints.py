@@ -36,7 +36,7 @@ def test_chat_continue_run_on_a_reasoning_api_that_refuses_n(tmp_path, fake_teac
             assert "</think> The answer is" in text and row["answer"] is not None
     # Every step after the first sent the accepted trace as the assistant message to continue.
     traces = [r["prompt"].split("<assistant>", 1)[1] for r in asked if "Count from 1" not in r["prompt"]]
-    steps = sum(1 for e in read_events(tmp_path / "run") if e["type"] == "choice" and e["step"] > 0)
+    steps = sum(1 for e in read_events(tmp_path / "run") if e.type == "choice" and e.step > 0)
     assert steps > 0 and sum(1 for trace in traces if trace) >= steps
     for trace in filter(None, traces):
         assert any(text.startswith(trace) for text in texts)

@@ -76,10 +76,10 @@ def test_posthoc_ppl_keeps_the_easiest_correct_trajectory(tmp_path, fake_teacher
     events = read_events(run)
     candidates = {}
     for event in events:
-        if event["type"] == "response":
-            texts = [c["text"].split("\nQuestion:")[0] for c in event["candidates"]]
-            candidates.setdefault(event["problem_id"], {}).update(enumerate(texts, start=event["start"]))
-    choices = {e["problem_id"]: e for e in events if e["type"] == "choice"}
+        if event.type == "response":
+            texts = [c.text.split("\nQuestion:")[0] for c in event.candidates]
+            candidates.setdefault(event.problem_id, {}).update(enumerate(texts, start=event.start))
+    choices = {e.problem_id: e for e in events if e.type == "choice"}
     rows = {r["problem_id"]: r for r in load_jsonl(run / "trajectories.jsonl")}
     assert len(rows) == len(choices) == 6
     with_a_choice = 0
@@ -87,11 +87,11 @@ def test_posthoc_ppl_keeps_the_easiest_correct_trajectory(tmp_path, fake_teacher
         texts = [candidates[pid][i] for i in range(4)]
         # Correctness and the choice recomputed here, from the candidates' texts and the PPLs.
         correct = [answers_match("1", extract_answer(t)) for t in texts]
-        assert choice["correct"] == correct
-        ppl = [math.inf if p is None else p for p in choice["ppl"]]
+        assert choice.correct == correct
+        ppl = [math.inf if p is None else p for p in choice.ppl]
         pool = [i for i in range(4) if correct[i]] or list(range(4))
-        assert choice["chosen"] == min(pool, key=lambda i: (ppl[i], i))
-        assert rows[pid]["completion"][0]["content"] == texts[choice["chosen"]]
+        assert choice.chosen == min(pool, key=lambda i: (ppl[i], i))
+        assert rows[pid]["completion"][0]["content"] == texts[choice.chosen]
         assert rows[pid]["correct"] == any(correct)
         with_a_choice += any(correct) and not all(correct)
     assert with_a_choice >= 2  # the filter had something to do

@@ -8,7 +8,10 @@ import pytest
 
 from genssd_cli.config import StudentConfig
 from genssd_cli.kv_cache import PrefixCache, PrefixEntry
-from genssd_cli.student import ScoreRequest, StudentScorer, lowest_ppl
+from genssd_cli.methods import METHODS
+from genssd_cli.student import ScoreRequest, StudentScorer
+
+SELECT = METHODS["genssd"].select  # the engine's rule for Gen-SSD steps
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +31,10 @@ def walk(scorer: StudentScorer, key, prompt: str, steps: list[list[str]]) -> int
     """Score step after step as the engine does (accepting the lowest PPL), checking each step."""
     context = prompt
     for candidates in steps:
-        request = ScoreRequest(context, candidates, key=key)
+        request = ScoreRequest(context, candidates, key=key, keep=SELECT)
         cached = scorer.score([request])[0]
         close(cached, scorer.score_naive([request])[0])
-        context += candidates[lowest_ppl(cached)]
+        context += candidates[SELECT([s.ppl for s in cached])]
     return len(steps)
 
 
@@ -52,9 +55,9 @@ def test_cached_equals_naive_across_seams_and_padding(scorer):
 
 def test_resample_at_the_same_step_and_forget(scorer):
     prompt = scorer.prompt_text("What is 7 times 6?")
-    request = ScoreRequest(prompt + " 7 times 6", [" is 42.", " = 4", " equals forty-two"], key="again")
+    request = ScoreRequest(prompt + " 7 times 6", [" is 42.", " = 4", " equals forty-two"], key="again", keep=SELECT)
     first = scorer.score([request])[0]
-    again = scorer.score([ScoreRequest(request.context, [" makes 42", " = 42"], key="again")])[0]
+    again = scorer.score([ScoreRequest(request.context, [" makes 42", " = 42"], key="again", keep=SELECT)])[0]
     close(again, scorer.score_naive([ScoreRequest(request.context, [" makes 42", " = 42"])])[0])
     close(first, scorer.score_naive([request])[0])
     scorer.forget("again")
@@ -71,10 +74,10 @@ def test_many_trajectories_with_eviction_are_exact(scorer):
         for _step in range(3):
             for t in range(5):  # interleaved, as in a run: the LRU evicts, later steps rebuild
                 candidates = [" " + " ".join(rng.choices(words, k=rng.randint(1, 9))) for _ in range(3)]
-                request = ScoreRequest(contexts[t], candidates, key=("t", t))
+                request = ScoreRequest(contexts[t], candidates, key=("t", t), keep=SELECT)
                 cached = scorer.score([request])[0]
                 close(cached, scorer.score_naive([request])[0])
-                contexts[t] += candidates[lowest_ppl(cached)]
+                contexts[t] += candidates[SELECT([s.ppl for s in cached])]
         assert small.evictions > 0 and small.bytes <= small.budget_bytes
     finally:
         scorer.cache = big
@@ -93,15 +96,29 @@ def test_trajectories_batched_together_are_exact(scorer, batch_tokens):
             live = range(4) if step else range(2)  # trajectories 2 and 3 join at step 1
             requests = [
                 ScoreRequest(contexts[t], ["".join(rng.choices(words, k=rng.randint(1, 6))) for _ in range(3)],
-                             key=("batched", batch_tokens, t))
+                             key=("batched", batch_tokens, t), keep=SELECT)
                 for t in live
             ]  # fmt: skip
             cached = scorer.score(requests)
             for request, scores in zip(requests, cached, strict=True):
                 close(scores, scorer.score_naive([request])[0])
-                contexts[request.key[2]] += request.candidates[lowest_ppl(scores)]
+                contexts[request.key[2]] += request.candidates[SELECT([s.ppl for s in scores])]
     finally:
         scorer.batch_tokens = saved
+
+
+def test_the_cache_kept_is_the_candidate_the_rule_chose(scorer):
+    """The scorer does not choose: it keeps the prefix of whichever candidate the method's rule picks."""
+    prompt = scorer.prompt_text("What is 2 + 2?")
+    candidates = [" 2 + 2 = 4.", " Two plus two makes four, so", " The answer is 4."]
+    for name, rule in (("lowest", SELECT), ("highest", lambda ppls: max(range(len(ppls)), key=ppls.__getitem__))):
+        scores = scorer.score([ScoreRequest(prompt, candidates, key=name, keep=rule)])[0]
+        chosen = rule([s.ppl for s in scores])
+        entry = scorer.cache.get(name)
+        assert entry.ids == scorer._encode(prompt + candidates[chosen])
+        scorer.forget(name)
+    with pytest.raises(ValueError, match="selection rule"):
+        ScoreRequest(prompt, candidates, key="no rule")
 
 
 def test_cache_saves_forward_tokens(scorer):
@@ -114,8 +131,8 @@ def test_cache_saves_forward_tokens(scorer):
     before = scorer.forward_tokens
     context = prompt
     for candidates in steps:
-        scores = scorer.score([ScoreRequest(context, candidates, key="count")])[0]
-        context += candidates[lowest_ppl(scores)]
+        scores = scorer.score([ScoreRequest(context, candidates, key="count", keep=SELECT)])[0]
+        context += candidates[SELECT([s.ppl for s in scores])]
     cached_only = scorer.forward_tokens - before
     assert cached_only * 3 < both - cached_only  # the naive path ran > 3x the tokens
 

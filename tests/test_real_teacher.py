@@ -75,9 +75,9 @@ def test_demo_run_limit_2(tmp_path):
     for row in rows:
         assert row["completion"][0]["content"].strip()
         assert row["student_ppl"] > 1.0
-    server = read_events(run)[0]["teacher_server"]
+    server = read_events(run)[0].teacher_server
     with pytest.raises(ProcessLookupError):
-        os.kill(server["pid"], 0)  # stopped with the run
+        os.kill(server.pid, 0)  # stopped with the run
 
 
 @pytest.mark.parametrize(("method", "candidates"), [("standard-kd", 1), ("posthoc-ppl", 4)])
@@ -149,8 +149,8 @@ def test_ctrl_c_stops_the_server_and_says_how_to_resume(tmp_path):
     assert process.returncode == 130, stderr
     assert "resume with: genssd run --limit 4 --out" in stderr
     assert "Traceback" not in stderr
-    server = read_events(run)[0]["teacher_server"]
+    server = read_events(run)[0].teacher_server
     with pytest.raises(ProcessLookupError):
-        os.kill(server["pid"], 0)
+        os.kill(server.pid, 0)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["teacher"]["requests"] >= 1

@@ -43,7 +43,7 @@ def wait_for_lines(process: subprocess.Popen, run: Path, target: int, timeout: f
 
 
 def recorded_seeds(run: Path) -> set[int]:
-    return {e["seed"] for e in read_events(run) if e["type"] == "response"}
+    return {e.seed for e in read_events(run) if e.type == "response"}
 
 
 def test_killed_at_random_moments_ends_as_if_never_stopped(tmp_path, fake_teacher):
@@ -85,7 +85,7 @@ def test_killed_at_random_moments_ends_as_if_never_stopped(tmp_path, fake_teache
         r["seed"] for asked_before, seeds in kills for r in requests[asked_before:] if r["seed"] in seeds
     ]
     assert repeated == []
-    sessions = [e for e in events if e["type"] == "run_start"]
+    sessions = [e for e in events if e.type == "run_start"]
     assert len(sessions) > len([k for k in kills if k[1]]) // 2  # most kills hit a running engine
 
     reference = start_run(config, tmp_path / "reference")
@@ -116,7 +116,7 @@ def test_faults_on_a_fifth_of_requests_lose_nothing(tmp_path, fake_teacher):
     failures = load_jsonl(run / "failures.jsonl")
     assert len(failures) == t["failed"]
     ended = {r["problem_id"] for r in load_jsonl(run / "trajectories.jsonl")} | {f["problem_id"] for f in failures}
-    ended |= {e["problem_id"] for e in read_events(run) if e["type"] == "prune"}
+    ended |= {e.problem_id for e in read_events(run) if e.type == "prune"}
     assert len(ended) == 12
     for failure in failures:
         assert failure["error_class"] and "teacher failed after 2 attempts" in failure["message"]
@@ -153,7 +153,7 @@ def test_first_signal_drains_and_records_what_was_in_flight(tmp_path, fake_teach
     assert f"interrupted; resume with: genssd run {config} --out {run}" in err
     assert "Traceback" not in err
     events = read_events(run)
-    assert events[-1]["type"] == "session_end" and events[-1]["end"] == "stopped"
+    assert events[-1].type == "session_end" and events[-1].end == "stopped"
     assert json.loads((run / "summary.json").read_text())["trajectories"]["pending"] > 0
     # Requests in flight when the signal came were answered and recorded, none thrown away.
     assert {r["seed"] for r in server.requests()} == recorded_seeds(run)
@@ -180,7 +180,7 @@ def test_second_signal_stops_at_once_and_the_log_stays_valid(tmp_path, fake_teac
     assert "stopped at once; resume with: genssd run" in err
     events = read_events(run)
     assert (run / EVENTS).read_bytes().endswith(b"\n")
-    assert not any(e["type"] == "session_end" for e in events)
+    assert not any(e.type == "session_end" for e in events)
 
 
 def test_api_key_never_reaches_disk_or_output(tmp_path, fake_teacher):

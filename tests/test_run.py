@@ -22,12 +22,12 @@ def check_run_is_consistent(run: Path, problems: int, n: int) -> dict:
     assert t["pending"] == 0
     received: dict[tuple, list[int]] = {}
     for event in events:
-        if event["type"] == "response":
-            key = (event["problem_id"], event["sample"], event["step"], event["attempt"])
-            received.setdefault(key, []).extend(range(event["start"], event["start"] + len(event["candidates"])))
-        if event["type"] == "choice":
-            ppl = [math.inf if p is None else p for p in event["ppl"]]
-            assert event["chosen"] == ppl.index(min(ppl))
+        if event.type == "response":
+            key = (event.problem_id, event.sample, event.step, event.attempt)
+            received.setdefault(key, []).extend(range(event.start, event.start + len(event.candidates)))
+        if event.type == "choice":
+            ppl = [math.inf if p is None else p for p in event.ppl]
+            assert event.chosen == ppl.index(min(ppl))
     # Every scored step got its n candidates, each received exactly once: nothing asked for twice.
     for key, indices in received.items():
         assert sorted(indices) == list(range(n)), key
@@ -72,7 +72,7 @@ def test_pruning_retries_then_prunes(tmp_path, fake_teacher):
     assert summary["trajectories"]["pruned"] == 2
     events = read_events(tmp_path / "run")
     # Each problem's first step: the original attempt and two re-samples, then the prune.
-    assert sorted(e["attempt"] for e in events if e["type"] == "choice") == [0, 0, 1, 1, 2, 2]
+    assert sorted(e.attempt for e in events if e.type == "choice") == [0, 0, 1, 1, 2, 2]
     assert (tmp_path / "run" / "trajectories.jsonl").read_text() == ""
 
 
@@ -98,5 +98,5 @@ def test_fatal_teacher_error_mid_run_stops_with_one_line(tmp_path, fake_teacher)
     ]
     assert len(server.requests()) <= 4  # at once: no retries, one request per trajectory in flight at most
     events = read_events(run)
-    assert events[-1]["type"] == "session_end" and events[-1]["end"] == "failed"
+    assert events[-1].type == "session_end" and events[-1].end == "failed"
     assert json.loads((run / "summary.json").read_text())["trajectories"]["pending"] == 4

@@ -97,7 +97,7 @@ def test_loss_covers_the_completion_only(tmp_path):
     from rich.console import Console
 
     from genssd_cli.config import StudentConfig, TrainConfig
-    from genssd_cli.train import make_trainer
+    from genssd_cli.trainer import make_trainer
 
     cfg = TrainConfig(student=StudentConfig(model="smollm2-135m-instruct"))
     trainer = make_trainer(cfg, ROWS[:2], tmp_path, Console(quiet=True))
