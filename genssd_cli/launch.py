@@ -5,26 +5,17 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
-
-import httpx
 
 from genssd_cli.config import LaunchConfig
 from genssd_cli.errors import RuntimeFailure, UsageError
 from genssd_cli.models import resolve_gguf
+from genssd_cli.serving import NotServing, free_port, local_base_url, wait_until_serving
 
 STOP_GRACE_S = 5.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class LocalServer:
@@ -37,7 +28,7 @@ class LocalServer:
         self.cfg = cfg
         self.gguf = resolve_gguf(cfg.gguf)
         self.port = cfg.port or free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.base_url = local_base_url(self.port)
         self.alias = model_alias
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
@@ -57,24 +48,11 @@ class LocalServer:
             )
 
     def wait_ready(self) -> None:
-        """Poll /v1/models with a short backoff until it answers, the process dies, or time is up."""
-        deadline = time.monotonic() + self.cfg.startup_timeout_s
-        delay = 0.2
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeFailure(
-                    f"teacher server exited with code {self.process.returncode} while starting; see {self.log_path}"
-                )
-            try:
-                if httpx.get(f"{self.base_url}/models", timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(delay)
-            delay = min(delay * 1.5, 2.0)
-        raise RuntimeFailure(
-            f"teacher server did not answer within {self.cfg.startup_timeout_s:.0f} s; see {self.log_path}"
-        )
+        """Until /v1/models answers; a server that died or stays silent points at its log."""
+        try:
+            wait_until_serving(f"{self.base_url}/models", self.process, self.cfg.startup_timeout_s, "teacher server")
+        except NotServing as exc:
+            raise RuntimeFailure(f"{exc}; see {self.log_path}") from None
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL: llama.cpp finishes its running request before exiting on TERM."""

@@ -4,41 +4,23 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
-from genssd_cli.launch import free_port
+from genssd_cli.serving import free_port, local_base_url, start_fake_teacher
 from genssd_cli.teacher import Prompt, TeacherClient, TeacherPart
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def wait_http(url: str, process: subprocess.Popen, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            httpx.get(url, timeout=1.0)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer")
 
 
 class FakeTeacher:
     def __init__(self, tmp: Path, *args: str):
         self.port = free_port()
         self.log = tmp / f"requests-{self.port}.jsonl"
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "genssd_cli.fake_teacher", "--port", str(self.port), "--log", str(self.log), *args]
-        )
-        wait_http(f"{self.base_url}/models", self.process)
+        self.base_url = local_base_url(self.port)
+        self.process = start_fake_teacher(self.port, "--log", str(self.log), *args)
 
     def requests(self) -> list[dict]:
         if not self.log.exists():

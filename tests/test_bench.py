@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from conftest import genssd
 
 
@@ -20,10 +21,12 @@ def test_bench_scoring_prints_one_json_line_per_method():
     assert ratio["speedup"] > 0
 
 
-def test_bench_random_init_shape_is_checked():
-    result = genssd("bench", "scoring", "--random-init", "llama-9000")
-    assert result.returncode == 2 and "unknown shape 'llama-9000'" in result.stderr
-
+@pytest.mark.parametrize("bench", ["scoring", "train", "eval"])
+def test_bench_unknown_random_init_shape_is_one_error_line(bench):
+    result = genssd("bench", bench, "--random-init", "nope")
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith("error: --random-init: unknown shape 'nope' (known: qwen2.5-1.5b, ")
 
 
 def test_bench_engine_reports_teacher_use_and_loop_cost():
