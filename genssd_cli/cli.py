@@ -62,14 +62,14 @@ def run(
     except (KeyboardInterrupt, Interrupted):
         err_console.print(f"interrupted; resume with: {_resume_command()}", markup=False, soft_wrap=True)
         raise typer.Exit(130) from None
-    t = summary["trajectories"]
+    t = summary.trajectories
     console.print(
-        f"done: {t['finished']} finished, {t['truncated']} truncated, {t['pruned']} pruned, "
-        f"{t['failed']} failed, {summary['correct']} correct -> {run_dir}/trajectories.jsonl",
+        f"done: {t.finished} finished, {t.truncated} truncated, {t.pruned} pruned, "
+        f"{t.failed} failed, {summary.correct} correct -> {run_dir}/trajectories.jsonl",
         markup=False,
         soft_wrap=True,
     )
-    if t["failed"] or t["pending"]:
+    if t.failed or t.pending:
         console.print(f"some trajectories did not end; resume with: {_resume_command()}", markup=False, soft_wrap=True)
 
 
@@ -117,18 +117,19 @@ def pipeline(
 @app.command("eval")
 def evaluate(
     model: str = typer.Argument(..., help="the student: shipped name, HF model id or local folder"),
-    bench: str = typer.Option(..., "--bench", help="gsm8k (bundled rows), math-500, aime24, hf:ID, or FILE.jsonl"),
+    dataset: str = typer.Option(..., "--dataset", "--bench",  # --bench: its earlier name, still accepted
+                                help="gsm8k (bundled rows), math-500, aime24, hf:ID, or FILE.jsonl"),
     adapter: str | None = typer.Option(None, "--adapter", help="a LoRA adapter folder from genssd train"),
     limit: int | None = typer.Option(None, "--limit", min=1, help="only the first N problems"),
     samples: int = typer.Option(1, "--samples", min=1, help="generations per problem (pass@k)"),
-    out: Path | None = typer.Option(None, "--out", help="default: runs/eval/MODEL-BENCH[-adapter-HASH]"),
+    out: Path | None = typer.Option(None, "--out", help="default: runs/eval/MODEL-DATASET[-adapter-HASH]"),
     config: Path | None = typer.Option(None, "--config", help="eval config YAML (default: configs/eval.yaml)"),
     overrides: list[str] = typer.Option([], "--set", help="override a setting: --set max_new_tokens=512"),
 ) -> None:
-    """Accuracy of the student (with --adapter: after distillation) on a math benchmark; resumes."""
+    """Accuracy of the student (with --adapter: after distillation) on an eval dataset; resumes."""
     from genssd_cli.eval import eval_command
 
-    m = eval_command(model, adapter, bench, limit, samples, out, config, overrides, Console())
+    m = eval_command(model, adapter, dataset, limit, samples, out, config, overrides, Console())
     passes = "".join(f", pass@{k} {v:.3f}" for k, v in m.get("pass_at_k", {}).items())
     ci = m["ci95"] or [None, None]
     print(f"accuracy {m['accuracy']:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f}) on {m['problems']} problems{passes}, "
@@ -179,8 +180,8 @@ def bench_scoring(
     batch_tokens: int | None = typer.Option(None, "--batch-tokens", min=64, help="as student.batch_tokens"),
 ) -> None:
     """Prefix-cached scoring (what the engine runs) against a naive full recompute."""
-    from genssd_cli.bench import bench_scoring as run_bench
     from genssd_cli.bench import print_lines
+    from genssd_cli.bench.scoring import bench_scoring as run_bench
 
     print_lines(run_bench(model, random_init, prefix, n, chunk, trajectories, steps, device, dtype, batch_tokens))
 
@@ -196,8 +197,8 @@ def bench_engine(
     latency: float = typer.Option(0.1, "--latency-per-token", min=0.0, help="teacher seconds per token"),
 ) -> None:
     """The whole engine against a local teacher with a fixed latency: teacher busy share, loop CPU."""
-    from genssd_cli.bench import bench_engine as run_bench
     from genssd_cli.bench import print_lines
+    from genssd_cli.bench.engine import bench_engine as run_bench
 
     print_lines(run_bench(model, problems, n, chunk, steps, concurrency, latency))
 
@@ -213,8 +214,8 @@ def bench_train(
     lora_r: int = typer.Option(16, "--lora-r", min=1),
 ) -> None:
     """`genssd train`'s loop (TRL + peft) against a plain peft training loop, same batches."""
-    from genssd_cli.bench import bench_train as run_bench
     from genssd_cli.bench import print_lines
+    from genssd_cli.bench.train import bench_train as run_bench
 
     print_lines(run_bench(model, random_init, rows, steps, batch_size, max_length, lora_r))
 
@@ -229,8 +230,8 @@ def bench_eval(
     backend: Literal["hf", "vllm"] = typer.Option("hf", "--backend", help="eval's loop to time: HF or vLLM"),
 ) -> None:
     """`genssd eval`'s generation loop against plain HF generate, same batches, greedy."""
-    from genssd_cli.bench import bench_eval as run_bench
     from genssd_cli.bench import print_lines
+    from genssd_cli.bench.eval import bench_eval as run_bench
 
     print_lines(run_bench(model, random_init, rows, batch_size, max_new_tokens, backend))
 

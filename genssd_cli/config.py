@@ -10,7 +10,7 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from genssd_cli.errors import UsageError
 from genssd_cli.methods import METHODS
@@ -368,21 +368,24 @@ class DistillSettings(_Strict):
 
 
 class EvalStageSettings(_Strict):
-    bench: str | list[str] = Field("gsm8k", description="one benchmark or several, as genssd eval's --bench")
+    dataset: str | list[str] = Field(
+        "gsm8k", validation_alias=AliasChoices("dataset", "bench"),  # `bench`: its earlier name
+        description="one eval dataset or several, as genssd eval's --dataset",
+    )
     limit: int | None = Field(None, ge=1)
     config: str = Field("eval.yaml", description="eval config, next to the pipeline config or bundled")
     set: list[str] = Field(default_factory=list, description="--set overrides of the eval config")
 
-    @field_validator("bench")
+    @field_validator("dataset")
     @classmethod
-    def _some_benches(cls, bench: str | list[str]) -> str | list[str]:
-        if isinstance(bench, list) and (not bench or len(set(bench)) < len(bench)):
-            raise ValueError("give at least one benchmark, each once")
-        return bench
+    def _some_datasets(cls, dataset: str | list[str]) -> str | list[str]:
+        if isinstance(dataset, list) and (not dataset or len(set(dataset)) < len(dataset)):
+            raise ValueError("give at least one eval dataset, each once")
+        return dataset
 
     @property
-    def benches(self) -> list[str]:
-        return [self.bench] if isinstance(self.bench, str) else self.bench
+    def datasets(self) -> list[str]:
+        return [self.dataset] if isinstance(self.dataset, str) else self.dataset
 
 
 class PipelineConfig(_Strict):
@@ -414,7 +417,7 @@ class EvalConfig(_Strict):
     vllm_args: dict[str, Any] = Field(
         default_factory=dict, description="extra vLLM engine arguments, e.g. gpu_memory_utilization, max_model_len"
     )
-    question_field: str = "question"  # for --bench FILE.jsonl
+    question_field: str = "question"  # for --dataset FILE.jsonl
     answer_field: str = "answer"
     id_field: str = "id"
 

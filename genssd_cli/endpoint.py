@@ -21,10 +21,10 @@ from aiolimiter import AsyncLimiter
 from genssd_cli.config import EndpointConfig, TeacherConfig, endpoint_label
 from genssd_cli.errors import UsageError
 
-# A server that failed this many times in a row is benched: its work goes to the others.
-BENCH_AFTER = 3
-BENCH_FIRST_S = 2.0
-BENCH_MAX_S = 60.0
+# A server that failed this many times in a row is sidelined: its work goes to the others.
+SIDELINE_AFTER = 3
+SIDELINE_FIRST_S = 2.0
+SIDELINE_MAX_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -77,14 +77,14 @@ class Endpoint:
         self.completion_tokens = 0
         self.failures: Counter[str] = Counter()
         self.strikes = 0  # failures in a row
-        self.benched_until = 0.0
-        self.benched = 0  # times benched
+        self.sidelined_until = 0.0
+        self.sidelined = 0  # times sidelined
 
     def load(self) -> float:
         return (self.waiting + self.in_flight) / self.weight
 
     def healthy(self, now: float) -> bool:
-        return now >= self.benched_until
+        return now >= self.sidelined_until
 
     def succeeded(self) -> None:
         self.strikes = 0
@@ -92,10 +92,11 @@ class Endpoint:
     def failed(self, kind: str) -> None:
         self.failures.update([kind])
         self.strikes += 1
-        if self.strikes >= BENCH_AFTER:
-            # Each failure past the threshold (a trial after a bench included) doubles the bench.
-            self.benched_until = time.monotonic() + min(BENCH_MAX_S, BENCH_FIRST_S * 2 ** (self.strikes - BENCH_AFTER))
-            self.benched += 1
+        if self.strikes >= SIDELINE_AFTER:
+            # Each failure past the threshold (a trial after one included) doubles the time sidelined.
+            seconds = min(SIDELINE_MAX_S, SIDELINE_FIRST_S * 2 ** (self.strikes - SIDELINE_AFTER))
+            self.sidelined_until = time.monotonic() + seconds
+            self.sidelined += 1
 
     @asynccontextmanager
     async def slot(self, tokens: int, stop: anyio.Event | None = None) -> AsyncIterator[None]:

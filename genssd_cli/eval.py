@@ -1,4 +1,4 @@
-"""`genssd eval`: the student (optionally with an adapter) answers a benchmark; answers are checked
+"""`genssd eval`: the student (optionally with an adapter) answers an eval dataset; answers are checked
 by answers.py; per-sample rows go to samples.jsonl as each batch ends (a re-run skips them), and
 metrics.json gets accuracy with a 95 % interval, pass@k and generated lengths.
 
@@ -23,105 +23,72 @@ from rich.console import Console
 from genssd_cli.config import DataConfig, EvalConfig, changed_keys, load_eval_config
 from genssd_cli.data import Problem, final_answer, load_problems, load_prompt, render_prompt
 from genssd_cli.errors import RuntimeFailure, UsageError
-from genssd_cli.store import read_records
+from genssd_cli.eval_dir import METRICS, SAMPLES, SETTINGS, read_eval_settings
+from genssd_cli.records import parse_jsonl
 
-SAMPLES = "samples.jsonl"
-METRICS = "metrics.json"
-SETTINGS = "eval.json"
 
-# Benchmarks on the Hugging Face hub: (dataset id, config, split, question, answer, id field).
-HF_BENCHES = {
-    "gsm8k-hf": ("openai/gsm8k", "main", "test", "question", "answer", None),
-    "math-500": ("HuggingFaceH4/MATH-500", None, "test", "problem", "answer", "unique_id"),
-    "aime24": ("HuggingFaceH4/aime_2024", None, "train", "problem", "answer", "id"),
+@dataclass(frozen=True)
+class HubDataset:
+    """An eval dataset on the Hugging Face hub, loaded through `datasets`."""
+
+    dataset_id: str
+    config: str | None
+    split: str
+    question: str  # the fields holding the question and the answer
+    answer: str
+    id_field: str | None  # None: rows are numbered
+
+
+HUB_DATASETS = {
+    "gsm8k-hf": HubDataset("openai/gsm8k", "main", "test", "question", "answer", None),
+    "math-500": HubDataset("HuggingFaceH4/MATH-500", None, "test", "problem", "answer", "unique_id"),
+    "aime24": HubDataset("HuggingFaceH4/aime_2024", None, "train", "problem", "answer", "id"),
 }
 BUNDLED = {"gsm8k": "gsm8k-test"}
 
 
-def load_benchmark(bench: str, cfg: EvalConfig, limit: int | None) -> list[Problem]:
-    """A bundled name, a JSONL file, a known hub benchmark, or `hf:DATASET_ID` (test split)."""
-    if bench in BUNDLED:
-        return load_problems(DataConfig(source=BUNDLED[bench]), limit)
-    if bench in HF_BENCHES or bench.startswith("hf:"):
-        return _hub_benchmark(bench, cfg, limit)
-    if not bench.endswith(".jsonl") and not Path(bench).exists():
-        known = ", ".join([*BUNDLED, *HF_BENCHES])
-        raise UsageError(f"unknown benchmark {bench!r}: use one of {known}, hf:DATASET_ID, or a .jsonl file")
+def load_eval_problems(dataset: str, cfg: EvalConfig, limit: int | None) -> list[Problem]:
+    """A bundled name, a JSONL file, a known hub dataset, or `hf:DATASET_ID` (test split)."""
+    if dataset in BUNDLED:
+        return load_problems(DataConfig(source=BUNDLED[dataset]), limit)
+    if dataset in HUB_DATASETS or dataset.startswith("hf:"):
+        return _hub_problems(dataset, cfg, limit)
+    if not dataset.endswith(".jsonl") and not Path(dataset).exists():
+        known = ", ".join([*BUNDLED, *HUB_DATASETS])
+        raise UsageError(f"unknown eval dataset {dataset!r}: use one of {known}, hf:DATASET_ID, or a .jsonl file")
     fields = {"question_field": cfg.question_field, "answer_field": cfg.answer_field, "id_field": cfg.id_field}
-    return load_problems(DataConfig(source=bench, **fields), limit)
+    return load_problems(DataConfig(source=dataset, **fields), limit)
 
 
-def _hub_benchmark(bench: str, cfg: EvalConfig, limit: int | None) -> list[Problem]:
-    if bench in HF_BENCHES:
-        dataset_id, subset, split, q_field, a_field, id_field = HF_BENCHES[bench]
-    else:
-        dataset_id, subset, split = bench.removeprefix("hf:"), None, "test"
-        q_field, a_field, id_field = cfg.question_field, cfg.answer_field, cfg.id_field
+def _hub_problems(name: str, cfg: EvalConfig, limit: int | None) -> list[Problem]:
+    hub = HUB_DATASETS.get(name) or HubDataset(name.removeprefix("hf:"), None, "test", cfg.question_field,
+                                               cfg.answer_field, cfg.id_field)  # fmt: skip
     try:
         import datasets
 
         datasets.disable_progress_bars()
-        rows = datasets.load_dataset(dataset_id, subset, split=split)
+        rows = datasets.load_dataset(hub.dataset_id, hub.config, split=hub.split)
     except Exception as exc:  # offline, unknown id, gated: the library raises many kinds
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RuntimeFailure(
-            f"benchmark {bench}: cannot load {dataset_id} from the Hugging Face hub ({reason})"
+            f"eval dataset {name}: cannot load {hub.dataset_id} from the Hugging Face hub ({reason})"
         ) from None
     problems = []
     for i, row in enumerate(rows):
-        if q_field not in row or a_field not in row:
-            raise UsageError(f"benchmark {bench}: rows have no {q_field!r}/{a_field!r} fields (set them in the config)")
-        problem_id = str(row.get(id_field, i)) if id_field else f"{bench}-{i}"
-        problems.append(Problem(problem_id, str(row[q_field]).strip(), final_answer(str(row[a_field]))))
+        if hub.question not in row or hub.answer not in row:
+            raise UsageError(f"eval dataset {name}: rows have no {hub.question!r}/{hub.answer!r} fields "
+                             "(set question_field/answer_field in the eval config)")  # fmt: skip
+        problem_id = str(row.get(hub.id_field, i)) if hub.id_field else f"{name}-{i}"
+        problems.append(Problem(problem_id, str(row[hub.question]).strip(), final_answer(str(row[hub.answer]))))
         if limit and len(problems) >= limit:
             break
     return problems
 
 
-@dataclass
-class Generated:
-    text: str
-    tokens: int
-    hit_limit: bool  # stopped by max_new_tokens, not by the model
-
-
-def generate_batch(
-    model, tokenizer, prompts: list[str], cfg: EvalConfig, samples: int, seed: int
-) -> list[list[Generated]]:
-    """One batched `generate`: per prompt, `samples` generations."""
-    import torch
-    from transformers import GenerationConfig
-
-    tokenizer.padding_side = "left"  # decoder-only: new tokens must follow each prompt directly
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    sampling = cfg.temperature > 0
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [tokenizer.eos_token_id])
-    settings = GenerationConfig(
-        max_new_tokens=cfg.max_new_tokens, do_sample=sampling, num_return_sequences=samples,
-        temperature=cfg.temperature if sampling else None, top_p=cfg.top_p if sampling else None,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos_ids),
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    with torch.inference_mode():
-        output = model.generate(**encoded, generation_config=settings)
-    new = output[:, encoded["input_ids"].shape[1] :].tolist()
-    results = []
-    for p in range(len(prompts)):
-        row = []
-        for ids in new[p * samples : (p + 1) * samples]:
-            end = next((i for i, t in enumerate(ids) if t in eos_ids), None)
-            kept = ids if end is None else ids[:end]
-            text = tokenizer.decode(kept, skip_special_tokens=True)
-            row.append(Generated(text, len(kept) + (end is not None), end is None))
-        results.append(row)
-    return results
-
-
 def eval_command(
     model_ref: str,
     adapter: str | None,
-    bench: str,
+    dataset: str,
     limit: int | None,
     samples: int,
     out: Path | None,
@@ -135,10 +102,10 @@ def eval_command(
     if samples > 1 and cfg.temperature == 0:
         raise UsageError("--samples > 1 needs sampling: set temperature > 0 (--set temperature=0.7)")
     template = load_prompt(cfg.prompt)
-    problems = load_benchmark(bench, cfg, limit)
-    out = out or default_eval_dir(model_ref, adapter, bench)
+    problems = load_eval_problems(dataset, cfg, limit)
+    out = out or default_eval_dir(model_ref, adapter, dataset)
     # What changes the results (not where they run, nor the batch size).
-    settings = {"model": model_ref, "adapter": str(Path(adapter).resolve()) if adapter else None, "bench": bench,
+    settings = {"model": model_ref, "adapter": str(Path(adapter).resolve()) if adapter else None, "dataset": dataset,
                 "samples": samples, "prompt_sha256": _sha(template),
                 **cfg.model_dump(exclude={"device", "batch_size", "backend", "vllm_args"})}  # fmt: skip
     _check_settings(out, settings)
@@ -146,6 +113,7 @@ def eval_command(
     todo = [p for p in problems if any((p.id, k) not in done for k in range(samples))]
 
     if todo:
+        from genssd_cli.generation import Generated, generate_batch
         from genssd_cli.models import SHIPPED, chat_prompt, load_causal_lm, pick_device, student_model_dir
         from genssd_cli.vllm_generate import VllmGenerator, use_vllm
 
@@ -171,7 +139,7 @@ def eval_command(
             if close is not None:
                 close()
     metrics = compute_metrics(problems, done, samples)
-    metrics.update({"model": model_ref, "adapter": settings["adapter"], "bench": bench})
+    metrics.update({"model": model_ref, "adapter": settings["adapter"], "dataset": dataset})
     (out / METRICS).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     metrics["out"] = str(out)
     return metrics
@@ -252,8 +220,8 @@ def _interval(means: list[float], samples: int) -> list[float]:
     return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
 
 
-def default_eval_dir(model_ref: str, adapter: str | None, bench: str) -> Path:
-    name = f"{_slug(model_ref)}-{bench_slug(bench)}"
+def default_eval_dir(model_ref: str, adapter: str | None, dataset: str) -> Path:
+    name = f"{_slug(model_ref)}-{dataset_slug(dataset)}"
     if adapter:
         name += f"-adapter-{_sha(str(Path(adapter).resolve()))[:8]}"
     return Path("runs") / "eval" / name
@@ -262,10 +230,9 @@ def default_eval_dir(model_ref: str, adapter: str | None, bench: str) -> Path:
 def _check_settings(out: Path, settings: dict[str, Any]) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
-    path = out / SETTINGS
-    if not path.is_file():
+    previous = read_eval_settings(out)
+    if previous is None:
         return
-    previous = json.loads(path.read_text(encoding="utf-8"))
     changed = changed_keys(previous, settings)
     if changed:
         raise UsageError(f"{out} holds an eval with other settings (changed: {', '.join(changed)}); use another --out")
@@ -282,7 +249,7 @@ def _write_settings(out: Path, settings: dict[str, Any]) -> None:
 def _read_samples(out: Path) -> dict[tuple[str, int], dict]:
     """Finished samples; a torn last line (killed mid-write) is cut off, to be generated again."""
     path = out / SAMPLES
-    rows = read_records(path, "move the file away to start over")
+    rows = parse_jsonl(path, "move the file away to start over")
     if path.exists():  # new rows are appended after the last whole line
         with open(path, "r+b") as f:
             f.truncate(f.read().rfind(b"\n") + 1)
@@ -292,9 +259,9 @@ def _read_samples(out: Path) -> dict[tuple[str, int], dict]:
         raise RuntimeFailure(f"{path}: not a genssd eval samples file; move it away to start over") from None
 
 
-def bench_slug(bench: str) -> str:
-    """A benchmark's name for a directory: gsm8k, math-500, my-set (for data/my-set.jsonl)."""
-    return _slug(Path(bench).stem if bench.endswith(".jsonl") else bench)
+def dataset_slug(dataset: str) -> str:
+    """An eval dataset's name for a directory: gsm8k, math-500, my-set (for data/my-set.jsonl)."""
+    return _slug(Path(dataset).stem if dataset.endswith(".jsonl") else dataset)
 
 
 def _slug(text: str) -> str:

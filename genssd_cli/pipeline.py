@@ -24,7 +24,7 @@ from rich.console import Console
 
 from genssd_cli.config import PipelineConfig, load_pipeline_config
 from genssd_cli.errors import RuntimeFailure, UsageError
-from genssd_cli.eval import bench_slug
+from genssd_cli.eval import dataset_slug
 from genssd_cli.paths import bundled_dir
 
 RUN, TRAIN, EVAL, REPORT = "run", "train", "eval", "report"
@@ -39,10 +39,10 @@ def _beside(config_path: Path, name: str) -> Path:
 
 
 def stage_names(cfg: PipelineConfig) -> tuple[dict[str, str], list[str]]:
-    """The eval stages' names with their benchmarks, and every stage's name in order. One
-    benchmark: METHOD/eval; several: METHOD/eval-BENCH each."""
-    benches = cfg.eval.benches if cfg.eval else []
-    evals = {EVAL: benches[0]} if len(benches) == 1 else {f"{EVAL}-{bench_slug(b)}": b for b in benches}
+    """The eval stages' names with their eval datasets, and every stage's name in order. One
+    dataset: METHOD/eval; several: METHOD/eval-DATASET each."""
+    datasets = cfg.eval.datasets if cfg.eval else []
+    evals = {EVAL: datasets[0]} if len(datasets) == 1 else {f"{EVAL}-{dataset_slug(d)}": d for d in datasets}
     names = (
         [f"base/{e}" for e in evals]
         + ([f"cold-start/{RUN}", f"cold-start/{TRAIN}"] if cfg.cold_start else [])
@@ -87,13 +87,13 @@ def pipeline_command(
     def generate(sets: list[str], limit: int | None) -> Callable[[Path], dict[str, Any]]:
         def work(run_dir: Path) -> dict[str, Any]:
             summary = run_command(run_config, run_dir, limit, sets, False, console, resume_hint)
-            t = summary["trajectories"]
-            if t["failed"] or t["pending"]:
+            t = summary.trajectories
+            if t.failed or t.pending:
                 raise RuntimeFailure(
-                    f"{run_dir}: {t['failed']} failed and {t['pending']} pending trajectories; "
+                    f"{run_dir}: {t.failed} failed and {t.pending} pending trajectories; "
                     f"the next stages need them: resume with: {resume_hint}"
                 )
-            return {"trajectories": t, "correct": summary["correct"], "kept": summary["kept"]}
+            return summary.model_dump(include={"trajectories", "correct", "kept"})
 
         return work
 
@@ -104,18 +104,18 @@ def pipeline_command(
 
         return work
 
-    def evaluate(adapter: Path | None, bench: str) -> Callable[[Path], dict[str, Any]]:
+    def evaluate(adapter: Path | None, dataset: str) -> Callable[[Path], dict[str, Any]]:
         def work(eval_dir: Path) -> dict[str, Any]:
             model = load_run_config(run_config, cfg.set).student.model
             e = cfg.eval
-            metrics = eval_command(model, str(adapter) if adapter else None, bench, e.limit, 1, eval_dir,
+            metrics = eval_command(model, str(adapter) if adapter else None, dataset, e.limit, 1, eval_dir,
                                    _beside(config_path, e.config), e.set, console)  # fmt: skip
             return {k: metrics[k] for k in ("accuracy", "ci95", "problems", "mean_generated_tokens")}
 
         return work
 
-    for name, bench in evals.items():
-        stage(f"base/{name}", evaluate(None, bench))
+    for name, dataset in evals.items():
+        stage(f"base/{name}", evaluate(None, dataset))
     student: list[str] = []
     if cfg.cold_start:
         stage(f"cold-start/{RUN}", generate(cfg.cold_start.set, cfg.cold_start.limit))
@@ -124,8 +124,8 @@ def pipeline_command(
     for method in cfg.methods:
         stage(f"{method}/{RUN}", generate([*cfg.set, *student, f"method={method}"], cfg.limit))
         stage(f"{method}/{TRAIN}", distill(out / method / RUN))
-        for name, bench in evals.items():
-            stage(f"{method}/{name}", evaluate(out / method / TRAIN / ADAPTER, bench))
+        for name, dataset in evals.items():
+            stage(f"{method}/{name}", evaluate(out / method / TRAIN / ADAPTER, dataset))
     # Always redone: it only reads what the stages wrote (seconds).
     method_runs = [out / m / RUN for m in cfg.methods]
     eval_dirs = [out / s for s in names if s.rpartition("/")[2] in evals]

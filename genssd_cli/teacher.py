@@ -16,7 +16,7 @@ import openai
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from genssd_cli.config import TeacherConfig
-from genssd_cli.endpoint import BENCH_AFTER, Answer, Candidate, Endpoint, Prompt, ShortResponse, api_key
+from genssd_cli.endpoint import SIDELINE_AFTER, Answer, Candidate, Endpoint, Prompt, ShortResponse, api_key
 from genssd_cli.errors import (
     ContextTooLong,
     RequestRefused,
@@ -87,8 +87,8 @@ class _WaitRetryAfter:
 class TeacherClient:
     """The pool. Each attempt goes to the least-loaded healthy endpoint (load: requests queued or
     in flight there, over its weight); a retry avoids the endpoints that already failed it; a
-    server that fails BENCH_AFTER times in a row is benched with a growing backoff and its work
-    moves to the others. With every endpoint benched, requests wait for the first to return.
+    server that fails SIDELINE_AFTER times in a row is sidelined with a growing backoff and its work
+    moves to the others. With every endpoint sidelined, requests wait for the first to return.
 
     Servers that ignore `n` (llama.cpp's) or refuse it (400, as some hosted APIs do) are found
     on the first step and from then on asked once per candidate with seeds seed+i, which gives
@@ -131,7 +131,7 @@ class TeacherClient:
 
     async def check(self) -> list[str]:
         """Every endpoint reachable and serving the model. A refusal (key, model) is fatal; an
-        unreachable server of a pool is benched and named in the returned warnings; none
+        unreachable server of a pool is sidelined and named in the returned warnings; none
         reachable is fatal."""
         warnings = []
         for endpoint in self.endpoints:
@@ -142,7 +142,7 @@ class TeacherClient:
             except RuntimeFailure as exc:
                 if len(self.endpoints) == 1:
                     raise
-                endpoint.strikes = BENCH_AFTER - 1
+                endpoint.strikes = SIDELINE_AFTER - 1
                 endpoint.failed("connection")
                 warnings.append(f"{exc}; its share goes to the other endpoints until it answers")
         if len(warnings) == len(self.endpoints):
@@ -150,17 +150,17 @@ class TeacherClient:
         return warnings
 
     def health(self) -> str:
-        """`node1 3 in flight, 120 answered; node2 benched 8s` for the progress panel."""
+        """`node1 3 in flight, 120 answered; node2 sidelined 8s` for the progress panel."""
         now = time.monotonic()
         parts = []
         for e in self.endpoints:
-            state = f"benched {e.benched_until - now:.0f}s" if not e.healthy(now) else f"{e.in_flight} in flight"
+            state = f"sidelined {e.sidelined_until - now:.0f}s" if not e.healthy(now) else f"{e.in_flight} in flight"
             parts.append(f"{e.name} {state}, {e.requests} answered")
         return "; ".join(parts)
 
     def endpoint_stats(self) -> dict[str, dict]:
         return {
-            e.name: {"requests": e.requests, "failures": dict(sorted(e.failures.items())), "benched": e.benched}
+            e.name: {"requests": e.requests, "failures": dict(sorted(e.failures.items())), "sidelined": e.sidelined}
             for e in self.endpoints
         }
 
@@ -286,7 +286,7 @@ class TeacherClient:
             if healthy:
                 fresh = [e for e in healthy if e not in avoid] or healthy
                 return min(fresh, key=Endpoint.load)  # ties: the first in config order
-            await self._sleep(min(e.benched_until for e in self.endpoints) - now)
+            await self._sleep(min(e.sidelined_until for e in self.endpoints) - now)
             self._check_stop()
 
     def _in_flight_changes(self, delta: int) -> None:

@@ -56,7 +56,7 @@ def test_doctor_when_n_is_honoured(tmp_path, fake_teacher):
 
 
 def test_doctor_on_an_unreachable_endpoint_is_one_error_line(tmp_path):
-    from genssd_cli.launch import free_port
+    from genssd_cli.serving import free_port
 
     result = doctor(tmp_path, f"http://127.0.0.1:{free_port()}/v1")
     assert result.returncode == 1
@@ -108,7 +108,7 @@ def test_doctor_on_an_api_that_refuses_n(tmp_path, fake_teacher):
 
 
 def test_doctor_probes_every_endpoint_of_a_pool(tmp_path, fake_teacher):
-    from genssd_cli.launch import free_port
+    from genssd_cli.serving import free_port
 
     alive = fake_teacher()
     dead = f"http://127.0.0.1:{free_port()}/v1"

@@ -35,7 +35,7 @@ def test_pass_at_k_and_the_interval():
 @pytest.mark.slow
 def test_eval_base_then_adapter_and_resume(tmp_path):
     bench = bench_file(tmp_path / "bench.jsonl")
-    args = ["eval", STUDENT, "--bench", str(bench), "--set", "max_new_tokens=24", "--set", "batch_size=2"]
+    args = ["eval", STUDENT, "--dataset", str(bench), "--set", "max_new_tokens=24", "--set", "batch_size=2"]
     base = tmp_path / "base"
     first = genssd(*args, "--limit", "3", "--out", str(base))
     assert first.returncode == 0, first.stderr
@@ -75,13 +75,13 @@ def test_eval_bad_inputs(tmp_path):
     save_adapter_of_another_model(tmp_path / "other-adapter")
     bench = str(bench_file(tmp_path / "bench.jsonl"))
     cases = [
-        (["--bench", "gsm9k"], 2, "unknown benchmark 'gsm9k'"),
-        (["--bench", str(tmp_path / "missing.jsonl")], 2, "dataset not found"),
-        (["--bench", bench, "--samples", "2"], 2, "--samples > 1 needs sampling"),
-        (["--bench", bench, "--adapter", str(tmp_path)], 2, "student adapter not found"),
-        (["--bench", bench, "--adapter", str(tmp_path / "other-adapter")], 2, "does not fit model"),
-        (["--bench", bench, "--set", "max_new_tokens=0"], 2, "max_new_tokens: Input should be greater"),
-        (["--bench", "hf:no-such/dataset-anywhere"], 1, "cannot load no-such/dataset-anywhere"),
+        (["--bench", "gsm9k"], 2, "unknown eval dataset 'gsm9k'"),
+        (["--dataset", str(tmp_path / "missing.jsonl")], 2, "dataset not found"),
+        (["--dataset", bench, "--samples", "2"], 2, "--samples > 1 needs sampling"),
+        (["--dataset", bench, "--adapter", str(tmp_path)], 2, "student adapter not found"),
+        (["--dataset", bench, "--adapter", str(tmp_path / "other-adapter")], 2, "does not fit model"),
+        (["--dataset", bench, "--set", "max_new_tokens=0"], 2, "max_new_tokens: Input should be greater"),
+        (["--dataset", "hf:no-such/dataset-anywhere"], 1, "cannot load no-such/dataset-anywhere"),
     ]
     for extra, code, message in cases:
         result = genssd("eval", STUDENT, *extra, "--out", str(tmp_path / "out"), env={"HF_HUB_OFFLINE": "1"})

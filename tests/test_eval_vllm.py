@@ -150,7 +150,7 @@ def test_real_vllm_with_an_adapter_writes_what_hf_generate_writes(tmp_path):
     vllm_python()
     adapter = train_adapter_on_questions(tmp_path)
     # Default settings but the size: `backend` is not a results setting, so both must write the same.
-    args = ["eval", STUDENT, "--bench", "gsm8k", "--limit", "4", "--set", "max_new_tokens=40",
+    args = ["eval", STUDENT, "--dataset", "gsm8k", "--limit", "4", "--set", "max_new_tokens=40",
             "--set", "batch_size=4"]  # fmt: skip
     vllm = genssd_with_vllm(*args, "--adapter", str(adapter), "--set", "backend=vllm", "--out", str(tmp_path / "vllm"))
     assert vllm.returncode == 0, vllm.stderr[-3000:]

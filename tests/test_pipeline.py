@@ -74,7 +74,7 @@ def test_stage_names_with_one_and_with_several_benchmarks(tmp_path):
     assert names[:2] == ["base/eval-gsm8k-hf", "base/eval-math-500"]
     assert "posthoc-ppl/eval-math-500" in names
     evals, _ = stage_names(load_pipeline_config(bundled_dir("configs") / "pipeline-demo.yaml",
-                                                ["eval.bench=[gsm8k, data/my-set.jsonl]"]))  # fmt: skip
+                                                ["eval.dataset=[gsm8k, data/my-set.jsonl]"]))  # fmt: skip
     assert evals == {"eval-gsm8k": "gsm8k", "eval-my-set": "data/my-set.jsonl"}
 
 
@@ -83,4 +83,4 @@ def test_eval_benchmarks_are_some_and_each_once(tmp_path, bench):
     (tmp_path / "pipe.yaml").write_text(f"eval:\n  bench: {bench}\n")
     result = genssd("pipeline", str(tmp_path / "pipe.yaml"), "--out", str(tmp_path / "out"))
     assert result.returncode == 2
-    assert "give at least one benchmark, each once" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "give at least one eval dataset, each once" in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -202,8 +202,8 @@ def test_requests_spread_by_weight_over_the_least_loaded(fake_teacher):
     assert teacher.endpoint_stats()["b"]["requests"] == 20
 
 
-def test_a_failing_endpoint_is_benched_and_its_work_moves(fake_teacher):
-    from genssd_cli.launch import free_port
+def test_a_failing_endpoint_is_sidelined_and_its_work_moves(fake_teacher):
+    from genssd_cli.serving import free_port
 
     alive = fake_teacher()
     dead = f"http://127.0.0.1:{free_port()}/v1"
@@ -217,21 +217,21 @@ def test_a_failing_endpoint_is_benched_and_its_work_moves(fake_teacher):
 
     got = anyio.run(one_after_another)
     # The first three go to "dead" first (least loaded, first in order), fail, and are retried on
-    # "alive" (retries=1: one more attempt each); the third failure benches it, the rest skip it.
+    # "alive" (retries=1: one more attempt each); the third failure sidelines it, the rest skip it.
     assert all(len(candidates) == 2 for candidates in got)
     stats = teacher.endpoint_stats()
-    assert stats["dead"] == {"requests": 0, "failures": {"connection": 3}, "benched": 1}
+    assert stats["dead"] == {"requests": 0, "failures": {"connection": 3}, "sidelined": 1}
     assert stats["alive"]["requests"] == 6 == len(alive.requests())
     assert not teacher.endpoints[0].healthy(time.monotonic())
 
 
-def test_with_every_endpoint_benched_a_stop_is_not_kept_waiting():
-    from genssd_cli.launch import free_port
+def test_with_every_endpoint_sidelined_a_stop_is_not_kept_waiting():
+    from genssd_cli.serving import free_port
 
     teacher = pool({"base_url": f"http://127.0.0.1:{free_port()}/v1"}, retries=10)
     for endpoint in teacher.endpoints:
         endpoint.strikes = 10
-        endpoint.failed("connection")  # benched for the longest backoff
+        endpoint.failed("connection")  # sidelined for the longest backoff
 
     async def go():
         teacher.stop = anyio.Event()
