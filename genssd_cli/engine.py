@@ -200,8 +200,6 @@ class Engine:
             for offset, candidate in enumerate(part.candidates):
                 have[part.start + offset] = candidate
             t.teacher_tokens += part.completion_tokens
-            self.stats.candidates += len(part.candidates)
-            self.stats.teacher_tokens += part.completion_tokens
 
         def receive(part: TeacherPart) -> None:
             self.store.append(Response(
@@ -214,6 +212,9 @@ class Engine:
                 ],
             ))  # fmt: skip
             absorb(part)
+            # This session's counts: what was received now, not what a resume replays.
+            self.stats.candidates += len(part.candidates)
+            self.stats.teacher_tokens += part.completion_tokens
             self._pay(part)
 
         for event in self.replay.responses.get(key, []):
