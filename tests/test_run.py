@@ -63,19 +63,6 @@ def test_run_writes_consistent_records(tmp_path, fake_teacher):
     assert (tmp_path / "run" / "trajectories.jsonl").read_bytes() == before
 
 
-def test_pruning_retries_then_prunes(tmp_path, fake_teacher):
-    server = fake_teacher()
-    cfg = run_config(server.base_url, search={"prune_ppl": 1.0001, "retries": 2}, data={"count": 2})
-    result = genssd("run", str(write_config(tmp_path / "c.yaml", cfg)), "--out", str(tmp_path / "run"))
-    assert result.returncode == 0, result.stderr
-    summary = check_run_is_consistent(tmp_path / "run", problems=2, n=3)
-    assert summary["trajectories"]["pruned"] == 2
-    events = read_events(tmp_path / "run")
-    # Each problem's first step: the original attempt and two re-samples, then the prune.
-    assert sorted(e.attempt for e in events if e.type == "choice") == [0, 0, 1, 1, 2, 2]
-    assert (tmp_path / "run" / "trajectories.jsonl").read_text() == ""
-
-
 def test_context_too_long_ends_the_trajectory_as_truncated(tmp_path, fake_teacher):
     server = fake_teacher("--max-prompt-words", "165")  # the few-shot prompt (~140 words) + 2-3 steps
     cfg = run_config(server.base_url, search={"max_steps": 20, "max_new_tokens": 400}, data={"count": 3})
