@@ -119,16 +119,25 @@ def bench_file(path: Path) -> Path:
     return path
 
 
+def trajectory_row(problem_id: str, question: str, completion: str, correct: bool) -> dict:
+    """A whole trajectories.jsonl row (records.TrajectoryRow), as `genssd run` writes it."""
+    from genssd_cli.records import TrajectoryRow
+
+    return TrajectoryRow(
+        problem_id=problem_id, sample=0, method="genssd",
+        prompt=[{"role": "user", "content": question}], completion=[{"role": "assistant", "content": completion}],
+        reference="?", answer=None, correct=correct, finish="stop", steps=1, student_ppl=None,
+        teacher_tokens=0, completion_tokens=0,
+    ).model_dump(mode="json")  # fmt: skip
+
+
 def train_adapter_on_questions(tmp: Path) -> Path:
     """`genssd train` on QUESTIONS answered right: an adapter that changes what the student writes."""
     from genssd_cli.store import CONFIG, TRAJECTORIES
 
     run = tmp / "run"
     run.mkdir()
-    trajectories = [{"problem_id": i, "sample": 0, "correct": True,
-                     "prompt": [{"role": "user", "content": f"Question: {q}"}],
-                     "completion": [{"role": "assistant", "content": f"The answer is {a}."}]}
-                    for i, q, a in QUESTIONS]  # fmt: skip
+    trajectories = [trajectory_row(i, f"Question: {q}", f"The answer is {a}.", True) for i, q, a in QUESTIONS]
     (run / TRAJECTORIES).write_text("".join(json.dumps(t) + "\n" for t in trajectories))
     (run / CONFIG).write_text(f"teacher: {{model: t, base_url: 'http://127.0.0.1:9/v1'}}\nstudent: {{model: {STUDENT}}}"
                               "\ndata: {source: arith}\n")  # fmt: skip

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import genssd, save_adapter_of_another_model
+from conftest import genssd, save_adapter_of_another_model, trajectory_row
 
 from genssd_cli.store import CONFIG, TRAJECTORIES
 
@@ -14,11 +14,7 @@ STUDENT_CONFIG = "student:\n  model: smollm2-135m-instruct\n"
 
 
 def row(problem: str, completion: str, correct: bool) -> dict:
-    return {
-        "problem_id": problem, "sample": 0, "method": "genssd", "correct": correct,
-        "prompt": [{"role": "user", "content": f"Solve: {problem}"}],
-        "completion": [{"role": "assistant", "content": completion}],
-    }  # fmt: skip
+    return trajectory_row(problem, f"Solve: {problem}", completion, correct)
 
 
 def make_run(path: Path, rows: list[dict]) -> Path:
@@ -116,7 +112,9 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "plain").mkdir()
     save_adapter_of_another_model(tmp_path / "other-adapter")
     good = make_run(tmp_path / "good", ROWS[:2])
+    foreign = make_run(tmp_path / "foreign", [{"prompt": "2+3", "completion": "5"}])
     cases = [
+        ([str(foreign)], "trajectories.jsonl line 1: not a TrajectoryRow (problem_id: Field required)"),
         ([str(tmp_path / "missing")], "run directory not found"),
         ([str(tmp_path / "plain")], "has no trajectories.jsonl"),
         ([str(wrong_only)], "no correct trajectory (--include-incorrect trains on all)"),
