@@ -89,6 +89,9 @@ class TeacherConfig(_Strict):
     timeout_s: float = Field(120.0, gt=0)
     retries: int = Field(5, ge=0)
     preflight: bool = Field(True, description="genssd run first checks that chat-continue really continues")
+    logprobs: bool = Field(
+        True, description="ask for each choice's tokens (logprobs) when n > 1, to count each candidate's exactly"
+    )
     price: PriceSettings | None = Field(None, description="null: cost not counted")
 
     @model_validator(mode="before")
@@ -265,6 +268,7 @@ _NOT_RESULTS = {
     "teacher.requests_per_minute",
     "teacher.tokens_per_minute",
     "teacher.preflight",
+    "teacher.logprobs",
     "teacher.api_key_env",
     "teacher.max_concurrency",
     "teacher.timeout_s",

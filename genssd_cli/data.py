@@ -215,6 +215,18 @@ def teacher_template(prompts: PromptsConfig, teacher: TeacherConfig) -> str:
     return text + teacher.assistant_prefix
 
 
+def teacher_token_counter(prompts: PromptsConfig) -> Callable[[str], int] | None:
+    """Counts a text's tokens with the teacher's tokenizer, when the config names it
+    (prompts.teacher_chat_template): how candidates' tokens are counted when the server lists
+    none per choice."""
+    if not prompts.teacher_chat_template:
+        return None
+    from genssd_cli.models import load_tokenizer
+
+    tokenizer = load_tokenizer(prompts.teacher_chat_template, "prompts.teacher_chat_template")
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def render_prompt(template: str, question: str) -> str:
     # str.replace, not str.format: few-shot examples may contain braces (LaTeX, JSON).
     return template.replace("{question}", question)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -20,6 +20,7 @@ from aiolimiter import AsyncLimiter
 
 from genssd_cli.config import EndpointConfig, TeacherConfig, endpoint_label
 from genssd_cli.errors import UsageError
+from genssd_cli.records import TokenSource
 
 # A server that failed this many times in a row is sidelined: its work goes to the others.
 SIDELINE_AFTER = 3
@@ -47,6 +48,7 @@ class Answer:
     candidates: list[Candidate]
     prompt_tokens: int
     completion_tokens: int
+    token_source: TokenSource  # where the candidates' own token counts came from (see per_choice_tokens)
 
 
 class ShortResponse(Exception):
@@ -54,8 +56,15 @@ class ShortResponse(Exception):
 
 
 class Endpoint:
-    def __init__(self, teacher: TeacherConfig, base_url: str, own: EndpointConfig | None = None):
+    def __init__(
+        self,
+        teacher: TeacherConfig,
+        base_url: str,
+        own: EndpointConfig | None = None,
+        count_tokens: Callable[[str], int] | None = None,
+    ):
         self.teacher = teacher
+        self.count_tokens = count_tokens  # the teacher's tokenizer, when known
         self.base_url = base_url
         self.name = own.label if own else endpoint_label(base_url)
         self.weight = own.weight if own else 1.0
@@ -150,13 +159,21 @@ class Endpoint:
             "temperature": t.temperature if temperature is None else temperature,
             "stop": (t.stop if stop is None else stop) or None,
         }  # fmt: skip
+        # Usage is per request: with several choices, only their tokens tell each one's share.
+        want_tokens = t.logprobs and n > 1
         if t.mode == "completions":
+            if want_tokens:
+                options["logprobs"] = 0  # the chosen tokens only, no alternatives
             response = await self.client.completions.create(prompt=prompt.head + prompt.trace, **options)
             choices = sorted(response.choices or [], key=lambda c: c.index)[:n]
             if not choices or any(c.text is None for c in choices):
                 raise ShortResponse("response had no choices")
             texts = [(c.text, c.finish_reason) for c in choices]
+            listed = [len(c.logprobs.tokens) if c.logprobs and c.logprobs.tokens is not None else None
+                      for c in choices]  # fmt: skip
         else:
+            if want_tokens:
+                options["logprobs"] = True
             extra = {"continue_final_message": True, "add_generation_prompt": False}
             response = await self.client.chat.completions.create(
                 messages=chat_messages(t, prompt),
@@ -167,16 +184,34 @@ class Endpoint:
             if not choices or any(c.message is None for c in choices):
                 raise ShortResponse("response had no choices")
             texts = [(continued_text(c.message), c.finish_reason) for c in choices]
+            listed = [len(c.logprobs.content) if c.logprobs and c.logprobs.content is not None else None
+                      for c in choices]  # fmt: skip
         usage = response.usage
         prompt_tokens = usage.prompt_tokens if usage else 0
         completion_tokens = usage.completion_tokens if usage else 0
         self.requests += 1
         self.prompt_tokens += prompt_tokens
         self.completion_tokens += completion_tokens
-        # Usage is per request; split it over choices for the per-candidate count.
-        per_choice = completion_tokens // len(texts) if completion_tokens else 0
-        candidates = [Candidate(text, finish or "length", per_choice) for text, finish in texts]
-        return Answer(candidates, prompt_tokens, completion_tokens)
+        counts, source = per_choice_tokens(completion_tokens, listed, [text for text, _ in texts], self.count_tokens)
+        candidates = [Candidate(text, finish or "length", count)
+                      for (text, finish), count in zip(texts, counts, strict=True)]  # fmt: skip
+        return Answer(candidates, prompt_tokens, completion_tokens, source)
+
+
+def per_choice_tokens(
+    billed: int, listed: list[int | None], texts: list[str], count_tokens: Callable[[str], int] | None
+) -> tuple[list[int], TokenSource]:
+    """Each choice's completion tokens, and where they came from. One choice: the bill itself.
+    Several: the tokens the server listed per choice (logprobs), trusted only when they add up
+    to the bill; else the teacher's tokenizer on each text, when known (close, not exact: the
+    server may count an end token or tokenize across the seam); else the bill split evenly."""
+    if len(texts) == 1:
+        return [billed], "usage"
+    if all(count is not None for count in listed) and sum(listed) == billed:
+        return list(listed), "logprobs"
+    if count_tokens is not None:
+        return [count_tokens(text) for text in texts], "tokenizer"
+    return [billed // len(texts)] * len(texts), "split"
 
 
 def chat_messages(teacher: TeacherConfig, prompt: Prompt) -> list[dict]:

@@ -205,7 +205,7 @@ class Engine:
             self.store.append(Response(
                 **t.ids, step=t.steps, attempt=attempt, start=part.start, seed=part.seed, n=part.n,
                 prompt_tokens=part.prompt_tokens, completion_tokens=part.completion_tokens,
-                endpoint=part.endpoint,
+                endpoint=part.endpoint, token_source=part.token_source,
                 candidates=[
                     CandidateRecord(text=c.text, finish_reason=c.finish_reason, tokens=c.completion_tokens)
                     for c in part.candidates

@@ -14,6 +14,7 @@ request says `continue_final_message` (or, with `--prefill prefix`, when the mes
 true`, as some hosted APIs do); otherwise a new answer to the user message starts. `--reasoning`
 hands text before "The answer is" back as `reasoning_content` (its `</think>` dropped, as vLLM's
 reasoning parsers do); `--reject-n` answers 400 to n > 1 on both APIs, as many hosted APIs do.
+Each word is a token; asked for `logprobs`, every choice lists its tokens (`--no-logprobs`: never).
 
     python -m genssd_cli.fake_teacher --port P --log requests.jsonl [--ignore-n] [--fault-rate 0.2]
 """
@@ -132,11 +133,12 @@ class Handler(BaseHTTPRequestHandler):
         choices, total = [], 0
         for i in range(n):
             text, finish, tokens = continuation(req["prompt"], seed + i, max_tokens, stop, self.server.answers)
+            logprobs = self.server.logprobs(req, tokens, chat)
             if chat:
                 message = self.server.chat_message(text, continued)
-                choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": None})
+                choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": logprobs})
             else:
-                choices.append({"index": i, "text": text, "finish_reason": finish, "logprobs": None})
+                choices.append({"index": i, "text": text, "finish_reason": finish, "logprobs": logprobs})
             total += tokens
         if self.server.latency_per_token:
             time.sleep(self.server.latency_per_token * total)
@@ -173,6 +175,7 @@ class FakeServer(ThreadingHTTPServer):
         self.prefill = args.prefill
         self.reasoning = args.reasoning
         self.reject_n = args.reject_n
+        self.no_logprobs = args.no_logprobs
         self._seen: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
         self._log = open(args.log, "a", encoding="utf-8") if args.log else None  # noqa: SIM115
@@ -198,6 +201,18 @@ class FakeServer(ThreadingHTTPServer):
         if self.reasoning:
             return {"role": "assistant", "reasoning_content": text, "content": None}
         return {"role": "assistant", "content": text}
+
+    def logprobs(self, req: dict, tokens: int, chat: bool) -> dict | None:
+        """The chosen tokens' log-probabilities, when asked for (and not --no-logprobs): what
+        lets a client count each choice's tokens."""
+        asked = req.get("logprobs")
+        if self.no_logprobs or asked is None or asked is False:  # 0 asks: the chosen tokens alone
+            return None
+        if chat:
+            return {"content": [{"token": f"t{k}", "logprob": -1.0, "bytes": None, "top_logprobs": []}
+                                for k in range(tokens)]}  # fmt: skip
+        return {"tokens": [f"t{k}" for k in range(tokens)], "token_logprobs": [-1.0] * tokens,
+                "top_logprobs": None, "text_offset": list(range(tokens))}  # fmt: skip
 
     def next_fault(self, req: dict) -> str | None:
         key = json.dumps([req["prompt"], req.get("seed")])  # not n: learning n must not change faults
@@ -242,6 +257,7 @@ def main() -> None:
                         default="continue_final_message", help="how a partial assistant message is continued")
     parser.add_argument("--reasoning", action="store_true", help="thinking as reasoning_content, apart")
     parser.add_argument("--reject-n", action="store_true", help="answer 400 to n > 1")
+    parser.add_argument("--no-logprobs", action="store_true", help="ignore logprobs, as some servers do")
     args = parser.parse_args()
     FakeServer(args.port, args).serve_forever()
 

@@ -4,6 +4,7 @@ causal LM by name, id or path. torch/transformers are imported inside the functi
 from __future__ import annotations
 
 import fcntl
+import functools
 import importlib.util
 import os
 import shutil
@@ -166,6 +167,7 @@ def load_causal_lm(
     return model, tokenizer
 
 
+@functools.lru_cache(maxsize=4)  # the teacher's is read for its template and to count tokens
 def load_tokenizer(ref: str, setting: str):
     """A tokenizer by shipped name, local folder, or model id in the local Hugging Face cache."""
     from transformers import AutoTokenizer

@@ -24,6 +24,7 @@ from genssd_cli.errors import RuntimeFailure, UsageError
 
 SCHEMA_VERSION = 2  # 2: one `response` event per received teacher response
 Ending = Literal["stop", "truncated"]
+TokenSource = Literal["usage", "logprobs", "tokenizer", "split"]
 
 
 class Record(BaseModel):
@@ -86,7 +87,7 @@ class CandidateRecord(Record):
     finish_reason: str
     """`stop` (the model ended or a stop string matched) or `length` (max_tokens reached)."""
     tokens: int
-    """Its completion tokens (an even share of the response's usage when the server gives one total)."""
+    """Its own completion tokens; the response's `token_source` says how they were counted."""
 
 
 class Response(TrajectoryEvent):
@@ -109,6 +110,11 @@ class Response(TrajectoryEvent):
     """As billed by the server, all choices together."""
     endpoint: str | None = None
     """The endpoint that answered (its name in a pool)."""
+    token_source: TokenSource | None = None
+    """How the candidates' `tokens` were counted: `usage` (one choice: the bill itself), `logprobs`
+    (the tokens the server listed per choice, adding up to the bill), `tokenizer` (the teacher's
+    tokenizer on each text: close, not exact) or `split` (the bill shared evenly); null in logs
+    written before genssd recorded it."""
     candidates: list[CandidateRecord]
     """Candidates start, start + 1, …"""
 
@@ -297,6 +303,10 @@ class TeacherTotals(Record):
     """As billed, all sessions."""
     candidates: int
     """Candidates received."""
+    token_sources: dict[str, int] = Field(default_factory=dict)
+    """Responses by how their candidates' tokens were counted (`usage`, `logprobs`: exact;
+    `tokenizer`, `split`: approximate; `unknown`: written before genssd recorded it). The totals
+    above are always what the server billed."""
     cost: float | None = None
     """At `teacher.price` (null: no price set)."""
     price_per_million: Price | None = None

@@ -196,6 +196,7 @@ def summarize(events: Events, problems: list[Problem], samples: int, teacher: Te
             prompt_tokens=sum(e.prompt_tokens for e in responses),
             completion_tokens=sum(e.completion_tokens for e in responses),
             candidates=sum(len(e.candidates) for e in responses),
+            token_sources=dict(sorted(Counter(e.token_source or "unknown" for e in responses).items())),
             cost=round(cost, 6) if cost is not None else None,
             price_per_million=Price.model_validate(teacher.price.model_dump()) if teacher.price else None,
             endpoints=per_endpoint(events, teacher),

@@ -24,7 +24,7 @@ from rich.console import Console
 from genssd_cli import __version__
 from genssd_cli.config import RunConfig, dump_config_yaml, load_run_config, results_settings, settings_hash
 from genssd_cli.control import RunControl
-from genssd_cli.data import Problem, load_problems, load_prompt, teacher_template
+from genssd_cli.data import Problem, load_problems, load_prompt, teacher_template, teacher_token_counter
 from genssd_cli.engine import Engine
 from genssd_cli.errors import BudgetReached, Interrupted, UsageError, unwrap_group
 from genssd_cli.launch import LocalServer, launched
@@ -86,7 +86,7 @@ def run_command(
             console.print(f"starting teacher server for {cfg.teacher.launch.gguf} …")
             server.wait_ready()
         base_url = server.base_url if server else cfg.teacher.base_url
-        teacher = TeacherClient(cfg.teacher, base_url)
+        teacher = TeacherClient(cfg.teacher, base_url, count_tokens=teacher_token_counter(cfg.prompts))
         stats = RunStats(problems_total=len(problems), retries=teacher.retries,
                          endpoints=teacher.health if len(teacher.endpoints) > 1 else None)  # fmt: skip
 

@@ -16,7 +16,16 @@ import openai
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from genssd_cli.config import TeacherConfig
-from genssd_cli.endpoint import SIDELINE_AFTER, Answer, Candidate, Endpoint, Prompt, ShortResponse, api_key
+from genssd_cli.endpoint import (
+    SIDELINE_AFTER,
+    Answer,
+    Candidate,
+    Endpoint,
+    Prompt,
+    ShortResponse,
+    TokenSource,
+    api_key,
+)
 from genssd_cli.errors import (
     ContextTooLong,
     RequestRefused,
@@ -40,6 +49,7 @@ class TeacherPart:
     prompt_tokens: int
     completion_tokens: int
     endpoint: str | None = None  # which server answered
+    token_source: TokenSource = "usage"  # where each candidate's own token count came from
 
 
 def request_seed(base: int, *key: object) -> int:
@@ -99,12 +109,18 @@ class TeacherClient:
     a resumed run asks only for the missing candidates. Once `stop` is set no request is sent
     (requests already in flight finish and are reported)."""
 
-    def __init__(self, cfg: TeacherConfig, base_url: str | None = None, backoff_s: float = 0.5):
+    def __init__(
+        self,
+        cfg: TeacherConfig,
+        base_url: str | None = None,
+        backoff_s: float = 0.5,
+        count_tokens: Callable[[str], int] | None = None,
+    ):
         self.cfg = cfg
         if cfg.endpoints:
-            self.endpoints = [Endpoint(cfg, own.base_url, own) for own in cfg.endpoints]
+            self.endpoints = [Endpoint(cfg, own.base_url, own, count_tokens) for own in cfg.endpoints]
         else:
-            self.endpoints = [Endpoint(cfg, base_url or cfg.base_url)]
+            self.endpoints = [Endpoint(cfg, base_url or cfg.base_url, None, count_tokens)]
         self._backoff_s = backoff_s
         self.honours_n: bool | None = None
         self.in_flight = 0
@@ -241,7 +257,7 @@ class TeacherClient:
                         self._check_stop()
                         answer = await self._ask(endpoint, failed_on, prompt, n, max_tokens, seed)
                     return TeacherPart(start, seed, n, answer.candidates, answer.prompt_tokens,
-                                       answer.completion_tokens, endpoint.name)  # fmt: skip
+                                       answer.completion_tokens, endpoint.name, answer.token_source)  # fmt: skip
         except openai.BadRequestError as exc:
             if "context" in str(exc).lower():
                 raise ContextTooLong(str(exc)) from None

@@ -7,7 +7,9 @@ import pytest
 from conftest import collect
 
 from genssd_cli.config import TeacherConfig
+from genssd_cli.endpoint import per_choice_tokens
 from genssd_cli.errors import RuntimeFailure, StopRequested, TeacherFatalError, TeacherUnavailable, UsageError
+from genssd_cli.fake_teacher import continuation
 from genssd_cli.teacher import Prompt, TeacherClient, TeacherPart, request_seed
 
 
@@ -33,6 +35,40 @@ def test_n_is_used_when_honoured(fake_teacher):
     assert len(candidates) == 4 and len(parts) == 1
     assert teacher.honours_n is True
     assert [(r["n"], r["seed"]) for r in server.requests()] == [(4, 100)]
+
+
+@pytest.mark.parametrize("mode", ["completions", "chat-continue"])
+def test_each_candidate_counts_its_own_tokens_from_the_logprobs(fake_teacher, mode):
+    """Choices of one response differ in length (some stop early): each candidate's count is its
+    own, they add up to the bill, and the response says where they came from."""
+    server = fake_teacher()
+    counts, sources, prompt, stop = [], set(), "Q: 5-2?\nA:", ["\nQuestion:"]
+    for seed in range(6):
+        candidates, [part] = sample(client(server.base_url, mode=mode, stop=stop), prompt, 4, 12, seed)
+        assert sum(c.completion_tokens for c in candidates) == part.completion_tokens
+        counts += [c.completion_tokens for c in candidates]
+        sources.add(part.token_source)
+    assert sources == {"logprobs"}
+    assert len(set(counts)) > 1  # an even split would have hidden this
+    if mode == "completions":  # the fake teacher's own count for each choice (seed + i)
+        expected = [continuation(prompt, seed + i, 12, stop)[2] for seed in range(6) for i in range(4)]
+        assert counts == expected
+
+
+@pytest.mark.parametrize(("flag", "setting", "source"), [("--no-logprobs", True, "split"), (None, False, "split")])
+def test_without_logprobs_the_bill_is_split_and_said_so(fake_teacher, flag, setting, source):
+    server = fake_teacher(*([flag] if flag else []))
+    candidates, [part] = sample(client(server.base_url, logprobs=setting), "Q: 5-2?\nA:", 4, 12, 3)
+    assert part.token_source == source
+    assert {c.completion_tokens for c in candidates} == {part.completion_tokens // 4}
+
+
+def test_per_choice_token_counts_prefer_exact_sources():
+    words = lambda text: len(text.split())  # noqa: E731 -- a stand-in tokenizer
+    assert per_choice_tokens(7, [None], ["a b"], words) == ([7], "usage")  # one choice: the bill
+    assert per_choice_tokens(7, [3, 4], ["a", "b"], words) == ([3, 4], "logprobs")
+    assert per_choice_tokens(8, [3, 4], ["a b", "c"], words) == ([2, 1], "tokenizer")  # listed ≠ bill
+    assert per_choice_tokens(8, [3, None], ["a b", "c"], None) == ([4, 4], "split")
 
 
 def test_servers_ignoring_n_are_topped_up_with_seed_plus_i(fake_teacher):
