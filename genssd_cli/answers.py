@@ -19,9 +19,11 @@ _ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*:?\s*([^\n]+)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 
 
-def extract_answer(text: str) -> str | None:
+def extract_answer(text: str, explicit: bool = False) -> str | None:
     """The last `\\boxed{}`, else the text after the last `####`, else after 'the answer is',
-    else the last number in the text."""
+    else (unless `explicit`: only a stated answer counts) the last number in the text. A
+    training trace must state its answer; the fallback is for evaluating base models, which
+    often do not follow the answer format."""
     boxed = _last_boxed(text)
     if boxed is not None:
         return boxed.strip()
@@ -33,6 +35,8 @@ def extract_answer(text: str) -> str | None:
     if matches:
         # "The answer is 18 - 4 = 14 cookies." -> the value after the last '='.
         return matches[-1].rpartition("=")[2].strip().rstrip(".").strip()
+    if explicit:
+        return None
     numbers = _NUMBER.findall(text)
     return numbers[-1] if numbers else None
 

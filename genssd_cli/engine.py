@@ -174,8 +174,8 @@ class Engine:
             scores = [Score(math.inf, 0)]
         correct = []
         if self.method.correct_first:
-            for text in texts:
-                correct.append(await anyio.to_thread.run_sync(answers_match, t.problem.reference, extract_answer(text)))
+            for text, c in zip(texts, candidates, strict=True):
+                correct.append((await self._verdict(t, text, self._complete(c)))[1])
         best = self.method.select([s.ppl for s in scores], correct)
         self.store.append(_choice(t, 0, 0, best, scores, correct or None))
         return best
@@ -183,6 +183,20 @@ class Engine:
     def _until_stop(self, text: str) -> str:
         cut = _find_stop(text, self.cfg.teacher.stop, 0)
         return text if cut is None else text[:cut]
+
+    def _complete(self, candidate: Candidate) -> bool:
+        """A whole trajectory that ended (the model stopped, or a stop string came), not one cut
+        at max_tokens."""
+        return candidate.finish_reason == "stop" or _find_stop(candidate.text, self.cfg.teacher.stop, 0) is not None
+
+    async def _verdict(self, t: Trajectory, text: str, complete: bool) -> tuple[str | None, bool]:
+        """The answer a trace states, and whether it is right. Only a trace that ended and stated
+        its answer (the prompt's answer line, \\boxed{}, ####) can be right: an unfinished one
+        is not a solution, whatever number it last wrote."""
+        answer = extract_answer(text, explicit=True)
+        if not complete or answer is None:
+            return answer, False
+        return answer, await anyio.to_thread.run_sync(answers_match, t.problem.reference, answer)
 
     def _too_hard(self, ppl: float) -> bool:
         # inf means no candidate had tokens of its own (the teacher just stopped): not "hard".
@@ -271,8 +285,7 @@ class Engine:
         [whole] = await self.scoring.score(ScoreRequest(student_prompt, [t.text]), solo=True)
         if self.method.whole and math.isfinite(whole.ppl):
             self.stats.add_ppl(whole.ppl)
-        answer = extract_answer(t.text)
-        correct = await anyio.to_thread.run_sync(answers_match, t.problem.reference, answer)
+        answer, correct = await self._verdict(t, t.text, finish == "stop")
         row = TrajectoryRow(
             **t.ids,
             method=self.cfg.method,

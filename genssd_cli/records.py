@@ -170,9 +170,10 @@ class TrajectoryRow(Record):
     reference: str
     """The dataset's answer."""
     answer: str | None
-    """The answer extracted from the trace (null when none was found)."""
+    """The answer the trace states (the prompt's answer line, `\\boxed{}`, `####`); null when it
+    states none (a last number written is not taken as the answer)."""
     correct: bool
-    """The extracted answer matches the reference."""
+    """The trace ended (`finish: stop`) and its stated answer matches the reference."""
     finish: Ending
     """`stop`: the trace ended; `truncated`: it hit max_steps, max_new_tokens or the teacher's context."""
     steps: int

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +22,32 @@ from genssd_cli.config import StudentConfig, load_run_config, load_train_config
 from genssd_cli.errors import RuntimeFailure, UsageError
 from genssd_cli.records import TrajectoryRow, read_rows
 from genssd_cli.store import CONFIG, TRAJECTORIES
-from genssd_cli.trainer import CHECKPOINTS, make_trainer
+from genssd_cli.trainer import CHECKPOINTS, make_trainer, rows_over_length
 
 ADAPTER = "adapter"
 MERGED = "merged"
 DONE = "done.json"
 
 
+def exclusion(row: TrajectoryRow, include_incorrect: bool) -> str | None:
+    """Why a row is not trained on, or None. Only a trace that ended and stated the right answer
+    is correct; the check on `finish` also holds for rows an older genssd marked correct."""
+    if include_incorrect:
+        return None
+    if row.finish != "stop":
+        return "truncated"
+    if row.answer is None:
+        return "no_stated_answer"
+    return None if row.correct else "wrong_answer"
+
+
 def build_dataset(run_dirs: list[Path], include_incorrect: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Rows to train on (correct ones unless asked otherwise), duplicates dropped, and a manifest."""
+    """Rows to train on (correct ones unless asked otherwise), duplicates dropped, and a manifest
+    that counts the rows left out by reason."""
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
-    manifest: dict[str, Any] = {"runs": [], "include_incorrect": include_incorrect, "duplicates_dropped": 0}
+    excluded_all: Counter[str] = Counter()
+    manifest: dict[str, Any] = {"runs": [], "include_incorrect": include_incorrect}
     for run_dir in run_dirs:
         path = run_dir / TRAJECTORIES
         if not run_dir.is_dir():
@@ -43,24 +58,26 @@ def build_dataset(run_dirs: list[Path], include_incorrect: bool) -> tuple[list[d
             trajectories = read_rows(path, TrajectoryRow, "run `genssd run` on it again to rewrite it")
         except RuntimeFailure as exc:
             raise UsageError(str(exc)) from None
-        found = used = correct = 0
+        excluded: Counter[str] = Counter()
+        used = 0
         for row in trajectories:
-            found += 1
-            correct += row.correct
-            if not (row.correct or include_incorrect):
-                continue
             prompt = [m.model_dump() for m in row.prompt]
             completion = [m.model_dump() for m in row.completion]
             digest = hashlib.sha256(json.dumps([prompt, completion], sort_keys=True).encode()).hexdigest()
-            if digest in seen:
-                manifest["duplicates_dropped"] += 1
+            reason = exclusion(row, include_incorrect) or ("duplicate" if digest in seen else None)
+            if reason:
+                excluded[reason] += 1
                 continue
             seen.add(digest)
             rows.append({"prompt": prompt, "completion": completion, "problem_id": row.problem_id,
                          "run": str(run_dir), "sha256": digest[:16]})  # fmt: skip
             used += 1
-        manifest["runs"].append({"dir": str(run_dir), "trajectories": found, "correct": correct, "used": used})
+        correct = sum(1 for row in trajectories if exclusion(row, False) is None)
+        manifest["runs"].append({"dir": str(run_dir), "trajectories": len(trajectories), "correct": correct,
+                                 "used": used, "excluded": dict(sorted(excluded.items()))})  # fmt: skip
+        excluded_all += excluded
     manifest["rows"] = len(rows)
+    manifest["excluded"] = dict(sorted(excluded_all.items()))
     return rows, manifest
 
 
@@ -103,10 +120,16 @@ def train_command(
     if done.get("inputs") == inputs:
         console.print(f"already trained on these rows with these settings: {out / ADAPTER}")
         return done["result"]
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     (out / CONFIG).write_text(resolved, encoding="utf-8")
 
     trainer = make_trainer(cfg, rows, out, console)
+    cut = rows_over_length(trainer.processing_class, rows, cfg.training.max_length)
+    manifest["cut_at_max_length"] = cut
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    if cut:
+        console.print(f"warning: {cut} of {len(rows)} rows are longer than training.max_length "
+                      f"({cfg.training.max_length} tokens) and train on a cut trace; raise it to keep them whole",
+                      markup=False)  # fmt: skip
     from transformers.trainer_utils import get_last_checkpoint
 
     last = get_last_checkpoint(str(out / CHECKPOINTS)) if (out / CHECKPOINTS).is_dir() else None

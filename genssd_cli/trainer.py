@@ -80,6 +80,16 @@ def make_trainer(cfg: TrainConfig, rows: list[dict[str, Any]], out: Path, consol
     return trainer
 
 
+def rows_over_length(tokenizer, rows: list[dict[str, Any]], max_length: int) -> int:
+    """Rows whose whole conversation (the student's chat template) is longer than max_length:
+    TRL cuts them, so they train on a partial trace."""
+    def length(row: dict[str, Any]) -> int:
+        text = tokenizer.apply_chat_template([*row["prompt"], *row["completion"]], tokenize=False)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return sum(length(r) > max_length for r in rows)
+
+
 def plain_loss_trainer(sft_trainer: type) -> type:
     """SFTTrainer with the model's own cross-entropy loss. TRL's fused LM head saves GPU memory
     (no full logits) but off Triton it scores every position and adds entropy and accuracy

@@ -121,13 +121,14 @@ def bench_file(path: Path) -> Path:
 
 def trajectory_row(problem_id: str, question: str, completion: str, correct: bool) -> dict:
     """A whole trajectories.jsonl row (records.TrajectoryRow), as `genssd run` writes it."""
+    from genssd_cli.answers import extract_answer
     from genssd_cli.records import TrajectoryRow
 
     return TrajectoryRow(
         problem_id=problem_id, sample=0, method="genssd",
         prompt=[{"role": "user", "content": question}], completion=[{"role": "assistant", "content": completion}],
-        reference="?", answer=None, correct=correct, finish="stop", steps=1, student_ppl=None,
-        teacher_tokens=0, completion_tokens=0,
+        reference="?", answer=extract_answer(completion, explicit=True), correct=correct, finish="stop",
+        steps=1, student_ppl=None, teacher_tokens=0, completion_tokens=0,
     ).model_dump(mode="json")  # fmt: skip
 
 

@@ -67,3 +67,18 @@ def test_extract(text, expected):
 )
 def test_match(gold, pred, same):
     assert answers_match(gold, pred) is same
+
+
+@pytest.mark.parametrize(
+    ("text", "lenient", "explicit"),
+    [
+        ("so 3 + 4 = 7", "7", None),  # a last number is not a stated answer
+        ("The answer is 7.", "7", "7"),
+        ("#### 12", "12", "12"),
+        ("so \\boxed{x^2} holds, 5", "x^2", "x^2"),
+        ("nothing here", None, None),
+    ],
+)
+def test_explicit_answers_skip_the_last_number_fallback(text, lenient, explicit):
+    assert extract_answer(text) == lenient
+    assert extract_answer(text, explicit=True) == explicit

@@ -543,6 +543,46 @@ def test_posthoc_ppl_keeps_the_easiest_correct_trajectory(tmp_path):
     assert {r.context for r in whole_scored} == {scorer.prompt_text(p.question) for p in problems}
 
 
+# ---- 7b. strict rows: only an ended trace that states its answer is correct --------------------
+
+
+def test_a_truncated_trace_is_never_correct_even_when_its_last_number_is_right(tmp_path):
+    """p0 states the right answer but runs out of steps; p1 ends without stating an answer,
+    though its last number is the reference; p2 ends and states it: only p2 is correct."""
+    cfg = make_config(search={"max_steps": 2, "max_new_tokens": 64})
+    problems = make_problems(3)
+
+    def script(request: Request, index: int) -> Candidate:
+        number = problem_number(request)
+        if number == 0:
+            return chunk(f"Line {step_of(request)}: so far the answer is 7.\n")  # never stops
+        if number == 1:
+            return chunk("Adding up gives 7.", "stop")
+        return chunk("The answer is 7.", "stop")
+
+    run_engine(cfg, tmp_path, problems, StubTeacher(script))
+    result = {r["problem_id"]: r for r in rows(tmp_path, problems)}
+    verdicts = {p: (r["finish"], r["answer"], r["correct"]) for p, r in result.items()}
+    assert verdicts == {"p0": ("truncated", "7", False), "p1": ("stop", None, False), "p2": ("stop", "7", True)}
+    assert summarize(read_events(tmp_path), problems, 1, cfg.teacher).correct == 1
+
+
+def test_posthoc_ppl_takes_no_candidate_cut_at_max_tokens_for_correct(tmp_path):
+    cfg = make_config(method="posthoc-ppl", search={"n": 3, "max_new_tokens": 32})
+    problems = make_problems(1)
+    texts = ["The answer is 7, and then", "The answer is 7.", "I think the answer is 8."]
+    ppl = {texts[0]: 1.0, texts[1]: 3.0, texts[2]: 2.0}
+
+    def script(request: Request, index: int) -> Candidate:
+        return chunk(texts[index], "length" if index == 0 else "stop")  # the first hit max_tokens
+
+    run_engine(cfg, tmp_path, problems, StubTeacher(script), StubScorer(ppl.__getitem__))
+    [choice] = of_type(read_events(tmp_path), "choice")
+    assert (choice.correct, choice.chosen) == ([False, True, False], 1)
+    [row] = rows(tmp_path, problems)
+    assert (row["completion"][0]["content"], row["correct"], row["finish"]) == (texts[1], True, "stop")
+
+
 # ---- 8. teacher failures --------------------------------------------------------------------
 
 

@@ -56,8 +56,10 @@ def trained(tmp_path_factory):
 def test_loss_decreases_and_records_are_written(trained):
     _, _, out, _, first = trained
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["rows"] == 4 and manifest["duplicates_dropped"] == 1  # the wrong answer left out
-    assert manifest["runs"][0] == {"dir": manifest["runs"][0]["dir"], "trajectories": 6, "correct": 5, "used": 4}
+    assert manifest["rows"] == 4 and manifest["excluded"] == {"duplicate": 1, "wrong_answer": 1}
+    assert manifest["runs"][0] == {"dir": manifest["runs"][0]["dir"], "trajectories": 6, "correct": 5, "used": 4,
+                                   "excluded": {"duplicate": 1, "wrong_answer": 1}}  # fmt: skip
+    assert manifest["cut_at_max_length"] == 0
     losses = [h["loss"] for h in history(out) if "loss" in h]
     assert len(losses) == 6  # 4 rows, batch 2, 3 epochs
     assert losses[-1] < losses[0] * 0.8
