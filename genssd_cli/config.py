@@ -379,6 +379,9 @@ class EvalStageSettings(_Strict):
     limit: int | None = Field(None, ge=1)
     config: str = Field("eval.yaml", description="eval config, next to the pipeline config or bundled")
     set: list[str] = Field(default_factory=list, description="--set overrides of the eval config")
+    samples: int | dict[str, int] = Field(
+        1, description="generations per problem (genssd eval's --samples): one number, or per dataset (others: 1)"
+    )
 
     @field_validator("dataset")
     @classmethod
@@ -387,9 +390,23 @@ class EvalStageSettings(_Strict):
             raise ValueError("give at least one eval dataset, each once")
         return dataset
 
+    @model_validator(mode="after")
+    def _samples_of_known_datasets(self) -> EvalStageSettings:
+        per_dataset = self.samples if isinstance(self.samples, dict) else {}
+        unknown = [d for d in per_dataset if d not in self.datasets]
+        if unknown:
+            raise ValueError(f"samples names {', '.join(unknown)}, not among the eval datasets")
+        if min([self.samples] if isinstance(self.samples, int) else per_dataset.values(), default=1) < 1:
+            raise ValueError("samples must be at least 1")
+        return self
+
     @property
     def datasets(self) -> list[str]:
         return [self.dataset] if isinstance(self.dataset, str) else self.dataset
+
+    def samples_of(self, dataset: str) -> int:
+        """Generations per problem of one eval dataset."""
+        return self.samples if isinstance(self.samples, int) else self.samples.get(dataset, 1)
 
 
 class PipelineConfig(_Strict):
@@ -401,7 +418,9 @@ class PipelineConfig(_Strict):
     set: list[str] = Field(default_factory=list, description="--set overrides of every method's run")
     limit: int | None = Field(None, ge=1, description="only the first N problems in each method's run")
     distill: DistillSettings = Field(default_factory=DistillSettings)
-    eval: EvalStageSettings | None = Field(None, description="null: no eval; else the base student and each method's")
+    eval: EvalStageSettings | None = Field(
+        None, description="null: no eval; else the base student's, the cold start's and each method's"
+    )
 
 
 def load_pipeline_config(path: Path, overrides: list[str] = ()) -> PipelineConfig:

@@ -3,7 +3,10 @@
     cold start   genssd run (method standard-kd on its own problems) -> genssd train
     per method   genssd run (scored by the cold-started student) -> genssd train (continues the
                  cold-start adapter, so every method's student starts from the same point)
-    with eval:   genssd eval of the base student, then of each method's adapter
+    with eval:   genssd eval of the base student, of the cold-start adapter (the reference every
+                 method is compared to) and of each method's adapter; refused before any stage runs
+                 when its max_new_tokens is below the runs' (it would favour the shorter method) or
+                 when it asks for several samples per problem without sampling
     last         genssd report on the method runs and evals (OUT/report)
 
 Each stage is the ordinary command on its own directory under OUT, so it resumes the way it does
@@ -22,7 +25,14 @@ from typing import Any
 
 from rich.console import Console
 
-from genssd_cli.config import PipelineConfig, load_pipeline_config
+from genssd_cli.config import (
+    EvalConfig,
+    EvalStageSettings,
+    PipelineConfig,
+    load_eval_config,
+    load_pipeline_config,
+    load_run_config,
+)
 from genssd_cli.errors import RuntimeFailure, UsageError
 from genssd_cli.eval import dataset_slug
 from genssd_cli.paths import bundled_dir
@@ -40,22 +50,67 @@ def _beside(config_path: Path, name: str) -> Path:
 
 def stage_names(cfg: PipelineConfig) -> tuple[dict[str, str], list[str]]:
     """The eval stages' names with their eval datasets, and every stage's name in order. One
-    dataset: METHOD/eval; several: METHOD/eval-DATASET each."""
+    dataset: METHOD/eval; several: METHOD/eval-DATASET each (base/ and cold-start/ alike)."""
     datasets = cfg.eval.datasets if cfg.eval else []
     evals = {EVAL: datasets[0]} if len(datasets) == 1 else {f"{EVAL}-{dataset_slug(d)}": d for d in datasets}
     names = (
         [f"base/{e}" for e in evals]
-        + ([f"cold-start/{RUN}", f"cold-start/{TRAIN}"] if cfg.cold_start else [])
+        + ([f"cold-start/{RUN}", f"cold-start/{TRAIN}", *(f"cold-start/{e}" for e in evals)] if cfg.cold_start else [])
         + [f"{method}/{kind}" for method in cfg.methods for kind in (RUN, TRAIN, *evals)]
         + [REPORT]
     )
     return evals, names
 
 
+def check_eval(cfg: PipelineConfig, config_path: Path, run_config: Path) -> None:
+    """Refuse an eval that would not be fair or cannot run, before any stage runs (hours in)."""
+    if cfg.eval is None:
+        return
+    eval_config = _beside(config_path, cfg.eval.config)
+    settings = load_eval_config(eval_config, cfg.eval.set)
+    _check_token_cap(cfg, cfg.eval, settings, eval_config, run_config)
+    _check_samples(cfg.eval, settings, eval_config)
+
+
+def _longest_trajectories(cfg: PipelineConfig, run_config: Path) -> tuple[int, str]:
+    """The largest search.max_new_tokens among the runs whose trajectories train a student that is
+    evaluated (the methods' and the cold start's), with the overrides that set it."""
+    sets = [("the pipeline's set", cfg.set)] + ([("cold_start.set", cfg.cold_start.set)] if cfg.cold_start else [])
+    caps = [(load_run_config(run_config, s).search.max_new_tokens, f" with {name}" if s else "") for name, s in sets]
+    return max(caps, key=lambda cap: cap[0])  # a tie names the methods' runs
+
+
+def _check_token_cap(
+    cfg: PipelineConfig, e: EvalStageSettings, settings: EvalConfig, eval_config: Path, run_config: Path
+) -> None:
+    """A student trained on trajectories of up to N tokens, evaluated with fewer, is cut off where
+    it would still be reasoning: that favours the method with the shorter trajectories. Refused,
+    not raised silently, so that the eval config says what is really used."""
+    longest, where = _longest_trajectories(cfg, run_config)
+    if settings.max_new_tokens < longest:
+        with_set = " with eval.set" if e.set else ""
+        raise UsageError(
+            f"the eval's max_new_tokens {settings.max_new_tokens} ({eval_config.name}{with_set}) is below the runs' "
+            f"search.max_new_tokens {longest} ({run_config.name}{where}): a student could be cut off before the end "
+            f"of answers as long as those it was trained on; raise the eval's max_new_tokens to {longest} or more "
+            f"(e.g. eval.set: [max_new_tokens={longest}])"
+        )
+
+
+def _check_samples(e: EvalStageSettings, settings: EvalConfig, eval_config: Path) -> None:
+    """Several samples per problem need sampling: genssd eval refuses them greedy too, but only
+    once its stage comes."""
+    most, dataset = max(((e.samples_of(d), d) for d in e.datasets), key=lambda pair: pair[0])
+    if most > 1 and settings.temperature == 0:
+        raise UsageError(
+            f"eval.samples {most} ({dataset}) needs sampling, but the eval's temperature is 0 ({eval_config.name}): "
+            "set temperature > 0 (e.g. eval.set: [temperature=0.6]) or eval.samples: 1"
+        )
+
+
 def pipeline_command(
     config_path: Path, out: Path | None, overrides: list[str], console: Console, resume_hint: str
 ) -> dict[str, Any]:
-    from genssd_cli.config import load_run_config
     from genssd_cli.eval import eval_command
     from genssd_cli.report import report_command
     from genssd_cli.runner import run_command
@@ -65,6 +120,7 @@ def pipeline_command(
     run_config = _beside(config_path, cfg.run_config)
     train_config = _beside(config_path, cfg.train_config)
     out = out or Path(cfg.out or Path("runs") / config_path.stem)
+    check_eval(cfg, config_path, run_config)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -108,9 +164,10 @@ def pipeline_command(
         def work(eval_dir: Path) -> dict[str, Any]:
             model = load_run_config(run_config, cfg.set).student.model
             e = cfg.eval
-            metrics = eval_command(model, str(adapter) if adapter else None, dataset, e.limit, 1, eval_dir,
-                                   _beside(config_path, e.config), e.set, console)  # fmt: skip
-            return {k: metrics[k] for k in ("accuracy", "ci95", "problems", "mean_generated_tokens")}
+            metrics = eval_command(model, str(adapter) if adapter else None, dataset, e.limit, e.samples_of(dataset),
+                                   eval_dir, _beside(config_path, e.config), e.set, console)  # fmt: skip
+            keys = ("accuracy", "ci95", "problems", "samples_per_problem", "pass_at_k", "mean_generated_tokens")
+            return {k: metrics[k] for k in keys if k in metrics}
 
         return work
 
@@ -120,6 +177,9 @@ def pipeline_command(
     if cfg.cold_start:
         stage(f"cold-start/{RUN}", generate(cfg.cold_start.set, cfg.cold_start.limit))
         stage(f"cold-start/{TRAIN}", distill(out / "cold-start" / RUN))
+        # Where every method starts from: a method helps only as far as it beats this.
+        for name, dataset in evals.items():
+            stage(f"cold-start/{name}", evaluate(out / "cold-start" / TRAIN / ADAPTER, dataset))
         student = [f"student.adapter={(out / 'cold-start' / TRAIN / ADAPTER).resolve()}"]
     for method in cfg.methods:
         stage(f"{method}/{RUN}", generate([*cfg.set, *student, f"method={method}"], cfg.limit))

@@ -4,7 +4,8 @@ Everything is read back from what the commands wrote: a run's trajectories.jsonl
 trajectories, each scored whole by the run's student), its summary.json (teacher requests and
 tokens, wall time, cost when known) and config.yaml (method, student); an eval's metrics.json and
 eval.json. Output: a rich table, report.md, report.json (the same numbers, for scripts) and PNG
-plots. A pipeline directory stands for its method runs and evals.
+plots. A pipeline directory stands for its method runs and evals. Evals of the base student and of
+the cold start (the student every method starts from) get columns of their own: the references.
 """
 
 from __future__ import annotations
@@ -26,12 +27,15 @@ from genssd_cli.store import CONFIG, SUMMARY, TRAJECTORIES
 
 PIPELINE = "pipeline.json"
 PLOTS = ("ppl.png", "length.png", "teacher_tokens.png", "accuracy.png")
+# Eval settings that make accuracies of one dataset not comparable when they differ (eval.json).
+EVAL_SETTINGS = {"samples": "samples per problem", "max_new_tokens": "max_new_tokens", "temperature": "temperature",
+                 "top_p": "top_p"}  # fmt: skip
 
 
 @dataclass
 class Column:
     """One column of the table: a run, with the evals of the student trained on it; or evals
-    alone (the base student, or an adapter whose run is not in the report)."""
+    alone (the base student, the cold start, or an adapter whose run is not in the report)."""
 
     label: str
     run: dict[str, Any] | None = None
@@ -84,6 +88,8 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], list[float], list[int]]:
 
 
 def read_eval(eval_dir: Path) -> dict[str, Any]:
+    """An eval's numbers (accuracy is avg@k when samples > 1; pass_at_k then holds pass@1 and
+    pass@k) and the settings that decide whether two evals of a dataset are comparable."""
     for name in (METRICS, SETTINGS):
         if not (eval_dir / name).is_file():
             raise UsageError(f"{eval_dir} has no {name}: not a genssd eval directory, or the eval never finished")
@@ -91,7 +97,10 @@ def read_eval(eval_dir: Path) -> dict[str, Any]:
     try:
         metrics = json.loads((eval_dir / METRICS).read_text(encoding="utf-8"))
         return {"dir": str(eval_dir), "dataset": settings["dataset"], "adapter": settings["adapter"],
-                **{k: metrics[k] for k in ("accuracy", "ci95", "problems", "mean_generated_tokens")}}  # fmt: skip
+                **{k: metrics[k] for k in ("accuracy", "ci95", "problems", "mean_generated_tokens")},
+                "samples": int(metrics.get("samples_per_problem", settings.get("samples", 1))),
+                "pass_at_k": metrics.get("pass_at_k"),
+                **{k: settings.get(k) for k in EVAL_SETTINGS if k != "samples"}}  # fmt: skip
     except (ValueError, KeyError, TypeError):
         raise RuntimeFailure(f"{eval_dir}: unreadable eval files; run `genssd eval` on it again") from None
 
@@ -104,7 +113,7 @@ def _centre(values: list[float] | list[int]) -> dict[str, float | None]:
 
 def expand(paths: list[Path]) -> tuple[list[Path], list[Path]]:
     """Run directories and eval directories; a pipeline directory gives its method runs (not the
-    cold start, which is every method's starting point) and all its evals."""
+    cold start's, which is every method's starting point) and all its evals, the cold start's too."""
     runs: list[Path] = []
     evals: list[Path] = []
     for path in paths:
@@ -116,12 +125,18 @@ def expand(paths: list[Path]) -> tuple[list[Path], list[Path]]:
             except (ValueError, KeyError, TypeError):
                 raise RuntimeFailure(f"{path / PIPELINE} is unreadable; run `genssd pipeline` again") from None
             runs += [path / s for s in stages if s.endswith("/run") and not s.startswith("cold-start/")]
-            evals += [path / s for s in stages if s.endswith("/eval")]
+            evals += [path / s for s in stages if _is_eval_stage(s)]
         elif (path / METRICS).is_file():
             raise UsageError(f"{path} is an eval directory: pass it with --eval")
         else:
             runs.append(path)
     return runs, evals
+
+
+def _is_eval_stage(stage: str) -> bool:
+    """METHOD/eval, or METHOD/eval-DATASET when the pipeline has several eval datasets."""
+    kind = stage.rpartition("/")[2]
+    return kind == "eval" or kind.startswith("eval-")
 
 
 def _trained_on(eval_info: dict[str, Any], run_dirs: list[Path]) -> Path | None:
@@ -153,18 +168,31 @@ def build_columns(run_dirs: list[Path], eval_dirs: list[Path]) -> tuple[list[Col
             label = f"{run['method']} ({run_dir})"
         labels.append(label)
         columns[run_dir] = Column(label, run, {}, ppls, lengths)
-    base = Column("base student")
+    base, cold = Column("base student"), Column("cold start")
+    scorers = {Path(c.run["student"]["adapter"]).resolve() for c in columns.values() if c.run["student"]["adapter"]}
     alone: list[Column] = []
     for eval_dir in eval_dirs:
         info = read_eval(eval_dir)
         owner = _trained_on(info, run_dirs)
-        home = base if info["adapter"] is None else columns[owner] if owner is not None else None
+        if info["adapter"] is None:
+            home: Column | None = base
+        elif owner is not None:
+            home = columns[owner]
+        else:
+            home = cold if _is_cold_start(info, scorers) else None
         if home is None or info["dataset"] in home.evals:
             alone.append(Column(f"eval {eval_dir}", evals={info["dataset"]: info}))
         else:
             home.evals[info["dataset"]] = info
-    ordered = ([base] if base.evals else []) + list(columns.values()) + alone
+    ordered = [c for c in (base, cold) if c.evals] + list(columns.values()) + alone
     return ordered, _warnings(ordered)
+
+
+def _is_cold_start(eval_info: dict[str, Any], scorers: set[Path]) -> bool:
+    """An eval of the student every method started from: of the adapter that scored the runs (in
+    a pipeline, the cold start's), or in a pipeline's cold-start/ directory."""
+    adapter = Path(eval_info["adapter"]).resolve()
+    return adapter in scorers or Path(eval_info["dir"]).parent.name == "cold-start"
 
 
 def _warnings(columns: list[Column]) -> list[str]:
@@ -179,9 +207,20 @@ def _warnings(columns: list[Column]) -> list[str]:
         if r["pending"] or r["failed"]:
             notes.append(f"{r['dir']}: {r['pending']} pending and {r['failed']} failed trajectories (not finished)")
     for dataset in _datasets(columns):
-        if len({c.evals[dataset]["problems"] for c in columns if dataset in c.evals}) > 1:
+        evals = [c.evals[dataset] for c in columns if dataset in c.evals]
+        if len({e["problems"] for e in evals}) > 1:
             notes.append(f"the {dataset} evals differ in number of problems")
+        differ = [f"{label} ({', '.join(_distinct(evals, key))})" for key, label in EVAL_SETTINGS.items()
+                  if len(_distinct(evals, key)) > 1]  # fmt: skip
+        if differ:
+            notes.append(f"the {dataset} evals differ in {', '.join(differ)}: their accuracies are not comparable")
     return notes
+
+
+def _distinct(evals: list[dict[str, Any]], key: str) -> list[str]:
+    """The values one setting takes across evals, in order of appearance (unknown: ?); compared
+    as values, so 0 and 0.0 are one."""
+    return ["?" if v is None else str(v) for v in dict.fromkeys(e.get(key) for e in evals)]
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -198,12 +237,22 @@ def _pair(centre: dict[str, Any] | None, digits: int) -> str:
     return f"{_fmt(centre['mean'], digits)} / {_fmt(centre['median'], digits)}"
 
 
-def _accuracy(e: dict[str, Any] | None) -> str:
+def _accuracy(e: dict[str, Any] | None, tag: bool = False) -> str:
+    """Accuracy with its 95 % CI; `tag`: say avg@k in the cell (columns with other k)."""
     if not e or e["accuracy"] is None:
         return "—"
     low, high = e["ci95"] or (None, None)
     span = f" ({100 * low:.1f} to {100 * high:.1f})" if low is not None else ""
-    return f"{100 * e['accuracy']:.1f} %{span}"
+    avg = f" avg@{e['samples']}" if tag and e["samples"] > 1 else ""
+    return f"{100 * e['accuracy']:.1f} %{span}{avg}"
+
+
+def _pass(e: dict[str, Any] | None, tag: bool = False) -> str:
+    """pass@k at k = the eval's samples per problem; `tag`: say k in the cell."""
+    value = (e.get("pass_at_k") or {}).get(str(e["samples"])) if e and e["samples"] > 1 else None
+    if value is None:
+        return "—"
+    return f"{100 * value:.1f} %" + (f" (k={e['samples']})" if tag else "")
 
 
 def _datasets(columns: list[Column]) -> list[str]:
@@ -230,13 +279,21 @@ def table_rows(columns: list[Column]) -> list[tuple[str, list[str]]]:
         ("wall time (s)", run("wall_s", 1)),
     ]
     for dataset in _datasets(columns):
-        size = next(c.evals[dataset]["problems"] for c in columns if dataset in c.evals)
-        rows += [
-            (f"eval accuracy, {dataset} ({size} problems, 95 % CI)",
-             [_accuracy(c.evals.get(dataset)) for c in columns]),
-            ("  mean generated tokens",
-             [_fmt(c.evals[dataset]["mean_generated_tokens"], 1) if dataset in c.evals else "—" for c in columns]),
-        ]  # fmt: skip
+        rows += _eval_rows(dataset, [c.evals.get(dataset) for c in columns])
+    return rows
+
+
+def _eval_rows(dataset: str, evals: list[dict[str, Any] | None]) -> list[tuple[str, list[str]]]:
+    """One dataset's rows: accuracy (avg@k: the mean over k samples per problem, when k > 1) with
+    its 95 % CI, pass@k when some eval has k > 1, the mean generated length."""
+    size = next(e["problems"] for e in evals if e)
+    ks = sorted({e["samples"] for e in evals if e})
+    mixed = len(ks) > 1  # then each cell says its own k (and a warning says they differ)
+    metric = "accuracy" if ks == [1] else f"avg@{ks[0]}" if not mixed else "accuracy / avg@k"
+    rows = [(f"eval {metric}, {dataset} ({size} problems, 95 % CI)", [_accuracy(e, mixed) for e in evals])]
+    if ks[-1] > 1:
+        rows.append((f"  pass@{ks[0]}" if not mixed else "  pass@k", [_pass(e, mixed) for e in evals]))
+    rows.append(("  mean generated tokens", [_fmt(e["mean_generated_tokens"], 1) if e else "—" for e in evals]))
     return rows
 
 
