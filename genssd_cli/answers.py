@@ -41,6 +41,23 @@ def extract_answer(text: str, explicit: bool = False) -> str | None:
     return numbers[-1] if numbers else None
 
 
+def answer_statement_start(text: str) -> int | None:
+    """Where the sentence stating the answer (what `extract_answer(text, explicit=True)` reads)
+    begins, None when the text states none: what comes before it is the rationale."""
+    boxed, hashes = text.rfind(_BOXED), text.rfind("####")
+    stated = [m.start() for m in _ANSWER_IS.finditer(text)]
+    if boxed >= 0 and _last_boxed(text) is not None:
+        at = boxed
+    elif hashes >= 0 and text[hashes + 4 :].strip():
+        return hashes
+    elif stated:
+        at = stated[-1]
+    else:
+        return None
+    start = max(text.rfind(mark, 0, at) for mark in (".", "!", "?", "\n")) + 1
+    return start + len(text[start:at]) - len(text[start:at].lstrip())
+
+
 def _last_boxed(text: str) -> str | None:
     start = text.rfind(_BOXED)
     if start < 0:

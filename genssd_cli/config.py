@@ -145,6 +145,17 @@ class SearchConfig(_Strict):
     samples: int = Field(1, ge=1, description="trajectories per problem")
 
 
+class MorsdSettings(_Strict):
+    """`method: morsd` (the paper's second baseline; how redundancy is measured and how many are
+    kept are our choices, see methods.py)."""
+
+    keep: int = Field(1, ge=1, description="rationales kept per request (each a training row), lowest RD first")
+    duplicate_threshold: float = Field(
+        0.8, gt=0, le=1, description="word n-gram Jaccard overlap at which a rationale repeats a kept one"
+    )
+    duplicate_ngram: int = Field(3, ge=1, description="n of those word n-grams")
+
+
 class DataConfig(_Strict):
     source: str = Field(min_length=1, description="arith | gsm8k-test | path to a JSONL file")
     count: int = Field(64, ge=1, description="arith: problems to generate")
@@ -180,6 +191,7 @@ class RunConfig(_Strict):
     data: DataConfig
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    morsd: MorsdSettings = Field(default_factory=MorsdSettings)
     max_cost: float | None = Field(None, gt=0, description="stop (resumable) once the teacher cost reaches it")
 
     @model_validator(mode="after")
@@ -300,6 +312,8 @@ def results_settings(config: RunConfig, prompt_texts: dict[str, str]) -> dict[st
     flat = {k: v for k, v in flat.items() if k not in _LATER_DEFAULTS or _LATER_DEFAULTS[k] != v}
     if config.teacher.mode == "completions":
         flat.pop("teacher.prefill", None)  # not used
+    if config.method != "morsd":
+        flat = {k: v for k, v in flat.items() if not k.startswith("morsd.")}  # not used
     for role, text in prompt_texts.items():
         flat[f"prompts.{role}.sha256"] = hashlib.sha256(text.encode()).hexdigest()[:16]
     return flat

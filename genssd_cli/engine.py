@@ -26,12 +26,12 @@ from dataclasses import dataclass
 
 import anyio
 
-from genssd_cli.answers import answers_match, extract_answer
+from genssd_cli.answers import answer_statement_start, answers_match, extract_answer
 from genssd_cli.config import RunConfig
 from genssd_cli.control import RunControl
 from genssd_cli.data import Problem, render_prompt
 from genssd_cli.errors import ContextTooLong, StopRequested, TeacherUnavailable
-from genssd_cli.methods import METHODS
+from genssd_cli.methods import METHODS, morsd_keep
 from genssd_cli.records import (
     CandidateRecord,
     Choice,
@@ -156,29 +156,59 @@ class Engine:
             self.scorer.forget(t.key)
 
     async def _whole(self, t: Trajectory, teacher_prompt: str, student_prompt: str) -> None:
-        """A baseline: one request for whole trajectories (step 0), the method keeps one."""
+        """A baseline: one request for whole trajectories (step 0), the method keeps one (MoRSD
+        possibly several: one row each, best first)."""
         n = self.method.candidates(self.search.n)
         candidates = await self._candidates(t, 0, Prompt(teacher_prompt), self.search.max_new_tokens, n)
-        best = await self._choose_whole(t, student_prompt, candidates)
-        complete = self._accept(t, candidates[best], math.inf)  # its PPL counts at the finish, scored whole
-        return await self._finish(t, "stop" if complete else "truncated")
+        kept = await self._choose_whole(t, student_prompt, candidates)
+        rows = []
+        for rank, index in enumerate(kept):
+            copy = Trajectory(t.problem, t.sample, teacher_tokens=t.teacher_tokens if rank == 0 else 0)
+            complete = self._accept(copy, candidates[index], math.inf)  # its PPL counts at the finish, scored whole
+            rows.append(await self._row(copy, "stop" if complete else "truncated", rank))
+        self._end(Finish(**t.ids, row=rows[0], more=rows[1:]))
 
-    async def _choose_whole(self, t: Trajectory, context: str, candidates: list[Candidate]) -> int:
+    async def _choose_whole(self, t: Trajectory, context: str, candidates: list[Candidate]) -> list[int]:
+        """The kept candidates, best first (one, except for MoRSD with morsd.keep > 1)."""
         recorded = self.replay.choices.get((*t.key, 0, 0))
         if recorded is not None:
-            return recorded.chosen
+            return recorded.kept or [recorded.chosen]
         texts = [self._until_stop(c.text) for c in candidates]
-        if self.method.uses_n:
-            scores = await self.scoring.score(ScoreRequest(context, texts))
-        else:  # a single candidate: nothing to choose, its PPL is computed once, at the finish
-            scores = [Score(math.inf, 0)]
         correct = []
         if self.method.correct_first:
             for text, c in zip(texts, candidates, strict=True):
                 correct.append((await self._verdict(t, text, self._complete(c)))[1])
+        if self.method.rationale_difficulty:
+            return await self._choose_morsd(t, context, texts, correct)
+        if self.method.uses_n:
+            scores = await self.scoring.score(ScoreRequest(context, texts))
+        else:  # a single candidate: nothing to choose, its PPL is computed once, at the finish
+            scores = [Score(math.inf, 0)]
         best = self.method.select([s.ppl for s in scores], correct)
         self.store.append(_choice(t, 0, 0, best, scores, correct or None))
-        return best
+        return [best]
+
+    async def _choose_morsd(self, t: Trajectory, context: str, texts: list[str], correct: list[bool]) -> list[int]:
+        """Rationale Difficulty of each correct candidate: the student's PPL of the answer after
+        its rationale, over the PPL of the answer after the prompt alone; then MoRSD's pick."""
+        answer = f"The answer is {t.problem.reference}."
+        ranked = [i for i, ok in enumerate(correct) if ok]
+        rationales = [texts[i][: answer_statement_start(texts[i])] for i in ranked]  # correct: it states one
+        scored = await self.scoring.score_all(
+            [ScoreRequest(context, [answer]), *(ScoreRequest(context + r, [answer]) for r in rationales)]
+        )
+        base = scored[0][0].ppl
+        answer_ppl: list[float | None] = [None] * len(texts)
+        rd: list[float | None] = [None] * len(texts)
+        for i, [score] in zip(ranked, scored[1:], strict=True):
+            answer_ppl[i], rd[i] = score.ppl, score.ppl / base
+        morsd = self.cfg.morsd
+        kept = morsd_keep(rd, texts, morsd.keep, morsd.duplicate_threshold, morsd.duplicate_ngram) or [0]
+        self.store.append(Choice(
+            **t.ids, step=0, attempt=0, chosen=kept[0], correct=correct, ppl=[None] * len(texts),
+            tokens=[0] * len(texts), rd=rd, answer_ppl=answer_ppl, base_ppl=base, kept=kept,
+        ))  # fmt: skip
+        return kept
 
     def _until_stop(self, text: str) -> str:
         cut = _find_stop(text, self.cfg.teacher.stop, 0)
@@ -280,6 +310,9 @@ class Engine:
         return chosen.finish_reason == "stop"
 
     async def _finish(self, t: Trajectory, finish: str) -> None:
+        self._end(Finish(**t.ids, row=await self._row(t, finish)))
+
+    async def _row(self, t: Trajectory, finish: str, rank: int = 0) -> TrajectoryRow:
         # The kept trajectory's PPL, scored whole and alone: a pure function of its text.
         student_prompt = self.scorer.prompt_text(t.problem.question)
         [whole] = await self.scoring.score(ScoreRequest(student_prompt, [t.text]), solo=True)
@@ -296,11 +329,14 @@ class Engine:
             correct=correct,
             finish=finish,
             steps=t.steps,
+            rank=rank,
             student_ppl=round(whole.ppl, 6) if math.isfinite(whole.ppl) else None,
             teacher_tokens=t.teacher_tokens,
             completion_tokens=t.kept_tokens,
         )
-        event = Finish(**t.ids, row=row)
+        return row
+
+    def _end(self, event: Finish) -> None:
         self.store.append(event)
         self._count_end(event)
 
@@ -308,11 +344,12 @@ class Engine:
         if isinstance(event, Prune):
             self.stats.pruned += 1
             return
-        if event.row.finish == "stop":
-            self.stats.finished += 1
-        else:
-            self.stats.truncated += 1
-        self.stats.correct += event.row.correct
+        for row in (event.row, *event.more):
+            if row.finish == "stop":
+                self.stats.finished += 1
+            else:
+                self.stats.truncated += 1
+            self.stats.correct += row.correct
 
 
 def _choice(

@@ -136,6 +136,16 @@ class Choice(TrajectoryEvent):
     null when it has no token of its own or was not scored (a single candidate)."""
     tokens: list[int]
     """Per candidate, the student tokens the perplexity is over."""
+    rd: list[float | None] | None = None
+    """`morsd`: per candidate, its Rationale Difficulty, `answer_ppl / base_ppl` (null: not correct,
+    so not ranked)."""
+    answer_ppl: list[float | None] | None = None
+    """`morsd`: per candidate, the student's perplexity of `The answer is REFERENCE.` after the
+    prompt and the candidate's rationale (its text before the sentence stating its answer)."""
+    base_ppl: float | None = None
+    """`morsd`: the student's perplexity of that answer after the prompt alone."""
+    kept: list[int] | None = None
+    """`morsd`: the candidates kept, lowest RD first (`chosen` is the first)."""
 
 
 class Prune(TrajectoryEvent):
@@ -178,10 +188,13 @@ class TrajectoryRow(Record):
     """`stop`: the trace ended; `truncated`: it hit max_steps, max_new_tokens or the teacher's context."""
     steps: int
     """Chunks kept (1 for whole-trajectory methods)."""
+    rank: int = 0
+    """Which of the rows kept from one request (`morsd.keep` > 1), best first; else 0."""
     student_ppl: float | None
     """The student's perplexity of the whole kept completion, scored alone (null: empty)."""
     teacher_tokens: int
-    """Teacher completion tokens of every candidate received for this trajectory (what was paid)."""
+    """Teacher completion tokens of every candidate received for this trajectory (what was paid);
+    0 on further rows kept from the same request (rank > 0), so that a sum counts it once."""
     completion_tokens: int
     """Teacher completion tokens of the kept candidates."""
 
@@ -192,6 +205,8 @@ class Finish(TrajectoryEvent):
     type: Literal["finish"] = "finish"
     row: TrajectoryRow
     """The row trajectories.jsonl gets."""
+    more: list[TrajectoryRow] = Field(default_factory=list)
+    """Further rows kept from the same request (`morsd.keep` > 1), in rank order."""
 
 
 class TrajectoryError(TrajectoryEvent):

@@ -92,8 +92,8 @@ def trajectory_rows(events: Events, problems: list[Problem]) -> list[TrajectoryR
     """Finished and truncated trajectories in problem order then sample: a resumed run writes the
     same file as an uninterrupted one."""
     order = {p.id: i for i, p in enumerate(problems)}
-    rows = [e.row for e in events if isinstance(e, Finish)]
-    return sorted(rows, key=lambda r: (order.get(r.problem_id, len(order)), r.problem_id, r.sample))
+    rows = [row for e in events if isinstance(e, Finish) for row in (e.row, *e.more)]
+    return sorted(rows, key=lambda r: (order.get(r.problem_id, len(order)), r.problem_id, r.sample, r.rank))
 
 
 def failure_rows(events: Events) -> list[FailureRow]:

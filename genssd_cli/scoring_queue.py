@@ -34,13 +34,18 @@ class ScoringQueue:
         self._wakeup = anyio.Event()
 
     async def score(self, request: ScoreRequest, solo: bool = False) -> list[Score]:
-        item = _Pending(request, solo)
-        self._pending.append(item)
+        return (await self.score_all([request], solo))[0]
+
+    async def score_all(self, requests: list[ScoreRequest], solo: bool = False) -> list[list[Score]]:
+        """Several requests (other contexts) at once: they join the same batch."""
+        items = [_Pending(request, solo) for request in requests]
+        self._pending.extend(items)
         self._wakeup.set()
-        await item.done.wait()
-        if item.error is not None:
-            raise item.error
-        return item.result
+        for item in items:
+            await item.done.wait()
+            if item.error is not None:
+                raise item.error
+        return [item.result for item in items]
 
     async def serve(self) -> None:
         """Runs until cancelled (the engine cancels it when the last trajectory ends)."""

@@ -31,6 +31,7 @@ from genssd_cli.records import Event, FailureRow
 from genssd_cli.results import Replay, failure_rows, spent, summarize, trajectory_rows
 from genssd_cli.scoring_queue import ScoringQueue
 from genssd_cli.store import EVENTS, RunStore, read_events
+from genssd_cli.student import Score
 from genssd_cli.teacher import Candidate, request_seed
 from genssd_cli.ui import RunStats
 
@@ -541,6 +542,78 @@ def test_posthoc_ppl_keeps_the_easiest_correct_trajectory(tmp_path):
     whole_scored = [r for r in scorer.requests if len(r.candidates) == 4]
     assert sorted(r.candidates for r in whole_scored) == [[posthoc_text(p, i) for i in range(4)] for p in POSTHOC]
     assert {r.context for r in whole_scored} == {scorer.prompt_text(p.question) for p in problems}
+
+
+# MoRSD: four whole trajectories of problem p0 (reference 7); the student's PPL of "The answer is 7."
+# after each rationale (the text before its answer sentence), and after the prompt alone (4.0).
+MORSD_TEXTS = [
+    "Three plus four makes seven here. The answer is 7.",
+    "Three plus four makes seven here. The answer is 7.",  # the same rationale: redundant
+    "Start at 3 and count 4 more to reach 7. The answer is 7.",
+    "Three plus four makes eight. The answer is 8.",  # wrong: never ranked
+]
+MORSD_ANSWER_PPL = {"Three plus four makes seven here. ": 2.0, "Start at 3 and count 4 more to reach 7. ": 3.0, "": 4.0}
+
+
+class RationaleScorer(StubScorer):
+    """The answer's PPL depends on the rationale before it (the context past the prompt)."""
+
+    def score(self, requests):
+        out = []
+        for request in requests:
+            if request.candidates == ["The answer is 7."]:
+                self.requests.append(request)
+                rationale = request.context.rpartition("<assistant>")[2]
+                out.append([Score(MORSD_ANSWER_PPL[rationale], 5)])
+            else:
+                out += super().score([request])
+        return out
+
+
+def independent_morsd_pick(rd: list, texts: list[str], keep: int, threshold: float, n: int) -> list[int]:
+    """MoRSD's selection written again from its definition, to check the logged choice."""
+    def grams(text):
+        words = text.lower().split()
+        return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+    kept = []
+    for i in sorted((i for i in range(len(rd)) if rd[i] is not None), key=lambda i: (rd[i], i)):
+        if len(kept) < keep and all(len(grams(texts[i]) & grams(texts[k])) / len(grams(texts[i]) | grams(texts[k]))
+                                    < threshold for k in kept):  # fmt: skip
+            kept.append(i)
+    return kept
+
+
+@pytest.mark.parametrize("keep", [1, 2, 3])
+def test_morsd_keeps_correct_non_redundant_rationales_of_lowest_difficulty(tmp_path, keep):
+    cfg = make_config(method="morsd", search={"n": 4, "max_new_tokens": 40}, morsd={"keep": keep})
+    problems = make_problems(1)
+    teacher = StubTeacher(lambda request, index: chunk(MORSD_TEXTS[index] + STOP, "stop"))
+    run_engine(cfg, tmp_path, problems, teacher, RationaleScorer())
+    [choice] = of_type(read_events(tmp_path), "choice")
+    assert choice.correct == [True, True, True, False]
+    assert (choice.base_ppl, choice.answer_ppl) == (4.0, [2.0, 2.0, 3.0, None])
+    assert choice.rd == [0.5, 0.5, 0.75, None]
+    expected = independent_morsd_pick(choice.rd, MORSD_TEXTS, keep, cfg.morsd.duplicate_threshold, 3)
+    assert choice.kept == expected == [0, 2][:keep] and choice.chosen == 0
+    result = rows(tmp_path, problems)
+    assert [(r["rank"], r["completion"][0]["content"], r["correct"]) for r in result] == [
+        (rank, MORSD_TEXTS[i], True) for rank, i in enumerate(expected)]  # fmt: skip
+    assert [r["teacher_tokens"] > 0 for r in result] == [True] + [False] * (len(result) - 1)  # paid once
+    # Replayed: nothing asked, nothing scored, the same rows.
+    again = RationaleScorer()
+    run_engine(cfg, tmp_path, problems, StubTeacher(teacher.script), again)
+    assert again.requests == [] and rows(tmp_path, problems) == result
+
+
+def test_morsd_with_no_correct_rationale_keeps_the_first_marked_incorrect(tmp_path):
+    cfg = make_config(method="morsd", search={"n": 2, "max_new_tokens": 40})
+    teacher = StubTeacher(lambda request, index: chunk(MORSD_TEXTS[3], "stop"))
+    run_engine(cfg, tmp_path, make_problems(1), teacher, RationaleScorer())
+    [choice] = of_type(read_events(tmp_path), "choice")
+    assert (choice.kept, choice.rd, choice.correct) == ([0], [None, None], [False, False])
+    [row] = rows(tmp_path, make_problems(1))
+    assert (row["correct"], row["answer"]) == (False, "8")
 
 
 # ---- 7b. strict rows: only an ended trace that states its answer is correct --------------------
