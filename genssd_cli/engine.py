@@ -203,7 +203,9 @@ class Engine:
         for i, [score] in zip(ranked, scored[1:], strict=True):
             answer_ppl[i], rd[i] = score.ppl, score.ppl / base
         morsd = self.cfg.morsd
-        kept = morsd_keep(rd, texts, morsd.keep, morsd.duplicate_threshold, morsd.duplicate_ngram) or [0]
+        compared = dict(zip(ranked, rationales, strict=True))  # redundancy is between rationales
+        kept = morsd_keep(rd, [compared.get(i, "") for i in range(len(texts))], morsd.keep,
+                          morsd.duplicate_threshold, morsd.duplicate_ngram) or [0]  # fmt: skip
         self.store.append(Choice(
             **t.ids, step=0, attempt=0, chosen=kept[0], correct=correct, ppl=[None] * len(texts),
             tokens=[0] * len(texts), rd=rd, answer_ppl=answer_ppl, base_ppl=base, kept=kept,

@@ -53,14 +53,16 @@ def lowest_index(ppls: Sequence[float], pool: Sequence[int] | None = None) -> in
     return min(range(len(ppls)) if pool is None else pool, key=lambda i: ppls[i])
 
 
-def morsd_keep(rd: Sequence[float | None], texts: Sequence[str], keep: int, threshold: float, ngram: int) -> list[int]:
+def morsd_keep(
+    rd: Sequence[float | None], rationales: Sequence[str], keep: int, threshold: float, ngram: int
+) -> list[int]:
     """MoRSD's pick, best first: the candidates with a Rationale Difficulty (the correct ones),
-    lowest RD first (first index on ties); one whose word n-grams overlap an already kept one's
-    by `threshold` or more (Jaccard) is redundant and dropped; at most `keep`. Empty when no
-    candidate is correct (the engine then keeps the first, marked incorrect, as posthoc-ppl does)."""
+    lowest RD first (first index on ties); one whose rationale's word n-grams overlap an already
+    kept one's by `threshold` or more (Jaccard) is redundant and dropped; at most `keep`. Empty
+    when no candidate is correct (the engine then keeps the first, marked incorrect)."""
     order = sorted((i for i, v in enumerate(rd) if v is not None and math.isfinite(v)), key=lambda i: (rd[i], i))
     kept: list[int] = []
-    grams = {i: word_ngrams(texts[i], ngram) for i in order}
+    grams = {i: word_ngrams(rationales[i], ngram) for i in order}
     for i in order:
         if len(kept) == keep:
             break

@@ -172,7 +172,7 @@ class TrajectoryRow(Record):
     sample: int
     """Which of the problem's trajectories."""
     method: str
-    """The selection method that produced it (`genssd`, `standard-kd`, `posthoc-ppl`)."""
+    """The selection method that produced it (`genssd`, `standard-kd`, `posthoc-ppl`, `morsd`)."""
     prompt: list[Message]
     """The user turn, rendered with the student prompt template."""
     completion: list[Message]

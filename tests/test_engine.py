@@ -594,7 +594,8 @@ def test_morsd_keeps_correct_non_redundant_rationales_of_lowest_difficulty(tmp_p
     assert choice.correct == [True, True, True, False]
     assert (choice.base_ppl, choice.answer_ppl) == (4.0, [2.0, 2.0, 3.0, None])
     assert choice.rd == [0.5, 0.5, 0.75, None]
-    expected = independent_morsd_pick(choice.rd, MORSD_TEXTS, keep, cfg.morsd.duplicate_threshold, 3)
+    rationales = [text.rpartition("The answer")[0] for text in MORSD_TEXTS]
+    expected = independent_morsd_pick(choice.rd, rationales, keep, cfg.morsd.duplicate_threshold, 3)
     assert choice.kept == expected == [0, 2][:keep] and choice.chosen == 0
     result = rows(tmp_path, problems)
     assert [(r["rank"], r["completion"][0]["content"], r["correct"]) for r in result] == [
