@@ -118,7 +118,7 @@ def pipeline(
 def evaluate(
     model: str = typer.Argument(..., help="the student: shipped name, HF model id or local folder"),
     dataset: str = typer.Option(..., "--dataset", "--bench",  # --bench: its earlier name, still accepted
-                                help="gsm8k (bundled rows), math-500, aime24, hf:ID, or FILE.jsonl"),
+                                help="gsm8k or arith1-heldout (bundled), math-500, aime24, hf:ID, or FILE.jsonl"),
     adapter: str | None = typer.Option(None, "--adapter", help="a LoRA adapter folder from genssd train"),
     limit: int | None = typer.Option(None, "--limit", min=1, help="only the first N problems"),
     samples: int = typer.Option(1, "--samples", min=1, help="generations per problem (pass@k)"),

@@ -160,6 +160,9 @@ class DataConfig(_Strict):
     source: str = Field(min_length=1, description="arith | gsm8k-test | path to a JSONL file")
     count: int = Field(64, ge=1, description="arith: problems to generate")
     seed: int = Field(0, description="arith: generator seed")
+    steps: Literal[1, 2, 3] | None = Field(
+        None, description="arith: operations per problem (difficulty); null: the mixed two- and three-step set"
+    )
     question_field: str = "question"
     answer_field: str = "answer"
     id_field: str = "id"
@@ -302,6 +305,7 @@ _LATER_DEFAULTS = {
     "teacher.system": None,
     "teacher.assistant_prefix": "",
     "prompts.teacher_chat_template": None,
+    "data.steps": None,
 }
 
 
@@ -390,7 +394,9 @@ class EvalStageSettings(_Strict):
         "gsm8k", validation_alias=AliasChoices("dataset", "bench"),  # `bench`: its earlier name
         description="one eval dataset or several, as genssd eval's --dataset",
     )
-    limit: int | None = Field(None, ge=1)
+    limit: int | dict[str, int] | None = Field(
+        None, description="only the first N problems: one number, or per dataset (others: all)"
+    )
     config: str = Field("eval.yaml", description="eval config, next to the pipeline config or bundled")
     set: list[str] = Field(default_factory=list, description="--set overrides of the eval config")
     samples: int | dict[str, int] = Field(
@@ -405,13 +411,14 @@ class EvalStageSettings(_Strict):
         return dataset
 
     @model_validator(mode="after")
-    def _samples_of_known_datasets(self) -> EvalStageSettings:
-        per_dataset = self.samples if isinstance(self.samples, dict) else {}
-        unknown = [d for d in per_dataset if d not in self.datasets]
-        if unknown:
-            raise ValueError(f"samples names {', '.join(unknown)}, not among the eval datasets")
-        if min([self.samples] if isinstance(self.samples, int) else per_dataset.values(), default=1) < 1:
-            raise ValueError("samples must be at least 1")
+    def _per_dataset_settings_of_known_datasets(self) -> EvalStageSettings:
+        for key, value in (("samples", self.samples), ("limit", self.limit)):
+            per_dataset = value if isinstance(value, dict) else {}
+            unknown = [d for d in per_dataset if d not in self.datasets]
+            if unknown:
+                raise ValueError(f"{key} names {', '.join(unknown)}, not among the eval datasets")
+            if min([value] if isinstance(value, int) else per_dataset.values(), default=1) < 1:
+                raise ValueError(f"{key} must be at least 1")
         return self
 
     @property
@@ -421,6 +428,10 @@ class EvalStageSettings(_Strict):
     def samples_of(self, dataset: str) -> int:
         """Generations per problem of one eval dataset."""
         return self.samples if isinstance(self.samples, int) else self.samples.get(dataset, 1)
+
+    def limit_of(self, dataset: str) -> int | None:
+        """How many of one eval dataset's problems are evaluated (None: all)."""
+        return self.limit.get(dataset) if isinstance(self.limit, dict) else self.limit
 
 
 class PipelineConfig(_Strict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from collections.abc import Callable
@@ -24,7 +25,7 @@ class Problem:
 
 def load_problems(cfg: DataConfig, limit: int | None = None) -> list[Problem]:
     if cfg.source == "arith":
-        rows = generate_arith(cfg.count, cfg.seed)
+        rows = generate_arith(cfg.count, cfg.seed, cfg.steps)
         problems = [_to_problem(r, i, "id", "question", "answer", "arith") for i, r in enumerate(rows)]
     else:
         path = package_data("gsm8k_test.jsonl") if cfg.source == "gsm8k-test" else Path(cfg.source)
@@ -84,10 +85,57 @@ def final_answer(answer: str) -> str:
     return (tail if sep else answer).strip()
 
 
-# --- a seeded generator of multi-step arithmetic word problems (the demo's training side) ---
+# --- a seeded generator of arithmetic word problems (the demo's task) ---
+# `steps` is the difficulty: the operations a solution needs (1: one addition or subtraction;
+# 2: two operations; 3: three). None: the earlier mix of two- and three-step templates.
 
 _NAMES = ["Ava", "Ben", "Chloe", "Dev", "Elif", "Farid", "Grace", "Hugo", "Ines", "Jonas", "Kira"]
 _ITEMS = ["apples", "marbles", "stickers", "pencils", "cards", "shells", "beads", "stamps"]
+
+
+def _two_names(r: random.Random) -> tuple[str, str]:
+    first, second = r.sample(_NAMES, 2)
+    return first, second
+
+
+def _gain(r: random.Random) -> dict:
+    name, item = r.choice(_NAMES), r.choice(_ITEMS)
+    a, b = r.randint(2, 9), r.randint(2, 9)
+    q = f"{name} has {a} {item}. {name} gets {b} more {item}. How many {item} does {name} have now?"
+    return {"question": q, "solution": f"{name} has {a} + {b} = {a + b} {item}.", "answer": a + b}
+
+
+def _loss(r: random.Random) -> dict:
+    name, item = r.choice(_NAMES), r.choice(_ITEMS)
+    a = r.randint(5, 15)
+    b = r.randint(1, min(9, a - 2))
+    q = f"{name} has {a} {item}. {name} gives away {b} {item}. How many {item} does {name} have now?"
+    return {"question": q, "solution": f"{name} has {a} - {b} = {a - b} {item}.", "answer": a - b}
+
+
+def _together(r: random.Random) -> dict:
+    (name, other), item = _two_names(r), r.choice(_ITEMS)
+    a, b = r.randint(2, 9), r.randint(2, 9)
+    q = f"{name} has {a} {item} and {other} has {b} {item}. How many {item} do they have together?"
+    return {"question": q, "solution": f"Together they have {a} + {b} = {a + b} {item}.", "answer": a + b}
+
+
+def _more_than(r: random.Random) -> dict:
+    (name, other), item = _two_names(r), r.choice(_ITEMS)
+    b = r.randint(2, 9)
+    a = b + r.randint(1, 9)
+    q = f"{name} has {a} {item} and {other} has {b} {item}. How many more {item} does {name} have than {other}?"
+    return {"question": q, "solution": f"{name} has {a} - {b} = {a - b} more {item}.", "answer": a - b}
+
+
+def _gain_then_loss(r: random.Random) -> dict:
+    name, item = r.choice(_NAMES), r.choice(_ITEMS)
+    a, b = r.randint(2, 20), r.randint(2, 20)
+    c = r.randint(1, a + b - 1)
+    q = (f"{name} has {a} {item}. {name} gets {b} more {item} and then gives away {c} {item}. "
+         f"How many {item} does {name} have now?")
+    s = f"{name} has {a} + {b} = {a + b} {item}, then {a + b} - {c} = {a + b - c} {item}."
+    return {"question": q, "solution": s, "answer": a + b - c}
 
 
 def _boxes(r: random.Random) -> dict:
@@ -161,20 +209,41 @@ def _savings(r: random.Random) -> dict:
     return {"question": q, "solution": s, "answer": share}
 
 
-_TEMPLATES: list[Callable[[random.Random], dict]] = [_boxes, _change, _orchard, _reading, _bakery, _savings]
+Template = Callable[[random.Random], dict]
+_TEMPLATES: dict[int | None, list[Template]] = {
+    1: [_gain, _loss, _together, _more_than],
+    2: [_gain_then_loss, _boxes],
+    3: [_change, _orchard, _reading, _bakery, _savings],
+    None: [_boxes, _change, _orchard, _reading, _bakery, _savings],
+}
+# Held-out problems for evaluation (`genssd eval --dataset arith1-heldout`, …): this seed's, which
+# no training set generated here ever contains (generate_arith skips them whatever its seed).
+HELDOUT_SEED = -1
+HELDOUT_COUNT = 200
 
 
-def generate_arith(count: int, seed: int) -> list[dict]:
-    """Deterministic for (count, seed): row i depends only on (seed, i)."""
-    rows = []
-    for i in range(count):
-        r = random.Random(f"genssd-arith:{seed}:{i}")
-        row = _TEMPLATES[i % len(_TEMPLATES)](r)
-        rows.append({
-            "id": f"arith-{seed}-{i:04d}",
-            "question": row["question"],
-            "answer": f"{row['solution']}\n#### {row['answer']}",
-        })
+def generate_arith(count: int, seed: int, steps: int | None = None) -> list[dict]:
+    """Deterministic for (count, seed, steps): a longer list starts with a shorter one's rows.
+    Training sets (any seed but HELDOUT_SEED) leave out every held-out question."""
+    return _arith_rows(count, seed, steps, frozenset() if seed == HELDOUT_SEED else _heldout_questions(steps))
+
+
+@functools.lru_cache(maxsize=16)
+def _heldout_questions(steps: int | None) -> frozenset[str]:
+    return frozenset(r["question"] for r in _arith_rows(HELDOUT_COUNT, HELDOUT_SEED, steps))
+
+
+def _arith_rows(count: int, seed: int, steps: int | None, skip: frozenset[str] = frozenset()) -> list[dict]:
+    templates = _TEMPLATES[steps]
+    name = "arith" if steps is None else f"arith{steps}"  # None: the earlier ids and draws, unchanged
+    rows: list[dict] = []
+    i = 0
+    while len(rows) < count:
+        row = templates[i % len(templates)](random.Random(f"genssd-{name}:{seed}:{i}"))
+        if row["question"] not in skip:
+            rows.append({"id": f"{name}-{seed}-{i:04d}", "question": row["question"],
+                         "answer": f"{row['solution']}\n#### {row['answer']}"})  # fmt: skip
+        i += 1
     return rows
 
 

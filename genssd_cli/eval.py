@@ -21,7 +21,15 @@ from typing import Any
 from rich.console import Console
 
 from genssd_cli.config import DataConfig, EvalConfig, changed_keys, load_eval_config
-from genssd_cli.data import Problem, final_answer, load_problems, load_prompt, render_prompt
+from genssd_cli.data import (
+    HELDOUT_COUNT,
+    HELDOUT_SEED,
+    Problem,
+    final_answer,
+    load_problems,
+    load_prompt,
+    render_prompt,
+)
 from genssd_cli.errors import RuntimeFailure, UsageError
 from genssd_cli.eval_dir import METRICS, SAMPLES, SETTINGS, read_eval_settings
 from genssd_cli.records import parse_jsonl
@@ -44,13 +52,19 @@ HUB_DATASETS = {
     "math-500": HubDataset("HuggingFaceH4/MATH-500", None, "test", "problem", "answer", "unique_id"),
     "aime24": HubDataset("HuggingFaceH4/aime_2024", None, "train", "problem", "answer", "id"),
 }
-BUNDLED = {"gsm8k": "gsm8k-test"}
+# Eval datasets that ship: the bundled GSM8K test rows, and held-out problems of the demo's
+# generator (never in a training set it generates), one set per difficulty.
+BUNDLED = {
+    "gsm8k": DataConfig(source="gsm8k-test"),
+    **{f"arith{steps}-heldout": DataConfig(source="arith", steps=steps, seed=HELDOUT_SEED, count=HELDOUT_COUNT)
+       for steps in (1, 2, 3)},
+}  # fmt: skip
 
 
 def load_eval_problems(dataset: str, cfg: EvalConfig, limit: int | None) -> list[Problem]:
     """A bundled name, a JSONL file, a known hub dataset, or `hf:DATASET_ID` (test split)."""
     if dataset in BUNDLED:
-        return load_problems(DataConfig(source=BUNDLED[dataset]), limit)
+        return load_problems(BUNDLED[dataset], limit)
     if dataset in HUB_DATASETS or dataset.startswith("hf:"):
         return _hub_problems(dataset, cfg, limit)
     if not dataset.endswith(".jsonl") and not Path(dataset).exists():

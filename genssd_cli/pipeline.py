@@ -164,8 +164,9 @@ def pipeline_command(
         def work(eval_dir: Path) -> dict[str, Any]:
             model = load_run_config(run_config, cfg.set).student.model
             e = cfg.eval
-            metrics = eval_command(model, str(adapter) if adapter else None, dataset, e.limit, e.samples_of(dataset),
-                                   eval_dir, _beside(config_path, e.config), e.set, console)  # fmt: skip
+            metrics = eval_command(model, str(adapter) if adapter else None, dataset, e.limit_of(dataset),
+                                   e.samples_of(dataset), eval_dir, _beside(config_path, e.config), e.set,
+                                   console)  # fmt: skip
             keys = ("accuracy", "ci95", "problems", "samples_per_problem", "pass_at_k", "mean_generated_tokens")
             return {k: metrics[k] for k in keys if k in metrics}
 

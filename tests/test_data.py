@@ -9,19 +9,37 @@ from genssd_cli.data import final_answer, generate_arith, load_problems, load_pr
 from genssd_cli.errors import UsageError
 
 
-def test_arith_is_deterministic_and_its_solutions_add_up():
-    rows = generate_arith(60, seed=3)
-    assert rows == generate_arith(60, seed=3)
-    assert rows != generate_arith(60, seed=4)
-    assert generate_arith(10, seed=3) == rows[:10]  # row i depends only on (seed, i)
+@pytest.mark.parametrize("steps", [None, 1, 2, 3])
+def test_arith_is_deterministic_and_its_solutions_add_up(steps):
+    rows = generate_arith(60, seed=3, steps=steps)
+    assert rows == generate_arith(60, seed=3, steps=steps)
+    assert rows != generate_arith(60, seed=4, steps=steps)
+    assert generate_arith(10, seed=3, steps=steps) == rows[:10]  # a longer list starts with a shorter one
+    assert len({r["id"] for r in rows}) == 60
     for row in rows:
         solution, answer = row["answer"].split("\n#### ")
         # Every "x op y = z" in the worked solution is true, and the last result is the answer.
-        steps = re.findall(r"(\d+) ([-+*/]) (\d+) = (\d+)", solution)
-        assert steps
-        for x, op, y, z in steps:
+        operations = re.findall(r"(\d+) ([-+*/]) (\d+) = (\d+)", solution)
+        assert operations
+        for x, op, y, z in operations:
             assert eval(f"{x} {op} {y}") == int(z), row
-        assert int(steps[-1][3]) == int(answer) >= 0
+        assert int(operations[-1][3]) == int(answer) >= 0
+        if steps is not None:  # the difficulty is the number of operations a solution needs
+            assert len(operations) == steps, row
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_held_out_eval_problems_are_in_no_training_set(steps):
+    from genssd_cli.data import HELDOUT_COUNT, HELDOUT_SEED
+    from genssd_cli.eval import BUNDLED, load_eval_problems
+
+    heldout = load_eval_problems(f"arith{steps}-heldout", None, None)
+    assert len(heldout) == HELDOUT_COUNT and heldout == load_problems(BUNDLED[f"arith{steps}-heldout"])
+    assert {p.question for p in heldout} == {r["question"] for r in generate_arith(HELDOUT_COUNT, HELDOUT_SEED, steps)}
+    questions = {p.question for p in heldout}
+    for seed in range(12):  # the demo's, the cold start's, and others
+        training = generate_arith(300, seed, steps)
+        assert not questions & {r["question"] for r in training}, seed
 
 
 def test_gsm8k_rows_are_bundled():

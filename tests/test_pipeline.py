@@ -66,20 +66,25 @@ def test_pipeline_bad_config_is_one_line(tmp_path):
 
 
 def test_stage_names_with_one_and_with_several_benchmarks(tmp_path):
-    evals, names = stage_names(load_pipeline_config(bundled_dir("configs") / "compare-demo.yaml"))
+    one = ["eval.dataset=gsm8k", "eval.limit=20"]
+    evals, names = stage_names(load_pipeline_config(bundled_dir("configs") / "compare-demo.yaml", one))
     assert evals == {"eval": "gsm8k"}
     # The cold start is evaluated right after its training: the reference every method starts from.
     assert names[:4] == ["base/eval", "cold-start/run", "cold-start/train", "cold-start/eval"]
     assert names[4:7] == ["genssd/run", "genssd/train", "genssd/eval"] and names[-1] == "report"
-    assert len(names) == 4 + 3 * 3 + 1
+    assert len(names) == 4 + 4 * 3 + 1
+    evals, names = stage_names(load_pipeline_config(bundled_dir("configs") / "compare-demo.yaml"))
+    assert evals == {"eval-arith1-heldout": "arith1-heldout", "eval-gsm8k": "gsm8k"}
+    assert names[:2] == ["base/eval-arith1-heldout", "base/eval-gsm8k"]
+    assert "morsd/eval-gsm8k" in names and len(names) == 2 + 4 + 4 * 4 + 1
     evals, names = stage_names(load_pipeline_config(bundled_dir("configs") / "paper-pipeline.yaml"))
     assert evals == {"eval-gsm8k-hf": "gsm8k-hf", "eval-math-500": "math-500", "eval-aime24": "aime24"}
     assert names[:3] == ["base/eval-gsm8k-hf", "base/eval-math-500", "base/eval-aime24"]
     assert names[3:8] == ["cold-start/run", "cold-start/train", "cold-start/eval-gsm8k-hf", "cold-start/eval-math-500",
                           "cold-start/eval-aime24"]  # fmt: skip
     assert names[8] == "genssd/run" and "posthoc-ppl/eval-math-500" in names
-    evals, _ = stage_names(load_pipeline_config(bundled_dir("configs") / "pipeline-demo.yaml",
-                                                ["eval.dataset=[gsm8k, data/my-set.jsonl]"]))  # fmt: skip
+    mine = ["eval.dataset=[gsm8k, data/my-set.jsonl]", "eval.limit=5"]
+    evals, _ = stage_names(load_pipeline_config(bundled_dir("configs") / "pipeline-demo.yaml", mine))
     assert evals == {"eval-gsm8k": "gsm8k", "eval-my-set": "data/my-set.jsonl"}
 
 
@@ -96,7 +101,8 @@ def test_eval_benchmarks_are_some_and_each_once(tmp_path, bench):
     [
         (["eval=null"], []),  # a cold start, no eval
         (["eval=null", "cold_start=null"], []),
-        (["cold_start=null"], ["base/eval", "genssd/eval"]),  # an eval, no cold start
+        (["cold_start=null"], ["base/eval-arith1-heldout", "base/eval-gsm8k", "genssd/eval-arith1-heldout",
+                               "genssd/eval-gsm8k"]),  # an eval, no cold start
     ],
 )
 def test_no_cold_start_eval_without_a_cold_start_or_an_eval(overrides, evaluated):
@@ -117,9 +123,9 @@ def pipeline_yaml(tmp_path: Path, **sections) -> Path:
 @pytest.mark.parametrize(
     ("sections", "message"),
     [
-        # demo.yaml lets trajectories reach 128 tokens; the bundled eval.yaml caps answers at 256.
-        ({"eval": {"set": ["max_new_tokens=100"]}},
-         "the eval's max_new_tokens 100 (eval.yaml with eval.set) is below the runs' search.max_new_tokens 128 "
+        # demo.yaml lets trajectories reach 64 tokens; the bundled eval.yaml caps answers at 256.
+        ({"eval": {"set": ["max_new_tokens=40"]}},
+         "the eval's max_new_tokens 40 (eval.yaml with eval.set) is below the runs' search.max_new_tokens 64 "
          "(demo.yaml): "),
         ({"set": ["search.max_new_tokens=300"]},
          "the eval's max_new_tokens 256 (eval.yaml) is below the runs' search.max_new_tokens 300 "
