@@ -3,7 +3,7 @@ trajectories.jsonl), the failure row and summary.json, as typed records with a s
 
 This module is the one contract between the writers (engine, runner) and the readers (replay and
 materialisation, report, train, pipeline, bench). docs/records.md is generated from it
-(`python -m genssd_cli.records > docs/records.md`) and a test fails when the two disagree.
+(`python -m genssd_cli.records_doc > docs/records.md`) and a test fails when the two disagree.
 
 Readers ignore fields they do not know (a newer genssd may add some) and default the fields an
 older genssd of the same format version did not write yet; a log of another format version is
@@ -13,7 +13,6 @@ refused in one line.
 from __future__ import annotations
 
 import json
-import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -435,68 +434,3 @@ def _first_error(exc: ValidationError) -> str:
     error = exc.errors()[0]
     where = ".".join(str(p) for p in error["loc"])
     return f"{where}: {error['msg']}" if where else error["msg"]
-
-
-# ---- documentation --------------------------------------------------------------------------
-
-
-def _type_name(annotation: Any) -> str:
-    origin = typing.get_origin(annotation)
-    if origin is Literal:
-        return " \\| ".join(f"`{a}`" for a in typing.get_args(annotation))
-    if origin in (types.UnionType, typing.Union):
-        return " \\| ".join(_type_name(a) for a in typing.get_args(annotation))
-    if origin is not None:
-        args = ", ".join(_type_name(a) for a in typing.get_args(annotation))
-        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
-    if annotation is type(None):
-        return "null"
-    if annotation is Any:
-        return "any"
-    return getattr(annotation, "__name__", str(annotation))
-
-
-def _table(model: type[Record]) -> list[str]:
-    lines = ["| field | type | meaning |", "|---|---|---|"]
-    for name, info in model.model_fields.items():
-        text = " ".join((info.description or "").split())
-        lines.append(f"| `{name}` | {_type_name(info.annotation)} | {text} |")
-    return lines
-
-
-def markdown() -> str:
-    """docs/records.md."""
-    out = [
-        "# The run directory's records",
-        "",
-        "<!-- Generated from genssd_cli/records.py by `python -m genssd_cli.records > docs/records.md`;"
-        " a test fails when they disagree. -->",
-        "",
-        "`events.jsonl` is the source of truth of a run: one JSON object per line, appended and "
-        "flushed as it happens, never rewritten. `trajectories.jsonl`, `failures.jsonl` and "
-        "`summary.json` are materialised from it at the end of every session. Every event carries "
-        f"`v` (the format version, {SCHEMA_VERSION}) and `type`. A genssd that reads another format "
-        "version refuses the directory in one line; fields a reader does not know are ignored.",
-        "",
-        "## Events (events.jsonl)",
-    ]
-    for model in EVENTS:
-        kind = model.model_fields["type"].default
-        out += ["", f"### `{kind}`", "", " ".join((model.__doc__ or "").split()), "", *_table(model)]
-    parts = [
-        ("## Trajectory rows (trajectories.jsonl)", [TrajectoryRow, Message]),
-        ("## Failure rows (failures.jsonl)", [FailureRow]),
-        ("## Summary (summary.json)", [Summary, TrajectoryCounts, TeacherTotals, EndpointTotals, Price, KeptStats,
-                                       Centre, EngineUse]),
-        ("## Nested records of events", [CandidateRecord, TeacherServer, EndpointUse]),
-    ]  # fmt: skip
-    for title, models in parts:
-        out += ["", title]
-        for model in models:
-            doc = " ".join((model.__doc__ or "").split())
-            out += ["", f"### {model.__name__}", *(["", doc] if doc else []), "", *_table(model)]
-    return "\n".join(out) + "\n"
-
-
-if __name__ == "__main__":
-    print(markdown(), end="")

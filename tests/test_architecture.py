@@ -7,7 +7,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from genssd_cli import records
+from genssd_cli import records, records_doc
 
 PACKAGE = Path(__file__).resolve().parent.parent / "genssd_cli"
 # The modules that implement a `genssd` command (cli.py dispatches to them).
@@ -92,13 +92,13 @@ def test_heavy_libraries_are_imported_inside_the_functions_that_use_them():
 
 def test_records_doc_is_generated_from_the_code():
     doc = PACKAGE.parent / "docs" / "records.md"
-    assert doc.read_text(encoding="utf-8") == records.markdown(), (
-        "docs/records.md is out of date: python -m genssd_cli.records > docs/records.md"
+    assert doc.read_text(encoding="utf-8") == records_doc.markdown(), (
+        "docs/records.md is out of date: python -m genssd_cli.records_doc > docs/records.md"
     )
 
 
 def test_records_doc_names_every_event_and_field():
-    doc = records.markdown()
+    doc = records_doc.markdown()
     for event in records.EVENTS:
         assert f"### `{event.model_fields['type'].default}`" in doc
         for field in event.model_fields:
