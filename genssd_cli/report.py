@@ -1,11 +1,13 @@
-"""`genssd report`: runs (and the evals of what was trained on them) side by side.
+"""`genssd report`: runs (and the evals of what was trained on them) side by side. This module
+reads them into columns and works out their numbers, the warnings that say what is not comparable
+and the differences; report_view.py shows them (the rich tables, report.md, report.json and PNG
+plots), given them as data by `report_command`.
 
 Everything is read back from what the commands wrote: a run's trajectories.jsonl (the kept
 trajectories, each scored whole by the run's student), its summary.json (teacher requests and
 tokens, wall time, cost when known) and config.yaml (method, student); an eval's metrics.json and
-eval.json. Output: a rich table, report.md, report.json (the same numbers, for scripts) and PNG
-plots. A pipeline directory stands for its method runs and evals. Evals of the base student and of
-the cold start (the student every method starts from) get columns of their own: the references.
+eval.json. A pipeline directory stands for its method runs and evals. Evals of the base student and
+of the cold start (the student every method starts from) get columns of their own: the references.
 
 A second table gives each column's difference from the genssd run (else the first run) with a 95 %
 interval, by a paired bootstrap over problems (stats.py): eval accuracy per dataset over the eval
@@ -24,17 +26,25 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from genssd_cli.errors import RuntimeFailure, UsageError
 from genssd_cli.eval_dir import METRICS, SAMPLES, SETTINGS, read_eval_settings
 from genssd_cli.records import Response, TrajectoryRow, parse_jsonl, read_rows, read_summary
-from genssd_cli.stats import MIN_PAIRS, RESAMPLES, SEED, Difference, paired_bootstrap, ratio_difference
+from genssd_cli.report_view import (
+    RUN_DIFFERENCES,
+    accuracy_key,
+    accuracy_name,
+    datasets,
+    to_json,
+    to_markdown,
+    to_rich,
+    write_plots,
+)
+from genssd_cli.stats import MIN_PAIRS, RESAMPLES, Difference, paired_bootstrap, ratio_difference
 from genssd_cli.stats import mean as mean_difference
 from genssd_cli.store import CONFIG, SUMMARY, TRAJECTORIES, read_events
 
 PIPELINE = "pipeline.json"
-PLOTS = ("ppl.png", "length.png", "teacher_tokens.png", "accuracy.png")
 # Eval settings that make accuracies of one dataset not comparable when they differ (eval.json).
 EVAL_SETTINGS = {"samples": "samples per problem", "max_new_tokens": "max_new_tokens", "temperature": "temperature",
                  "top_p": "top_p"}  # fmt: skip
@@ -268,7 +278,7 @@ def _warnings(columns: list[Column]) -> list[str]:
     for r in runs:
         if r["pending"] or r["failed"]:
             notes.append(f"{r['dir']}: {r['pending']} pending and {r['failed']} failed trajectories (not finished)")
-    for dataset in _datasets(columns):
+    for dataset in datasets(columns):
         evals = [c.evals[dataset] for c in columns if dataset in c.evals]
         if len({e["problems"] for e in evals}) > 1:
             notes.append(f"the {dataset} evals differ in number of problems")
@@ -285,112 +295,12 @@ def _distinct(evals: list[dict[str, Any]], key: str) -> list[str]:
     return ["?" if v is None else str(v) for v in dict.fromkeys(e.get(key) for e in evals)]
 
 
-def _fmt(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        return f"{value:,.{digits}f}"
-    return f"{value:,}"
-
-
-def _pair(centre: dict[str, Any] | None, digits: int) -> str:
-    if not centre or centre["mean"] is None:
-        return "—"
-    return f"{_fmt(centre['mean'], digits)} / {_fmt(centre['median'], digits)}"
-
-
-def _accuracy(e: dict[str, Any] | None, tag: bool = False) -> str:
-    """Accuracy with its 95 % CI; `tag`: say avg@k in the cell (columns with other k)."""
-    if not e or e["accuracy"] is None:
-        return "—"
-    low, high = e["ci95"] or (None, None)
-    span = f" ({100 * low:.1f} to {100 * high:.1f})" if low is not None else ""
-    avg = f" avg@{e['samples']}" if tag and e["samples"] > 1 else ""
-    return f"{100 * e['accuracy']:.1f} %{span}{avg}"
-
-
-def _pass(e: dict[str, Any] | None, tag: bool = False) -> str:
-    """pass@k at k = the eval's samples per problem; `tag`: say k in the cell."""
-    value = (e.get("pass_at_k") or {}).get(str(e["samples"])) if e and e["samples"] > 1 else None
-    if value is None:
-        return "—"
-    return f"{100 * value:.1f} %" + (f" (k={e['samples']})" if tag else "")
-
-
-def _datasets(columns: list[Column]) -> list[str]:
-    return list(dict.fromkeys(dataset for c in columns for dataset in c.evals))
-
-
-def table_rows(columns: list[Column]) -> list[tuple[str, list[str]]]:
-    """(metric, one cell per column): the same rows for the terminal and report.md."""
-
-    def run(key: str, digits: int = 2) -> list[str]:
-        return [_fmt(c.run[key], digits) if c.run else "" for c in columns]
-
-    rows = [
-        ("trajectories kept", run("kept")),
-        ("  correct", run("correct")),
-        ("  pruned", run("pruned")),
-        ("student PPL of kept (mean / median)", [_pair(c.run["student_ppl"], 3) if c.run else "" for c in columns]),
-        ("length in tokens (mean / median)", [_pair(c.run["length_tokens"], 1) if c.run else "" for c in columns]),
-        ("teacher tokens generated", run("teacher_tokens")),
-        ("  per kept trajectory", run("teacher_tokens_per_kept", 1)),
-        ("  per kept token", run("teacher_tokens_per_kept_token", 2)),
-        ("teacher requests", run("requests")),
-        ("cost", run("cost", 4)),
-        ("wall time (s)", run("wall_s", 1)),
-    ]
-    for dataset in _datasets(columns):
-        rows += _eval_rows(dataset, [c.evals.get(dataset) for c in columns])
-    return rows
-
-
-def _eval_rows(dataset: str, evals: list[dict[str, Any] | None]) -> list[tuple[str, list[str]]]:
-    """One dataset's rows: accuracy (avg@k: the mean over k samples per problem, when k > 1) with
-    its 95 % CI, pass@k when some eval has k > 1, the mean generated length."""
-    size = next(e["problems"] for e in evals if e)
-    ks = sorted({e["samples"] for e in evals if e})
-    mixed = len(ks) > 1  # then each cell says its own k (and a warning says they differ)
-    metric = "accuracy" if ks == [1] else f"avg@{ks[0]}" if not mixed else "accuracy / avg@k"
-    rows = [(f"eval {metric}, {dataset} ({size} problems, 95 % CI)", [_accuracy(e, mixed) for e in evals])]
-    if ks[-1] > 1:
-        rows.append((f"  pass@{ks[0]}" if not mixed else "  pass@k", [_pass(e, mixed) for e in evals]))
-    rows.append(("  mean generated tokens", [_fmt(e["mean_generated_tokens"], 1) if e else "—" for e in evals]))
-    return rows
-
-
-# The differences' run rows: report.json key, row name, digits shown, what makes a pair.
-RUN_DIFFERENCES = (
-    ("student_ppl", "Δ student PPL of kept (mean)", 3, "problems both runs kept a scored trajectory of"),
-    ("length_tokens", "Δ length in tokens (mean)", 1, "problems both runs kept a trajectory of"),
-    ("teacher_tokens_per_kept_token", "Δ teacher tokens per kept token", 2, "problems both runs asked the teacher"),
-)
-
-
 @dataclass
 class Differences:
     """Each compared column's differences from the reference column, by report.json key."""
 
     reference: Column
     by_column: dict[str, dict[str, Difference]]
-
-    @property
-    def title(self) -> str:
-        return f"differences from {self.reference.label} (95 % paired bootstrap over problems)"
-
-    @property
-    def method(self) -> str:
-        return (f"Δ = column - {self.reference.label}, the point estimate on all pairs; in parentheses its 95 % "
-                f"percentile interval over {RESAMPLES} paired bootstrap resamples of the problems (seed {SEED}); "
-                "n: problems paired. Accuracy in points (avg@k when k > 1).")  # fmt: skip
-
-
-def _accuracy_key(dataset: str) -> str:
-    return f"accuracy:{dataset}"
-
-
-def _accuracy_name(dataset: str) -> str:
-    return f"Δ eval accuracy, {dataset} (points)"
 
 
 def differences(columns: list[Column]) -> tuple[Differences | None, list[str]]:
@@ -402,7 +312,7 @@ def differences(columns: list[Column]) -> tuple[Differences | None, list[str]]:
     ref = next((c for c in runs if c.run["method"] == "genssd"), runs[0])
     compared = [c for c in columns if c is not ref and not c.alone]
     notes = [f"{ref.label} has no {dataset} eval: no accuracy differences for {dataset}"
-             for dataset in _datasets(compared) if dataset not in ref.evals]  # fmt: skip
+             for dataset in datasets(compared) if dataset not in ref.evals]  # fmt: skip
     by_column: dict[str, dict[str, Difference]] = {}
     for c in compared:
         diffs: dict[str, tuple[Difference, str, str]] = {}  # key: (difference, row name, what a pair is)
@@ -416,7 +326,7 @@ def differences(columns: list[Column]) -> tuple[Differences | None, list[str]]:
         for dataset in c.evals:
             if dataset in ref.evals:
                 d = _mean_difference(ref.correct[dataset], c.correct[dataset], scale=100.0)
-                diffs[_accuracy_key(dataset)] = (d, _accuracy_name(dataset), "eval problems both evals answered")
+                diffs[accuracy_key(dataset)] = (d, accuracy_name(dataset), "eval problems both evals answered")
         by_column[c.label] = {key: d for key, (d, _, _) in diffs.items()}
         notes += [f"{c.label} - {ref.label}, {name.removeprefix('Δ ')}: {why}"
                   for d, name, what in diffs.values() if (why := _why(d, what))]  # fmt: skip
@@ -438,140 +348,6 @@ def _why(d: Difference, what: str) -> str | None:
     return None
 
 
-def _delta(d: Difference | None, digits: int) -> str:
-    """+1.23 (-0.40 to +2.90), n=10; — when there is none; empty when not applicable."""
-    if d is None:
-        return ""
-    if d.delta is None:
-        return "—"
-
-    def signed(x: float) -> str:
-        return f"{round(x, digits) + 0.0:+.{digits}f}"  # + 0.0: no "-0.0"
-
-    span = f"({signed(d.low)} to {signed(d.high)})" if d.low is not None and d.high is not None else "(—)"
-    return f"{signed(d.delta)} {span}, n={d.pairs}"
-
-
-def difference_rows(columns: list[Column], diffs: Differences) -> tuple[list[Column], list[tuple[str, list[str]]]]:
-    """The compared columns, and (row name, one cell per column) for the terminal and report.md."""
-    shown = [c for c in columns if c.label in diffs.by_column]
-    rows = []
-    if any(c.run for c in shown):
-        rows += [(name, [_delta(diffs.by_column[c.label].get(key), digits) for c in shown])
-                 for key, name, digits, _ in RUN_DIFFERENCES]  # fmt: skip
-    for dataset in _datasets(columns):
-        if dataset in diffs.reference.evals and any(dataset in c.evals for c in shown):
-            key = _accuracy_key(dataset)
-            rows.append((_accuracy_name(dataset), [_delta(diffs.by_column[c.label].get(key), 1) for c in shown]))
-    return shown, rows
-
-
-def differences_json(diffs: Differences | None) -> dict[str, dict[str, dict[str, float | int | None]]]:
-    """Per compared column, per metric: {delta, low, high, pairs} (None: no difference)."""
-
-    def rounded(x: float | None) -> float | None:
-        return None if x is None else round(x, 4)
-
-    if diffs is None:
-        return {}
-    return {label: {key: {"delta": rounded(d.delta), "low": rounded(d.low), "high": rounded(d.high), "pairs": d.pairs}
-                    for key, d in by_key.items()}
-            for label, by_key in diffs.by_column.items()}  # fmt: skip
-
-
-def to_markdown(columns: list[Column], warnings: list[str], diffs: Differences | None = None) -> str:
-    rows = table_rows(columns)
-    lines = ["| | " + " | ".join(c.label for c in columns) + " |", "|---|" + "---:|" * len(columns)]
-    lines += [f"| {name.strip()} | " + " | ".join(cells) + " |" for name, cells in rows]
-    sources = [f"- {c.label}: " + ", ".join(([c.run["dir"]] if c.run else []) + [e["dir"] for e in c.evals.values()])
-               for c in columns]  # fmt: skip
-    text = "# genssd report\n\n" + "\n".join(lines) + "\n\n"
-    shown, rows = difference_rows(columns, diffs) if diffs else ([], [])
-    if rows:
-        lines = ["| | " + " | ".join(c.label for c in shown) + " |", "|---|" + "---:|" * len(shown)]
-        lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows]
-        text += f"## {diffs.title}\n\n" + "\n".join(lines) + f"\n\n{diffs.method}\n\n"
-    text += "From:\n" + "\n".join(sources) + "\n"
-    if warnings:
-        text += "\nNot comparable as it stands:\n" + "".join(f"- {w}\n" for w in warnings)
-    plots = "".join(f"![{name[:-4]}]({name})\n" for name in PLOTS)
-    return text + "\n" + plots
-
-
-def to_rich(columns: list[Column], warnings: list[str], diffs: Differences | None = None) -> list[Table]:
-    """The report's table, then the differences' (when there are any)."""
-    table = Table(title="genssd report", caption="\n".join(warnings) or None, caption_style="yellow")
-    table.add_column("")
-    for c in columns:
-        table.add_column(c.label, justify="right")
-    for name, cells in table_rows(columns):
-        table.add_row(name, *cells)
-    shown, rows = difference_rows(columns, diffs) if diffs else ([], [])
-    if not rows:
-        return [table]
-    second = Table(title=diffs.title, caption=diffs.method)
-    second.add_column("")
-    for c in shown:
-        second.add_column(c.label, justify="right")
-    for name, cells in rows:
-        second.add_row(name, *cells)
-    return [table, second]
-
-
-def write_plots(columns: list[Column], out: Path) -> list[Path]:
-    """The distributions behind the means, one PNG each (matplotlib, no display)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = [c for c in columns if c.run]
-    written = []
-
-    def save(fig, name: str) -> None:
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
-        written.append(out / name)
-
-    for name, values, ylabel in (
-        ("ppl.png", [c.ppls for c in runs], "student PPL of kept trajectory"),
-        ("length.png", [c.lengths for c in runs], "kept trajectory length (tokens)"),
-    ):
-        fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(runs), 4))
-        present = [(c.label, v) for c, v in zip(runs, values, strict=True) if v]
-        if present:
-            ax.boxplot([v for _, v in present], showmeans=True)
-            ax.set_xticks(range(1, len(present) + 1), [label for label, _ in present])
-        ax.set_ylabel(ylabel)
-        ax.set_title("box: quartiles, line: median, triangle: mean", fontsize=9)
-        save(fig, name)
-
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(runs), 4))
-    ax.bar([c.label for c in runs], [c.run["teacher_tokens_per_kept_token"] or 0 for c in runs], color="tab:orange")
-    ax.set_ylabel("teacher tokens generated per kept token")
-    save(fig, "teacher_tokens.png")
-
-    datasets = _datasets(columns)
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * max(1, len(columns)), 4))
-    width = 0.8 / max(1, len(datasets))
-    for k, dataset in enumerate(datasets):
-        at = [(i, c.evals[dataset]) for i, c in enumerate(columns)
-              if c.evals.get(dataset, {}).get("accuracy") is not None]
-        acc = [100 * e["accuracy"] for _, e in at]
-        ci = [e["ci95"] or [e["accuracy"]] * 2 for _, e in at]
-        below = [a - 100 * lo for a, (lo, _) in zip(acc, ci, strict=True)]
-        above = [100 * hi - a for a, (_, hi) in zip(acc, ci, strict=True)]
-        ax.bar([i + (k - (len(datasets) - 1) / 2) * width for i, _ in at], acc, width, yerr=[below, above],
-               capsize=4, label=dataset)  # fmt: skip
-    ax.set_xticks(range(len(columns)), [c.label for c in columns])
-    ax.set_ylim(0, 100)
-    if datasets:
-        ax.legend()
-    save(fig, "accuracy.png")
-    return written
-
-
 def report_command(paths: list[Path], eval_dirs: list[Path], out: Path | None, console: Console) -> dict[str, Any]:
     run_dirs, found_evals = expand(paths)
     for eval_dir in eval_dirs:
@@ -587,12 +363,7 @@ def report_command(paths: list[Path], eval_dirs: list[Path], out: Path | None, c
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.md").write_text(to_markdown(columns, warnings, diffs), encoding="utf-8")
-        numbers = {"columns": [{"label": c.label, "run": c.run, "evals": c.evals} for c in columns],
-                   "differences": differences_json(diffs),
-                   "bootstrap": {"reference": diffs.reference.label if diffs else None, "over": "problems, paired",
-                                 "resamples": RESAMPLES, "seed": SEED, "level": 0.95, "interval": "percentile"},
-                   "warnings": warnings}  # fmt: skip
-        (out / "report.json").write_text(json.dumps(numbers, indent=2) + "\n", encoding="utf-8")
+        (out / "report.json").write_text(to_json(columns, warnings, diffs), encoding="utf-8")
         plots = write_plots(columns, out)
     except OSError as exc:
         raise UsageError(f"cannot write to {out}: {exc.strerror}") from None
