@@ -1,4 +1,6 @@
-"""Start a local llama.cpp OpenAI-compatible server for a run, and always stop it after."""
+"""Start a local llama.cpp OpenAI-compatible server for a run, and always stop it after: on any
+exit genssd stops it itself; on Linux the kernel kills it if genssd dies without doing so
+(kill -9, OOM), and a run stops a server an earlier session of its directory left behind."""
 
 from __future__ import annotations
 
@@ -16,6 +18,40 @@ from genssd_cli.models import resolve_gguf
 from genssd_cli.serving import NotServing, free_port, local_base_url, wait_until_serving
 
 STOP_GRACE_S = 5.0
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+# Run before the server's own code, in the fresh child (single-threaded, unlike genssd, where a
+# preexec_fn could deadlock): ask the kernel for SIGKILL when the parent dies, make sure the parent
+# did not die already, then become the server.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys; "
+    f"ctypes.CDLL(None, use_errno=True).prctl({_PR_SET_PDEATHSIG}, signal.SIGKILL); "
+    "os.getppid() == int(sys.argv[1]) or os._exit(1); "
+    "os.execv(sys.argv[2], sys.argv[2:])"
+)
+
+
+def die_with_parent(cmd: list[str]) -> list[str]:
+    """`cmd`, started so that it is killed when the process starting it dies (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return cmd
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd]
+
+
+def stop_leftover_server(pid: int, port: int) -> bool:
+    """Kill the llama.cpp server an earlier session started (recorded in its run_start), if it is
+    still running: the same pid, serving on the same port. True when one was stopped."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False  # gone (or not Linux: the earlier session's server died with it there too)
+    if b"llama_cpp.server" not in cmdline or str(port).encode() not in cmdline:
+        return False  # the pid was reused by another program
+    try:
+        os.killpg(pid, signal.SIGKILL)  # it leads its own process group
+    except ProcessLookupError:
+        return False
+    return True
 
 
 class LocalServer:
@@ -44,7 +80,8 @@ class LocalServer:
         with open(self.log_path, "ab") as log:
             # Own session: a Ctrl-C in the terminal reaches genssd, which stops the server itself.
             self.process = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                die_with_parent(cmd), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
 
     def wait_ready(self) -> None:

@@ -27,10 +27,19 @@ from genssd_cli.control import RunControl
 from genssd_cli.data import Problem, load_problems, load_prompt, teacher_template, teacher_token_counter
 from genssd_cli.engine import Engine
 from genssd_cli.errors import BudgetReached, Interrupted, UsageError, unwrap_group
-from genssd_cli.launch import LocalServer, launched
+from genssd_cli.launch import LocalServer, launched, stop_leftover_server
 from genssd_cli.probes import preflight
 from genssd_cli.records import EndpointUse, RunStart, SessionEnd, Summary, TeacherServer
-from genssd_cli.results import Replay, all_ended, check_resume, failure_rows, spent, summarize, trajectory_rows
+from genssd_cli.results import (
+    Replay,
+    all_ended,
+    check_resume,
+    failure_rows,
+    last_run_start,
+    spent,
+    summarize,
+    trajectory_rows,
+)
 from genssd_cli.scoring_queue import ScoringQueue
 from genssd_cli.store import CONFIG, FAILURES, SUMMARY, TRAJECTORIES, RunStore, read_events
 from genssd_cli.student import StudentScorer
@@ -78,6 +87,7 @@ def run_command(
         check_resume(events, settings, force)
         server = None
         if cfg.teacher.launch is not None:
+            _stop_leftover(events, console)
             server = LocalServer(cfg.teacher.launch, cfg.teacher.model, run_dir / "teacher-server.log")
             stack.enter_context(launched(server))  # boots while the student loads
         console.print(f"loading student {cfg.student.model} …")
@@ -140,6 +150,16 @@ def run_command(
             raise BudgetReached(_over_budget(control.spent, cfg.max_cost))
         raise Interrupted("stopped")
     return summary
+
+
+def _stop_leftover(events: list, console: Console) -> None:
+    """An earlier session of this directory that died without stopping its teacher server (a
+    genssd older than the kernel's parent-death signal, or another OS) left it running."""
+    start = last_run_start(events)
+    if start is not None and start.teacher_server is not None:
+        leftover = start.teacher_server
+        if stop_leftover_server(leftover.pid, leftover.port):
+            console.print(f"stopped the teacher server an earlier session left running (pid {leftover.pid})")
 
 
 def _over_budget(cost: float, limit: float) -> str:

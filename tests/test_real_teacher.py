@@ -154,3 +154,29 @@ def test_ctrl_c_stops_the_server_and_says_how_to_resume(tmp_path):
         os.kill(server.pid, 0)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["teacher"]["requests"] >= 1
+
+
+def test_kill_9_leaves_no_server_behind_and_the_run_resumes(tmp_path):
+    pytest.importorskip("llama_cpp", reason="the demo extra is not installed")
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "genssd_cli", "run", "--limit", "3", "--out", str(run)]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if (run / "events.jsonl").exists() and '"response"' in (run / "events.jsonl").read_text():
+            break
+        time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    server = read_events(run)[0].teacher_server
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{server.pid}"):
+        state = open(f"/proc/{server.pid}/stat").read().rsplit(")", 1)[1].split()[0]  # noqa: SIM115
+        if state == "Z":  # dead, waiting for its reaper
+            break
+        time.sleep(0.1)
+    else:
+        assert not os.path.exists(f"/proc/{server.pid}"), "the launched server outlived genssd"
+    resumed = genssd("run", "--limit", "3", "--out", str(run))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "earlier session left running" not in resumed.stdout  # nothing was left to stop
