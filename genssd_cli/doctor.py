@@ -21,7 +21,7 @@ from rich.table import Table
 
 from genssd_cli.config import RunConfig, load_run_config
 from genssd_cli.data import load_problems, render_prompt, teacher_template
-from genssd_cli.endpoint import Endpoint, Prompt
+from genssd_cli.endpoint import Endpoint, ForeignAnswer, Prompt, ShortResponse
 from genssd_cli.errors import RuntimeFailure
 from genssd_cli.probes import continues_verdict, n_honoured, seed_honoured, stops_honoured
 from genssd_cli.teacher import TeacherClient, check_api_keys, error_class
@@ -40,12 +40,14 @@ async def diagnose(cfg: RunConfig, endpoint: Endpoint, context: int | None) -> l
     teacher, out = cfg.teacher, []
     started = time.monotonic()
     try:
-        models = await endpoint.client.models.list()
+        models = await endpoint.models()
     except (openai.APIConnectionError, openai.APIStatusError) as exc:
         return [Finding("reachable", False, f"no ({error_class(exc)})", "check the endpoint's base_url and server",
                         fatal=True)]  # fmt: skip
+    except ForeignAnswer as exc:
+        return [Finding("reachable", False, str(exc), "point teacher.base_url at the server's API", fatal=True)]
     out.append(Finding("reachable", True, f"yes, /v1/models in {1000 * (time.monotonic() - started):.0f} ms", ""))
-    served = {m.id: m for m in models.data}
+    served = {m.id: m for m in models}
     if served and teacher.model not in served:
         listed = ", ".join(list(served)[:5])
         out.append(Finding("model listed", False, f"{teacher.model!r} is not served", f"serves: {listed}", fatal=True))
@@ -65,6 +67,9 @@ async def diagnose(cfg: RunConfig, endpoint: Endpoint, context: int | None) -> l
         out.append(Finding("completion", False, refused, f"teacher.mode {teacher.mode} uses {api}: the endpoint "
                            "must serve it", fatal=True))  # fmt: skip
         return out
+    except ShortResponse as exc:
+        out.append(Finding("completion", False, str(exc), f"teacher.mode {teacher.mode} uses {api}", fatal=True))
+        return out
     out.append(Finding("completion", True, f"{api} answers ({first.prompt_tokens} prompt tokens)", ""))
 
     checks = (("n > 1 honoured", n_honoured), ("seed honoured", seed_honoured),
@@ -74,7 +79,7 @@ async def diagnose(cfg: RunConfig, endpoint: Endpoint, context: int | None) -> l
             out.append(Finding(name, *await check(endpoint)))
         except (openai.APIConnectionError, openai.APIStatusError) as exc:
             out.append(Finding(name, False, f"the probe request failed ({error_class(exc)})", "see the server's log"))
-        except (IndexError, TypeError, AttributeError):  # no choices, or no text in them
+        except (IndexError, TypeError, AttributeError, ShortResponse):  # no choices, or no text in them
             out.append(Finding(name, False, "the answer had no usable choice", "see the server's log"))
     continues = next(f for f in out if f.check == "continues the prefix")
     continues.fatal = teacher.mode == "chat-continue" and continues.ok is False

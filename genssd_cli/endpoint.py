@@ -7,6 +7,7 @@ One `create` is one HTTP request, no retries: the pool (teacher.py) decides wher
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import Counter
@@ -15,6 +16,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import anyio
+import httpx
 import openai
 from aiolimiter import AsyncLimiter
 
@@ -55,6 +57,46 @@ class ShortResponse(Exception):
     """Malformed or empty body: worth another try."""
 
 
+class ForeignAnswer(ShortResponse):
+    """A 2xx answer that is not the OpenAI-compatible API's: a web or proxy login page (HTML), a
+    JSON body of another shape, an error object under status 200, an empty body. Retried during
+    a run like any malformed body; refused at start (genssd run, doctor)."""
+
+    def __init__(self, base_url: str, response: httpx.Response) -> None:
+        kind = response.headers.get("content-type", "no content type").split(";")[0].strip()
+        body = response.text.strip()
+        error = _error_message(body) if "json" in kind else None
+        shown = f"body {body[:60]!r}" if body else "empty body"
+        what = f"an error object ({error})" if error else f"{kind}, {shown}"
+        moved = f", redirected to {response.url}" if response.history else ""
+        super().__init__(f"teacher {base_url} did not answer as an OpenAI-compatible API (HTTP {response.status_code}"
+                         f"{moved}: {what}); check its base_url (it ends in /v1 on most servers)")  # fmt: skip
+
+
+def _error_message(body: str) -> str | None:
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return None
+    if isinstance(error, dict):
+        return str(error.get("message") or error)[:120]
+    return str(error)[:120] if error else None
+
+
+def parsed(raw, base_url: str, key: str):
+    """The body of a raw SDK response, parsed, when it is a JSON object holding `key` (`choices`,
+    `data`), else ForeignAnswer: the SDK itself hands an HTML page back as a string and a foreign
+    JSON object as a model with its fields missing."""
+    response: httpx.Response = raw.http_response
+    try:
+        body = response.json() if "json" in response.headers.get("content-type", "") else None
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or key not in body or "error" in body:
+        raise ForeignAnswer(base_url, response)
+    return raw.parse()
+
+
 class Endpoint:
     def __init__(
         self,
@@ -88,6 +130,11 @@ class Endpoint:
         self.strikes = 0  # failures in a row
         self.sidelined_until = 0.0
         self.sidelined = 0  # times sidelined
+
+    async def models(self) -> list:
+        """The models the endpoint lists (GET /v1/models); ForeignAnswer when it is no such API."""
+        raw = await self.client.models.with_raw_response.list()
+        return list(parsed(raw, self.base_url, "data").data)
 
     def load(self) -> float:
         return (self.waiting + self.in_flight) / self.weight
@@ -164,7 +211,8 @@ class Endpoint:
         if t.mode == "completions":
             if want_tokens:
                 options["logprobs"] = 0  # the chosen tokens only, no alternatives
-            response = await self.client.completions.create(prompt=prompt.head + prompt.trace, **options)
+            raw = await self.client.completions.with_raw_response.create(prompt=prompt.head + prompt.trace, **options)
+            response = parsed(raw, self.base_url, "choices")
             choices = sorted(response.choices or [], key=lambda c: c.index)[:n]
             if not choices or any(c.text is None for c in choices):
                 raise ShortResponse("response had no choices")
@@ -175,11 +223,12 @@ class Endpoint:
             if want_tokens:
                 options["logprobs"] = True
             extra = {"continue_final_message": True, "add_generation_prompt": False}
-            response = await self.client.chat.completions.create(
+            raw = await self.client.chat.completions.with_raw_response.create(
                 messages=chat_messages(t, prompt),
                 extra_body=extra if t.prefill == "continue_final_message" else None,
                 **options,
             )
+            response = parsed(raw, self.base_url, "choices")
             choices = sorted(response.choices or [], key=lambda c: c.index)[:n]
             if not choices or any(c.message is None for c in choices):
                 raise ShortResponse("response had no choices")

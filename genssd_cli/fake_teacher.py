@@ -15,6 +15,8 @@ true`, as some hosted APIs do); otherwise a new answer to the user message start
 hands text before "The answer is" back as `reasoning_content` (its `</think>` dropped, as vLLM's
 reasoning parsers do); `--reject-n` answers 400 to n > 1 on both APIs, as many hosted APIs do.
 Each word is a token; asked for `logprobs`, every choice lists its tokens (`--no-logprobs`: never).
+`--foreign KIND` answers every request as a misconfigured base_url would: a login page (HTML), a
+JSON object of another API, an error object under status 200, an empty body, a redirect.
 
     python -m genssd_cli.fake_teacher --port P --log requests.jsonl [--ignore-n] [--fault-rate 0.2]
 """
@@ -80,8 +82,31 @@ class Handler(BaseHTTPRequestHandler):
             return False
         return True
 
+    def _foreign(self) -> bool:
+        """--foreign: answer every request as something that is not the API (and say so)."""
+        kind = self.server.foreign
+        if kind is None:
+            return False
+        if kind == "redirect" and self.path != "/login":
+            self.send_response(302)
+            self.send_header("Location", "/login")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif kind == "html" or self.path == "/login":
+            body = b"<!doctype html><html><body><form>Sign in</form></body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        else:
+            body = {"json": {"status": "ok", "items": []}, "error": {"error": {"message": "quota exceeded"}},
+                    "empty": b""}[kind]  # fmt: skip
+            self._send(200, body)
+        return True
+
     def do_GET(self) -> None:
-        if not self._authorised():
+        if self._foreign() or not self._authorised():
             return
         if self.path.rstrip("/") == "/v1/models":
             self._send(200, {"object": "list", "data": [{"id": self.server.model, "object": "model"}]})
@@ -91,7 +116,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length", 0))
         req = json.loads(self.rfile.read(length))
-        if not self._authorised():
+        if self._foreign() or not self._authorised():
             return
         if self.server.status:
             self.server.record(req, str(self.server.status))
@@ -176,6 +201,7 @@ class FakeServer(ThreadingHTTPServer):
         self.reasoning = args.reasoning
         self.reject_n = args.reject_n
         self.no_logprobs = args.no_logprobs
+        self.foreign = args.foreign
         self._seen: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
         self._log = open(args.log, "a", encoding="utf-8") if args.log else None  # noqa: SIM115
@@ -258,6 +284,8 @@ def main() -> None:
     parser.add_argument("--reasoning", action="store_true", help="thinking as reasoning_content, apart")
     parser.add_argument("--reject-n", action="store_true", help="answer 400 to n > 1")
     parser.add_argument("--no-logprobs", action="store_true", help="ignore logprobs, as some servers do")
+    parser.add_argument("--foreign", choices=["html", "json", "error", "empty", "redirect"],
+                        help="answer everything as no OpenAI-compatible API does (a login page, another JSON, …)")
     args = parser.parse_args()
     FakeServer(args.port, args).serve_forever()
 

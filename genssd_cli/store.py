@@ -7,6 +7,7 @@ Only the event-loop thread writes, so one `RunStore` owns the log file alone.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -51,9 +52,11 @@ class RunStore:
         self._unsynced = False
         self._lock_file = None
         self._events = None
+        self._created = False  # this session made the directory (so it may take it back)
 
     def __enter__(self) -> RunStore:
         try:
+            self._created = not self.dir.exists()
             self.dir.mkdir(parents=True, exist_ok=True)
             lock = open(self.dir / LOCK, "a+")
         except OSError as exc:
@@ -78,6 +81,16 @@ class RunStore:
             self._events.close()
         if self._lock_file is not None:
             self._lock_file.close()  # closing releases the flock
+            if self._created and self._events is None:
+                self._take_back()
+
+    def _take_back(self) -> None:
+        """A start refused before the log was opened (the teacher unreachable, no API there)
+        leaves no empty run directory behind. Anything else written there (a launched server's
+        log, to read) keeps it."""
+        (self.dir / LOCK).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not empty: it stays
+            self.dir.rmdir()
 
     def open_log(self) -> None:
         """Set a torn tail aside (kept in events.jsonl.torn for inspection) and open for append."""

@@ -21,6 +21,7 @@ from genssd_cli.endpoint import (
     Answer,
     Candidate,
     Endpoint,
+    ForeignAnswer,
     Prompt,
     ShortResponse,
     TokenSource,
@@ -326,12 +327,14 @@ class TeacherClient:
 
 async def _check_endpoint(endpoint: Endpoint, model: str) -> None:
     try:
-        models = await endpoint.client.models.list()
+        models = await endpoint.models()
     except openai.AuthenticationError:
         raise TeacherFatalError(f"teacher {endpoint.base_url} rejected the API key (401)") from None
     except (openai.APIConnectionError, openai.APIStatusError) as exc:
         raise RuntimeFailure(f"teacher endpoint {endpoint.base_url} is unreachable ({error_class(exc)})") from None
-    served = [m.id for m in models.data]
+    except ForeignAnswer as exc:  # a web page, a proxy's login: no run can work with it
+        raise TeacherFatalError(str(exc)) from None
+    served = [m.id for m in models]
     if served and model not in served:
         listed = ", ".join(served[:5])
         raise TeacherFatalError(f"teacher model {model!r} is not served at {endpoint.base_url} (it serves: {listed})")

@@ -220,7 +220,8 @@ def pool(*endpoints: dict, **kw) -> TeacherClient:
 
 
 def test_requests_spread_by_weight_over_the_least_loaded(fake_teacher):
-    first, second = fake_teacher("--latency-per-token", "0.02"), fake_teacher("--latency-per-token", "0.02")
+    slow = ("--latency-per-token", "0.25")  # a second per answer: all 30 are placed before any comes back
+    first, second = fake_teacher(*slow), fake_teacher(*slow)
     teacher = pool({"base_url": first.base_url, "name": "a"}, {"base_url": second.base_url, "name": "b", "weight": 2},
                    max_concurrency=32)  # fmt: skip
 
