@@ -167,6 +167,10 @@ class DataConfig(_Strict):
     answer_field: str = "answer"
     id_field: str = "id"
     limit: int | None = Field(None, ge=1)
+    too_long: Literal["refuse", "skip"] = Field(
+        "refuse", description="a problem the student cannot hold with search.max_new_tokens: refuse the run, or skip "
+        "it (listed in failures.jsonl as too_long)",
+    )
 
 
 class PromptsConfig(_Strict):
@@ -306,6 +310,7 @@ _LATER_DEFAULTS = {
     "teacher.assistant_prefix": "",
     "prompts.teacher_chat_template": None,
     "data.steps": None,
+    "data.too_long": "refuse",
 }
 
 

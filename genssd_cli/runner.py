@@ -29,7 +29,7 @@ from genssd_cli.engine import Engine
 from genssd_cli.errors import BudgetReached, Interrupted, UsageError, unwrap_group
 from genssd_cli.launch import LocalServer, launched, stop_leftover_server
 from genssd_cli.probes import preflight
-from genssd_cli.records import EndpointUse, RunStart, SessionEnd, Summary, TeacherServer
+from genssd_cli.records import EndpointUse, RunStart, SessionEnd, Summary, TeacherServer, TrajectoryError
 from genssd_cli.results import (
     Replay,
     all_ended,
@@ -92,12 +92,14 @@ def run_command(
             stack.enter_context(launched(server))  # boots while the student loads
         console.print(f"loading student {cfg.student.model} …")
         scorer = StudentScorer.load(cfg.student, student_template)
+        too_long = _too_long_for_the_student(scorer, problems, cfg)  # refused here: no log opened yet
+        to_run = [p for p in problems if p.id not in too_long]
         if server is not None:
             console.print(f"starting teacher server for {cfg.teacher.launch.gguf} …")
             server.wait_ready()
         base_url = server.base_url if server else cfg.teacher.base_url
         teacher = TeacherClient(cfg.teacher, base_url, count_tokens=teacher_token_counter(cfg.prompts))
-        stats = RunStats(problems_total=len(problems), retries=teacher.retries,
+        stats = RunStats(problems_total=len(to_run), retries=teacher.retries,
                          endpoints=teacher.health if len(teacher.endpoints) > 1 else None)  # fmt: skip
 
         def begin(control: RunControl) -> Engine:
@@ -109,6 +111,10 @@ def run_command(
                 teacher_server=TeacherServer(pid=server.process.pid, port=server.port) if server else None,
             ))  # fmt: skip
             store.write_text(CONFIG, dump_config_yaml(cfg, config_hash))
+            for problem_id, message in too_long.items():  # failures that a resume does not fix
+                for sample in range(cfg.search.samples):
+                    store.append(TrajectoryError(problem_id=problem_id, sample=sample, step=0, error_class="too_long",
+                                                 message=message))  # fmt: skip
             replay = Replay(events)
             return Engine(cfg, teacher, ScoringQueue(scorer), store, stats, teacher_prompt, replay, control)
 
@@ -124,7 +130,7 @@ def run_command(
         loop = {"cpu_s": 0.0}
         try:
             try:
-                control = anyio.run(_session, teacher, begin, store, problems, stats, console, cfg, abort, loop,
+                control = anyio.run(_session, teacher, begin, store, to_run, stats, console, cfg, abort, loop,
                                     already)  # fmt: skip
             except BaseExceptionGroup as group_error:
                 raise unwrap_group(group_error) from None
@@ -150,6 +156,27 @@ def run_command(
             raise BudgetReached(_over_budget(control.spent, cfg.max_cost))
         raise Interrupted("stopped")
     return summary
+
+
+def _too_long_for_the_student(scorer: StudentScorer, problems: list[Problem], cfg: RunConfig) -> dict[str, str]:
+    """Problems whose student prompt plus search.max_new_tokens is longer than the student holds
+    (id -> why): the run is refused in one line naming the first, or, with data.too_long: skip,
+    they are left out and listed in failures.jsonl. The scorer never gets a sequence it cannot hold."""
+    limit = scorer.context_length
+    if limit is None:
+        return {}
+    found = {}
+    for problem in problems:
+        size = scorer.prompt_tokens(problem.question)
+        if size + cfg.search.max_new_tokens > limit:
+            found[problem.id] = (f"problem {problem.id!r} needs {size + cfg.search.max_new_tokens} student tokens "
+                                 f"({size} of prompt + search.max_new_tokens {cfg.search.max_new_tokens}); the student "
+                                 f"{cfg.student.model} holds {limit}")  # fmt: skip
+    if found and cfg.data.too_long == "refuse":
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise UsageError(f"{next(iter(found.values()))}{more}: shorten it, lower search.max_new_tokens, or set "
+                         "data.too_long: skip to leave such problems out")  # fmt: skip
+    return found
 
 
 def _stop_leftover(events: list, console: Console) -> None:

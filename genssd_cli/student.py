@@ -147,6 +147,16 @@ class StudentScorer:
 
         return chat_prompt(self.tokenizer, self.user_message(question))
 
+    @property
+    def context_length(self) -> int | None:
+        """The longest sequence the student holds (its position embeddings), when it says."""
+        config = self.model.config
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        return getattr(text, "max_position_embeddings", None)
+
+    def prompt_tokens(self, question: str) -> int:
+        return len(self._encode(self.prompt_text(question)))
+
     def _encode(self, text: str) -> list[int]:
         # The chat template already holds the special tokens.
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

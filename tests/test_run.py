@@ -87,3 +87,25 @@ def test_fatal_teacher_error_mid_run_stops_with_one_line(tmp_path, fake_teacher)
     events = read_events(run)
     assert events[-1].type == "session_end" and events[-1].end == "failed"
     assert json.loads((run / "summary.json").read_text())["trajectories"]["pending"] == 4
+
+
+def test_a_problem_longer_than_the_student_holds_is_refused_or_skipped(tmp_path, fake_teacher):
+    server = fake_teacher()
+    rows = [{"id": "small", "question": "What is 2 + 3?", "answer": "5"},
+            {"id": "huge", "question": "Count the words. " + "word " * 9000, "answer": "9003"},
+            {"id": "tiny", "question": "What is 4 - 1?", "answer": "3"}]  # fmt: skip
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = write_config(tmp_path / "c.yaml", run_config(server.base_url, data={"source": str(data)}))
+    refused = genssd("run", str(config), "--out", str(tmp_path / "run"))
+    assert refused.returncode == 2
+    [line] = refused.stderr.strip().splitlines()
+    assert line.startswith("error: problem 'huge' needs 9") and "the student smollm2-135m-instruct holds 8192" in line
+    assert "data.too_long: skip" in line and not (tmp_path / "run").exists() and server.requests() == []
+
+    skipped = genssd("run", str(config), "--out", str(tmp_path / "run"), "--set", "data.too_long=skip")
+    assert skipped.returncode == 0, skipped.stderr
+    assert [r["problem_id"] for r in load_jsonl(tmp_path / "run" / "trajectories.jsonl")] == ["small", "tiny"]
+    [failure] = load_jsonl(tmp_path / "run" / "failures.jsonl")
+    assert (failure["problem_id"], failure["error_class"]) == ("huge", "too_long")
+    assert not any("Count the words" in r["prompt"] for r in server.requests())  # never sent to the teacher
