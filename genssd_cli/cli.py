@@ -236,6 +236,25 @@ def bench_eval(
     print_lines(run_bench(model, random_init, rows, batch_size, max_new_tokens, backend))
 
 
+@bench_app.command("gpu")
+def bench_gpu(
+    out: Path = typer.Option(..., "--out", help="where gpu-check.jsonl, summary.md and parts.log go"),
+    tiny: bool = typer.Option(False, "--tiny", help="tiny shapes and workloads: checks the check itself on a CPU"),
+    budget_s: float = typer.Option(480.0, "--budget-s", min=10.0, help="the whole check's time; parts share it"),
+    tokenizer: str | None = typer.Option(None, "--tokenizer", help="tokenizer folder or shipped name for the random-"
+                                         "init shapes (default: .whl/tokenizer if there, else the demo student's)"),
+    parts: list[str] = typer.Option([], "--part", help="run only this part (repeatable; the device part always runs)"),
+) -> None:
+    """Every GPU figure in one call (scoring, bf16 vs fp32, engine, train, eval, an end-to-end smoke),
+    each part in its own process under its own deadline; targets met or not in OUT/summary.md."""
+    from genssd_cli.bench.gpu import SUMMARY_MD, gpu_check
+
+    results = gpu_check(out, tiny, budget_s, tokenizer, parts, lambda line: print(line, flush=True))
+    print(f"-> {out / SUMMARY_MD}")
+    if any(r.status != "ok" for r in results):
+        raise typer.Exit(1)
+
+
 def _resume_command() -> str:
     return "genssd " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
