@@ -132,18 +132,22 @@ def test_chat_continue_on_llama_cpp_is_caught_by_doctor_and_refused_by_run(tmp_p
     assert not (tmp_path / "run" / "events.jsonl").exists()
 
 
-def test_ctrl_c_stops_the_server_and_says_how_to_resume(tmp_path):
-    pytest.importorskip("llama_cpp", reason="the demo extra is not installed")
-    run = tmp_path / "run"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "genssd_cli", "run", "--limit", "4", "--out", str(run)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+def run_until_a_response(run, *args: str) -> subprocess.Popen:
+    """`genssd run` on the demo, returned once its log holds a teacher response (mid-run)."""
+    process = subprocess.Popen([sys.executable, "-m", "genssd_cli", "run", *args, "--out", str(run)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
         if (run / "events.jsonl").exists() and '"response"' in (run / "events.jsonl").read_text():
             break
         time.sleep(0.1)
+    return process
+
+
+def test_ctrl_c_stops_the_server_and_says_how_to_resume(tmp_path):
+    pytest.importorskip("llama_cpp", reason="the demo extra is not installed")
+    run = tmp_path / "run"
+    process = run_until_a_response(run, "--limit", "4")
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
@@ -159,15 +163,9 @@ def test_ctrl_c_stops_the_server_and_says_how_to_resume(tmp_path):
 def test_kill_9_leaves_no_server_behind_and_the_run_resumes(tmp_path):
     pytest.importorskip("llama_cpp", reason="the demo extra is not installed")
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "genssd_cli", "run", "--limit", "3", "--out", str(run)]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        if (run / "events.jsonl").exists() and '"response"' in (run / "events.jsonl").read_text():
-            break
-        time.sleep(0.1)
+    process = run_until_a_response(run, "--limit", "3")
     process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.communicate()
     server = read_events(run)[0].teacher_server
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and os.path.exists(f"/proc/{server.pid}"):
