@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
+from genssd_cli.errors import StopRequested
 from genssd_cli.student import Score, ScoreRequest, StudentScorer
 
 
@@ -26,18 +27,30 @@ class ScoringQueue:
 
     Batching changes float rounding (padding, kernel shapes) by ~1e-6. A `solo` request is run
     in a forward of its own, so its result depends on nothing but the request: the numbers
-    written to trajectories.jsonl use it and are identical however the run was interrupted."""
+    written to trajectories.jsonl use it and are identical however the run was interrupted.
 
-    def __init__(self, scorer: StudentScorer):
+    Once the run's `stop` is set, scoring work is dropped: every waiting or later request gets
+    StopRequested, and `interrupt` ends the batch in progress at the model's next block. Nothing
+    unrecorded is lost: the responses are in the log, and a resume scores them again."""
+
+    def __init__(self, scorer: StudentScorer, stop: anyio.Event | None = None):
         self.scorer = scorer
+        self.stop = stop or anyio.Event()
         self._pending: list[_Pending] = []
         self._wakeup = anyio.Event()
+
+    def interrupt(self) -> None:
+        """The run stopped: end the batch in progress now."""
+        self.scorer.interrupt()
+        self._wakeup.set()
 
     async def score(self, request: ScoreRequest, solo: bool = False) -> list[Score]:
         return (await self.score_all([request], solo))[0]
 
     async def score_all(self, requests: list[ScoreRequest], solo: bool = False) -> list[list[Score]]:
         """Several requests (other contexts) at once: they join the same batch."""
+        if self.stop.is_set():
+            raise StopRequested
         items = [_Pending(request, solo) for request in requests]
         self._pending.extend(items)
         self._wakeup.set()
@@ -54,6 +67,11 @@ class ScoringQueue:
             self._wakeup = anyio.Event()
             batch, self._pending = self._pending, []
             if not batch:
+                continue
+            if self.stop.is_set():
+                for item in batch:
+                    item.error = StopRequested()
+                    item.done.set()
                 continue
             try:
                 results = await anyio.to_thread.run_sync(self._score_all, batch, abandon_on_cancel=False)

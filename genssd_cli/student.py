@@ -14,11 +14,13 @@ trajectory's prefix KV cache (kv_cache.py), so a step computes only its candidat
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from genssd_cli.data import render_prompt
+from genssd_cli.errors import StopRequested
 from genssd_cli.kv_cache import (
     KV,
     PrefixCache,
@@ -93,6 +95,21 @@ class _Prepared:
     kv: KV | None  # the prefix's keys and values for step.shared positions (batch 1)
 
 
+def _check_between_blocks(model, flag: threading.Event) -> None:
+    """A forward can run for minutes (a long prompt, a big batch, a CPU); a stop must not wait
+    for it. Every member of the model's module lists (its decoder layers) checks `flag` first."""
+    from torch import nn
+
+    def check(_module, _args) -> None:
+        if flag.is_set():
+            raise StopRequested
+
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList):
+            for block in module:
+                block.register_forward_pre_hook(check)
+
+
 def common_prefix_len(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -128,6 +145,13 @@ class StudentScorer:
         self.cache = PrefixCache(cache_bytes) if usable else None
         self._cache_arg = cache_argument(model) if usable else None
         self.forward_tokens = 0  # tokens run through the model (what the cache saves)
+        self._interrupted = threading.Event()
+        _check_between_blocks(model, self._interrupted)
+
+    def interrupt(self) -> None:
+        """Called from another thread when the run stops: the forward in progress raises
+        StopRequested at the model's next block, and so does every later one."""
+        self._interrupted.set()
 
     @classmethod
     def load(cls, cfg, user_template: str) -> StudentScorer:
@@ -301,7 +325,10 @@ class StudentScorer:
 
         ids = torch.tensor([tokens], device=self.device)
         positions = torch.arange(offset, offset + len(tokens), device=self.device)[None]
-        out = self.model(input_ids=ids, position_ids=positions, use_cache=True, **{self._cache_arg: to_cache(kv)})
+        # Only the keys and values are wanted: the LM head over a long prompt (tokens x vocabulary)
+        # would cost more than a layer and could not be interrupted.
+        out = self.model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1,
+                         **{self._cache_arg: to_cache(kv)})  # fmt: skip
         self.forward_tokens += len(tokens)
         return from_cache(output_cache(out))
 

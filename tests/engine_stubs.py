@@ -143,6 +143,7 @@ class StubScorer:
     kept: list[Kept] = field(default_factory=list)
     forgotten: list[Any] = field(default_factory=list)
     peak_cache_mb: float | None = None
+    interrupted: bool = False  # the run stopped: the queue dropped its scoring
 
     def user_message(self, question: str) -> str:
         return f"Solve: {question}"
@@ -163,6 +164,9 @@ class StubScorer:
 
     def forget(self, key: Any) -> None:
         self.forgotten.append(key)
+
+    def interrupt(self) -> None:
+        self.interrupted = True
 
     def step_requests(self) -> list[ScoreRequest]:
         """Requests of search steps (they name their trajectory); the others score whole texts."""
