@@ -29,6 +29,7 @@ from rich.console import Console
 
 from genssd_cli.errors import RuntimeFailure, UsageError
 from genssd_cli.eval_dir import METRICS, SAMPLES, SETTINGS, read_eval_settings
+from genssd_cli.files import write_atomic
 from genssd_cli.records import Response, TrajectoryRow, parse_jsonl, read_rows, read_summary
 from genssd_cli.report_view import (
     RUN_DIFFERENCES,
@@ -362,11 +363,11 @@ def report_command(paths: list[Path], eval_dirs: list[Path], out: Path | None, c
         out = paths[0] / "report" if len(paths) == 1 and (paths[0] / PIPELINE).is_file() else Path("runs") / "report"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "report.md").write_text(to_markdown(columns, warnings, diffs), encoding="utf-8")
-        (out / "report.json").write_text(to_json(columns, warnings, diffs), encoding="utf-8")
-        plots = write_plots(columns, out)
     except OSError as exc:
         raise UsageError(f"cannot write to {out}: {exc.strerror}") from None
+    write_atomic(out / "report.md", to_markdown(columns, warnings, diffs))
+    write_atomic(out / "report.json", to_json(columns, warnings, diffs))
+    plots = write_plots(columns, out)
     for table in to_rich(columns, warnings, diffs):
         console.print(table)
     return {"out": str(out), "columns": len(columns), "plots": [str(p) for p in plots]}

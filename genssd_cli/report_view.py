@@ -11,6 +11,7 @@ and warnings.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, Protocol
 
 from rich.table import Table
 
+from genssd_cli.files import write_atomic
 from genssd_cli.stats import RESAMPLES, SEED, Difference
 
 PLOTS = ("ppl.png", "length.png", "teacher_tokens.png", "accuracy.png")
@@ -248,8 +250,10 @@ def write_plots(columns: Sequence[ShownColumn], out: Path) -> list[Path]:
 
     def save(fig, name: str) -> None:
         fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=100)
         plt.close(fig)
+        write_atomic(out / name, png.getvalue())
         written.append(out / name)
 
     for name, values, ylabel in (

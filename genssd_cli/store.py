@@ -18,6 +18,7 @@ from pathlib import Path
 import anyio
 
 from genssd_cli.errors import RuntimeFailure, UsageError
+from genssd_cli.files import LineFile, WriteFailed, write_atomic, write_failed
 from genssd_cli.records import Event, Record, read_log
 
 EVENTS = "events.jsonl"
@@ -51,7 +52,8 @@ class RunStore:
         self._last_sync = time.monotonic()
         self._unsynced = False
         self._lock_file = None
-        self._events = None
+        self._events: LineFile | None = None
+        self.write_failed = False  # the log refused a record (disk full, …): write nothing more
         self._created = False  # this session made the directory (so it may take it back)
 
     def __enter__(self) -> RunStore:
@@ -68,17 +70,24 @@ class RunStore:
             holder = lock.read().strip() or "?"
             lock.close()
             raise RuntimeFailure(f"run directory {self.dir} is in use by another genssd run (pid {holder})") from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(str(os.getpid()))
-        lock.flush()
+        with contextlib.suppress(OSError):  # the holder's pid is for the message only; a full disk may refuse it
+            lock.seek(0)
+            lock.truncate()
+            lock.write(str(os.getpid()))
+            lock.flush()
         self._lock_file = lock
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type, *exc: object) -> None:
         if self._events is not None:
-            self.sync()
-            self._events.close()
+            try:
+                if not self.write_failed:
+                    self.sync()
+            except WriteFailed:
+                if exc_type is None:  # else the error on its way out says more
+                    raise
+            finally:
+                self._events.close()
         if self._lock_file is not None:
             self._lock_file.close()  # closing releases the flock
             if self._created and self._events is None:
@@ -97,20 +106,27 @@ class RunStore:
         path = self.dir / EVENTS
         tail = torn_tail(self.dir)
         if tail:
-            with open(path.with_suffix(".jsonl.torn"), "ab") as torn:
-                torn.write(tail + b"\n")
+            torn = path.with_suffix(".jsonl.torn")
+            try:
+                with open(torn, "ab") as f:
+                    f.write(tail + b"\n")
+            except OSError as exc:
+                raise write_failed(torn, exc) from None
             with open(path, "r+b") as log:
                 log.truncate(path.stat().st_size - len(tail))
-        self._events = open(path, "a", encoding="utf-8")  # noqa: SIM115 -- the run's log
+        self._events = LineFile(path)
 
     @property
     def log_open(self) -> bool:
         return self._events is not None
 
     def append(self, event: Event) -> None:
-        # One write of one whole line, then flush: a crash leaves at most a torn last line.
-        self._events.write(event.line())
-        self._events.flush()
+        # One write of one whole line: a crash leaves at most a torn last line, an OS refusal none.
+        try:
+            self._events.append(event.line())
+        except WriteFailed:
+            self.write_failed = True
+            raise
         self._unsynced = True
         if self._fsync == "record":
             self.sync()
@@ -120,7 +136,7 @@ class RunStore:
     def sync(self) -> None:
         """Make every appended record durable against a machine crash, not just a process one."""
         if self._events is not None and self._unsynced and self._fsync != "never":
-            os.fsync(self._events.fileno())
+            self._events.sync()
         self._unsynced = False
         self._last_sync = time.monotonic()
 
@@ -135,9 +151,7 @@ class RunStore:
             self.sync_if_due()
 
     def write_text(self, name: str, text: str) -> None:
-        tmp = self.dir / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, self.dir / name)
+        write_atomic(self.dir / name, text)
 
     def write_jsonl(self, name: str, rows: Sequence[Record]) -> None:
         self.write_text(name, "".join(row.line() for row in rows))
