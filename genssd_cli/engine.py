@@ -8,8 +8,8 @@ logged before they are used. Resuming walks the same loop with the log as a cach
 was received is asked for again, nothing that was scored is scored again.
 
 A stop request (first Ctrl-C / SIGTERM, or max_cost reached: `RunControl`) lets requests in
-flight finish and be recorded, then each trajectory returns at its next teacher request, leaving
-no record: it is simply resumed.
+flight finish and be recorded, drops scoring in progress, and each trajectory returns at its next
+teacher request or score, leaving no record: it is simply resumed.
 
 The method's selection rule (methods.py) is the only place a candidate is chosen: the engine asks
 it, and hands it to the scorer with each step so the scorer keeps the chosen candidate's cache.
@@ -98,10 +98,17 @@ class Engine:
         limiter = anyio.CapacityLimiter(self.cfg.engine.max_active_problems)
         async with anyio.create_task_group() as outer:
             outer.start_soon(self.scoring.serve)
+            outer.start_soon(self._drop_scoring_on_stop)
             async with anyio.create_task_group() as work:
                 for problem in problems:
                     work.start_soon(self._problem, problem, limiter)
             outer.cancel_scope.cancel()
+
+    async def _drop_scoring_on_stop(self) -> None:
+        """A stop is a stop within seconds, even mid-batch: scoring in progress is dropped (the
+        responses it scores are logged; a resume scores them again)."""
+        await self.scoring.stop.wait()
+        self.scoring.interrupt()
 
     async def _problem(self, problem: Problem, limiter: anyio.CapacityLimiter) -> None:
         async with limiter:
@@ -251,7 +258,7 @@ class Engine:
             self.store.append(Response(
                 **t.ids, step=t.steps, attempt=attempt, start=part.start, seed=part.seed, n=part.n,
                 prompt_tokens=part.prompt_tokens, completion_tokens=part.completion_tokens,
-                endpoint=part.endpoint, token_source=part.token_source,
+                endpoint=part.endpoint, token_source=part.token_source, cached=part.cached,
                 candidates=[
                     CandidateRecord(text=c.text, finish_reason=c.finish_reason, tokens=c.completion_tokens)
                     for c in part.candidates
@@ -292,7 +299,7 @@ class Engine:
 
     def _pay(self, part: TeacherPart) -> None:
         price = self.cfg.teacher.price_of(part.endpoint)
-        if price is not None:
+        if price is not None and not part.cached:
             self.control.pay(price.cost(part.prompt_tokens, part.completion_tokens))
 
     def _accept(self, t: Trajectory, chosen: Candidate, ppl: float) -> bool:

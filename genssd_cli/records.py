@@ -116,6 +116,8 @@ class Response(TrajectoryEvent):
     written before genssd recorded it."""
     candidates: list[CandidateRecord]
     """Candidates start, start + 1, …"""
+    cached: bool = False
+    """Answered from `teacher.cache` (an earlier run sent this request): not paid for here."""
 
 
 class Choice(TrajectoryEvent):
@@ -309,9 +311,21 @@ class EndpointTotals(Record):
     sidelined: int = Field(0, validation_alias=AliasChoices("sidelined", "benched"))
 
 
+class CacheTotals(Record):
+    hits: int
+    """Responses answered from `teacher.cache`."""
+    misses: int
+    """Responses a server sent (and the cache stored)."""
+    saved_completion_tokens: int
+    """The hits' completion tokens: not generated again."""
+    saved_cost: float | None = None
+    """What the hits would have cost, at today's prices (null: no price set)."""
+
+
 class TeacherTotals(Record):
     requests: int
-    """Responses received (retried attempts are under `retries`)."""
+    """Responses received (retried attempts are under `retries`), from the cache included: the
+    tokens below are what the method used; `cost` is what this run paid."""
     prompt_tokens: int
     """As billed, all sessions."""
     completion_tokens: int
@@ -332,6 +346,8 @@ class TeacherTotals(Record):
     """Attempts retried, by error class."""
     failures: dict[str, int] = Field(default_factory=dict)
     """Failed trajectories, by error class."""
+    cache: CacheTotals | None = None
+    """With `teacher.cache` (or responses from it): hits, misses and what they saved."""
 
 
 class KeptStats(Record):

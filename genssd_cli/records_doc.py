@@ -11,6 +11,7 @@ from typing import Any, Literal
 from genssd_cli.records import (
     EVENTS,
     SCHEMA_VERSION,
+    CacheTotals,
     CandidateRecord,
     Centre,
     EndpointTotals,
@@ -75,8 +76,8 @@ def markdown() -> str:
     parts = [
         ("## Trajectory rows (trajectories.jsonl)", [TrajectoryRow, Message]),
         ("## Failure rows (failures.jsonl)", [FailureRow]),
-        ("## Summary (summary.json)", [Summary, TrajectoryCounts, TeacherTotals, EndpointTotals, Price, KeptStats,
-                                       Centre, EngineUse]),
+        ("## Summary (summary.json)", [Summary, TrajectoryCounts, TeacherTotals, CacheTotals, EndpointTotals, Price,
+                                       KeptStats, Centre, EngineUse]),
         ("## Nested records of events", [CandidateRecord, TeacherServer, EndpointUse]),
     ]  # fmt: skip
     for title, models in parts:

@@ -13,6 +13,7 @@ from genssd_cli.config import TeacherConfig, changed_keys
 from genssd_cli.data import Problem
 from genssd_cli.errors import UsageError
 from genssd_cli.records import (
+    CacheTotals,
     Centre,
     Choice,
     EndpointTotals,
@@ -130,7 +131,19 @@ def spent(events: Events, teacher: TeacherConfig) -> float | None:
     """The teacher cost of every response received in this run directory, at today's prices."""
     if not teacher.priced:
         return None
-    return sum(_cost(e, teacher) for e in events if isinstance(e, Response))
+    return sum(_cost(e, teacher) for e in events if isinstance(e, Response) and not e.cached)
+
+
+def cache_totals(events: Events, teacher: TeacherConfig) -> CacheTotals | None:
+    responses = [e for e in events if isinstance(e, Response)]
+    hits = [e for e in responses if e.cached]
+    if teacher.cache is None and not hits:
+        return None
+    return CacheTotals(
+        hits=len(hits), misses=len(responses) - len(hits),
+        saved_completion_tokens=sum(e.completion_tokens for e in hits),
+        saved_cost=round(sum(_cost(e, teacher) for e in hits), 6) if teacher.priced else None,
+    )  # fmt: skip
 
 
 def _cost(response: Response, teacher: TeacherConfig) -> float:
@@ -147,7 +160,7 @@ def per_endpoint(events: Events, teacher: TeacherConfig) -> dict[str, EndpointTo
                                                    cost=0.0 if teacher.priced else None))  # fmt: skip
 
     for e in events:
-        if isinstance(e, Response):
+        if isinstance(e, Response) and not e.cached:  # a hit: no server answered it in this run
             row = entry(e.endpoint or "teacher")
             row.requests += 1
             row.prompt_tokens += e.prompt_tokens
@@ -202,6 +215,7 @@ def summarize(events: Events, problems: list[Problem], samples: int, teacher: Te
             endpoints=per_endpoint(events, teacher),
             retries=dict(sorted(retries.items())),
             failures=dict(sorted(Counter(f.error_class for f in failures).items())),
+            cache=cache_totals(events, teacher),
         ),
         kept=KeptStats(
             student_ppl=_centre([r.student_ppl for r in rows]),

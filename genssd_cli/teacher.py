@@ -35,6 +35,8 @@ from genssd_cli.errors import (
     TeacherFatalError,
     TeacherUnavailable,
 )
+from genssd_cli.files import WriteFailed
+from genssd_cli.response_cache import CachedResponse, ResponseCache, request_identity
 
 __all__ = ["Candidate", "Prompt", "TeacherClient", "TeacherPart", "check_api_keys", "request_seed"]
 
@@ -51,6 +53,7 @@ class TeacherPart:
     completion_tokens: int
     endpoint: str | None = None  # which server answered
     token_source: TokenSource = "usage"  # where each candidate's own token count came from
+    cached: bool = False  # answered from the response cache, not by a server
 
 
 def request_seed(base: int, *key: object) -> int:
@@ -116,14 +119,17 @@ class TeacherClient:
         base_url: str | None = None,
         backoff_s: float = 0.5,
         count_tokens: Callable[[str], int] | None = None,
+        cache: ResponseCache | None = None,
     ):
         self.cfg = cfg
+        self.cache = cache
+        self.cache_failure: str | None = None
         if cfg.endpoints:
             self.endpoints = [Endpoint(cfg, own.base_url, own, count_tokens) for own in cfg.endpoints]
         else:
             self.endpoints = [Endpoint(cfg, base_url or cfg.base_url, None, count_tokens)]
         self._backoff_s = backoff_s
-        self.honours_n: bool | None = None
+        self.honours_n: bool | None = cache.fact(cfg.model, "honours_n") if cache else None  # type: ignore[assignment]
         self.in_flight = 0
         self.busy_s = 0.0  # integral of requests in flight over time: how full the limits were kept
         self._busy_since = time.monotonic()
@@ -204,20 +210,30 @@ class TeacherClient:
                     raise  # n was accepted before: this refusal is about something else
                 # Perhaps the API refuses n > 1: one choice at a time is tried below (a refusal
                 # of that is raised from there).
-                self.honours_n = False
+                self._learn_honours_n(False)
                 self.retries.update(["n_refused"])
             else:
                 on_response(first)
                 got = len(first.candidates)
                 if got == n:
-                    self.honours_n = True
+                    self._learn_honours_n(True)
                     return
                 if got == 1 and self.honours_n is not True:
-                    self.honours_n = False  # llama.cpp and friends answer one choice whatever n says
+                    self._learn_honours_n(False)  # llama.cpp and friends answer one choice whatever n says
                 else:
                     self.retries.update(["fewer_choices"])  # topped up below, never asked again
                 missing = missing[got:]
         await self._fan_out(prompt, missing, max_tokens, seed, on_response)
+
+    def _learn_honours_n(self, value: bool) -> None:
+        if self.honours_n is value:
+            return
+        self.honours_n = value
+        if self.cache is not None:
+            try:
+                self.cache.learn(self.cfg.model, "honours_n", value)
+            except WriteFailed as exc:
+                self.cache_failure, self.cache = str(exc), None
 
     async def _fan_out(self, prompt: Prompt, indices: list[int], max_tokens: int, seed: int, on_response) -> None:
         """One request per candidate (seed+i). A failing request does not cancel its siblings:
@@ -237,6 +253,24 @@ class TeacherClient:
             raise min(errors, key=_severity)
 
     async def _request(self, prompt: Prompt, n: int, max_tokens: int, seed: int, start: int) -> TeacherPart:
+        if self.cache is None:
+            return await self._send(prompt, n, max_tokens, seed, start)
+        identity = request_identity(self.cfg, prompt, n, max_tokens, seed)
+        hit = self.cache.get(identity)
+        if hit is not None:
+            return TeacherPart(start, seed, n, hit.candidates, hit.prompt_tokens, hit.completion_tokens, hit.endpoint,
+                               hit.token_source, cached=True)  # fmt: skip
+        part = await self._send(prompt, n, max_tokens, seed, start)
+        if n > 1 and len(part.candidates) == 1:  # n ignored: the answer a single request of this seed gets
+            identity = request_identity(self.cfg, prompt, 1, max_tokens, seed)
+        try:
+            self.cache.put(identity, CachedResponse(part.candidates, part.prompt_tokens, part.completion_tokens,
+                                                    part.endpoint, part.token_source))  # fmt: skip
+        except WriteFailed as exc:  # the response is still the run's (logged by the caller); the cache stops here
+            self.cache_failure, self.cache = str(exc), None
+        return part
+
+    async def _send(self, prompt: Prompt, n: int, max_tokens: int, seed: int, start: int) -> TeacherPart:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.cfg.retries + 1),
             wait=_WaitRetryAfter(self._backoff_s, 30.0),
