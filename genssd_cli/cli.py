@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from genssd_cli.errors import GenssdError
+from genssd_cli.files import is_write_error, write_failed
 
 app = typer.Typer(
     help="Gen-SSD: grow a teacher's chain of thought chunk by chunk, keep the chunks a small "
@@ -162,6 +163,44 @@ def report(
     print(f"report of {result['columns']} columns -> {result['out']}/report.md, {len(result['plots'])} plots")
 
 
+@app.command()
+def tune(
+    config: Path = typer.Argument(..., help="run config YAML"),
+    grid: list[str] = typer.Option([], "--grid", help="a setting and its values: --grid search.n=2,4,8 (repeatable)"),
+    pilot: int = typer.Option(50, "--pilot", min=1, help="run each point on the first N problems"),
+    out: Path | None = typer.Option(None, "--out", help="default: runs/tune-CONFIG_NAME"),
+    max_cost: float | None = typer.Option(None, "--max-cost", help="teacher budget of the whole sweep (needs a price)"),
+    overrides: list[str] = typer.Option([], "--set", help="override a setting of every point: --set search.retries=2"),
+) -> None:
+    """Pilot runs over a grid of settings, cheapest first, sharing one teacher cache; a table and a pick."""
+    from genssd_cli.errors import Interrupted
+    from genssd_cli.tune import tune_command
+
+    try:
+        record = tune_command(config, grid, pilot, out, max_cost, overrides, Console(), _resume_command())
+    except (KeyboardInterrupt, Interrupted):
+        err_console.print(f"interrupted; resume with: {_resume_command()}", markup=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    ran = sum(1 for p in record["points"] if p["status"] != "not run")
+    pick = record["recommendation"]["slug"]
+    print(f"done: {ran} of {len(record['points'])} points -> {record['out']}/tune.md"
+          + (f"; recommended: {pick}" if pick else ""))  # fmt: skip
+
+
+@app.command()
+def export(
+    run_dirs: list[Path] = typer.Argument(..., help="run directories whose trajectories.jsonl to export"),
+    out: Path = typer.Option(..., "--out", help="the dataset folder (a previous export there is replaced)"),
+    only_correct: bool = typer.Option(False, "--only-correct", help="only the rows marked correct"),
+) -> None:
+    """The kept trajectories as a Hugging Face dataset folder (parquet + dataset card), ready to push."""
+    from genssd_cli.export import CARD, DATA_FILE, export_command
+
+    result = export_command(run_dirs, out, only_correct)
+    print(f"exported {result['rows']} rows ({result['correct']} correct) of {result['runs']} runs -> "
+          f"{result['out']}/{DATA_FILE}, {result['out']}/{CARD}")  # fmt: skip
+
+
 bench_app = typer.Typer(help="Speed measurements, side by side in one process; one JSON line per method.")
 app.add_typer(bench_app, name="bench")
 
@@ -268,6 +307,10 @@ def main() -> None:
         _fail(f"{exc.format_message()} (see --help)", getattr(exc, "exit_code", 2))
     except GenssdError as exc:
         _fail(str(exc), exc.exit_code)
+    except OSError as exc:  # a write refused where no writer of ours names its file (a library's)
+        if not is_write_error(exc):
+            raise
+        _fail(str(write_failed(exc.filename or "a file", exc)), 1)
     sys.exit(code or 0)
 
 

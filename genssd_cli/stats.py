@@ -76,3 +76,10 @@ def ratio_difference(units: Sequence[tuple[float, float, float, float]]) -> floa
     if ref_den == 0 or other_den == 0:
         return None
     return other_num / other_den - ref_num / ref_den
+
+
+def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson's score interval (95 % by default) of a share p measured on n trials."""
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)

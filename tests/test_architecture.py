@@ -11,9 +11,15 @@ from genssd_cli import records, records_doc
 
 PACKAGE = Path(__file__).resolve().parent.parent / "genssd_cli"
 # The modules that implement a `genssd` command (cli.py dispatches to them).
-COMMANDS = {"runner", "train", "eval", "doctor", "report", "pipeline", "bench"}
-# The pipeline's stages are the other commands, run in process.
-ALLOWED = {("pipeline", "runner"), ("pipeline", "train"), ("pipeline", "eval"), ("pipeline", "report")}
+COMMANDS = {"runner", "train", "eval", "doctor", "report", "pipeline", "bench", "tune"}
+# The pipeline's stages are the other commands, run in process; so are tune's grid points (runs).
+ALLOWED = {
+    ("pipeline", "runner"),
+    ("pipeline", "train"),
+    ("pipeline", "eval"),
+    ("pipeline", "report"),
+    ("tune", "runner"),
+}
 HEAVY = {"torch", "transformers", "trl", "peft", "datasets", "vllm", "ray", "accelerate", "matplotlib"}
 
 
