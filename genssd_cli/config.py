@@ -93,6 +93,10 @@ class TeacherConfig(_Strict):
         True, description="ask for each choice's tokens (logprobs) when n > 1, to count each candidate's exactly"
     )
     price: PriceSettings | None = Field(None, description="null: cost not counted")
+    cache: str | None = Field(
+        None, description="a sqlite file of teacher responses shared by runs: a request sent before is answered "
+        "from it and not paid again (docs/teachers.md#the-response-cache); null: none",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -279,6 +283,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
 # Settings that do not change what the run produces: where the teacher lives, how fast we go.
 _NOT_RESULTS = {
     "max_cost",
+    "teacher.cache",  # a hit is the same request's answer
     "teacher.price",
     "teacher.price.input",
     "teacher.price.output",
@@ -371,6 +376,12 @@ class TrainingSettings(_Strict):
     max_length: int = Field(1024, ge=16, description="tokens of prompt + completion; longer rows are cut")
     logging_steps: int = Field(1, ge=1)
     save_steps: int = Field(50, ge=1, description="checkpoint every N steps (a re-run resumes from the last)")
+    report_to: list[str] = Field(
+        default_factory=list,
+        description="trackers for the training curves, as transformers' report_to: tensorboard (files in "
+        "OUT/tensorboard), trackio, wandb, mlflow, …; each needs its package; []: none",
+    )
+    run_name: str | None = Field(None, description="the run's name in the trackers; null: the --out folder's name")
 
 
 class TrainConfig(_Strict):

@@ -8,10 +8,10 @@ same prompts `genssd train` rendered its rows with.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
-import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -32,7 +32,9 @@ from genssd_cli.data import (
 )
 from genssd_cli.errors import RuntimeFailure, UsageError
 from genssd_cli.eval_dir import METRICS, SAMPLES, SETTINGS, read_eval_settings
+from genssd_cli.files import LineFile, write_atomic
 from genssd_cli.records import parse_jsonl
+from genssd_cli.stats import wilson
 
 
 @dataclass(frozen=True)
@@ -67,11 +69,20 @@ def load_eval_problems(dataset: str, cfg: EvalConfig, limit: int | None) -> list
         return load_problems(BUNDLED[dataset], limit)
     if dataset in HUB_DATASETS or dataset.startswith("hf:"):
         return _hub_problems(dataset, cfg, limit)
-    if not dataset.endswith(".jsonl") and not Path(dataset).exists():
-        known = ", ".join([*BUNDLED, *HUB_DATASETS])
-        raise UsageError(f"unknown eval dataset {dataset!r}: use one of {known}, hf:DATASET_ID, or a .jsonl file")
+    check_dataset(dataset)
     fields = {"question_field": cfg.question_field, "answer_field": cfg.answer_field, "id_field": cfg.id_field}
     return load_problems(DataConfig(source=dataset, **fields), limit)
+
+
+def check_dataset(dataset: str) -> None:
+    """A dataset eval knows or a file: refused in one line before anything runs (the pipeline
+    checks its datasets before its first stage)."""
+    if dataset in BUNDLED or dataset in HUB_DATASETS or dataset.startswith("hf:") or Path(dataset).exists():
+        return
+    if dataset.endswith(".jsonl"):
+        raise UsageError(f"eval dataset not found: {dataset}")
+    known = ", ".join([*BUNDLED, *HUB_DATASETS])
+    raise UsageError(f"unknown eval dataset {dataset!r}: use one of {known}, hf:DATASET_ID, or a .jsonl file")
 
 
 def _hub_problems(name: str, cfg: EvalConfig, limit: int | None) -> list[Problem]:
@@ -154,7 +165,7 @@ def eval_command(
                 close()
     metrics = compute_metrics(problems, done, samples)
     metrics.update({"model": model_ref, "adapter": settings["adapter"], "dataset": dataset})
-    (out / METRICS).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    write_atomic(out / METRICS, json.dumps(metrics, indent=2) + "\n")
     metrics["out"] = str(out)
     return metrics
 
@@ -164,7 +175,8 @@ def _generate_all(generate, todo, prompts, cfg, samples, out, done, console, ans
 
     columns = [TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                TimeRemainingColumn()]  # fmt: skip
-    with open(out / SAMPLES, "a", encoding="utf-8") as sink, Progress(*columns, console=console) as progress:
+    sink = LineFile(out / SAMPLES)
+    with contextlib.closing(sink), Progress(*columns, console=console) as progress:
         task = progress.add_task("eval", total=len(todo), rate="")
         tokens = 0
         started = time.monotonic()
@@ -182,11 +194,10 @@ def _generate_all(generate, todo, prompts, cfg, samples, out, done, console, ans
                            "generation": gen.text, "reference": problem.reference, "answer": answer,
                            "correct": answers_match(problem.reference, answer), "tokens": gen.tokens,
                            "hit_limit": gen.hit_limit}  # fmt: skip
-                    sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    sink.append(json.dumps(row, ensure_ascii=False) + "\n")
                     done[(problem.id, k)] = row
                     tokens += gen.tokens
-            sink.flush()
-            os.fsync(sink.fileno())
+            sink.sync()
             rate = tokens / max(time.monotonic() - started, 1e-9)
             progress.update(task, advance=len(batch), rate=f"{rate:.0f} tokens/s")
 
@@ -227,11 +238,11 @@ def _interval(means: list[float], samples: int) -> list[float]:
     n, z = len(means), 1.96
     p = statistics.fmean(means)
     if samples == 1:
-        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        low, high = wilson(p, n, z)
     else:
-        centre, half = p, z * (statistics.stdev(means) / math.sqrt(n) if n > 1 else 0.5)
-    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+        half = z * (statistics.stdev(means) / math.sqrt(n) if n > 1 else 0.5)
+        low, high = max(0.0, p - half), min(1.0, p + half)
+    return [round(low, 4), round(high, 4)]
 
 
 def default_eval_dir(model_ref: str, adapter: str | None, dataset: str) -> Path:
@@ -255,9 +266,9 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
 def _write_settings(out: Path, settings: dict[str, Any]) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"cannot write to {out}: {exc.strerror}") from None
+    write_atomic(out / SETTINGS, json.dumps(settings, indent=2) + "\n")
 
 
 def _read_samples(out: Path) -> dict[tuple[str, int], dict]:

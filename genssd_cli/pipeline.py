@@ -34,7 +34,8 @@ from genssd_cli.config import (
     load_run_config,
 )
 from genssd_cli.errors import RuntimeFailure, UsageError
-from genssd_cli.eval import dataset_slug
+from genssd_cli.eval import check_dataset, dataset_slug
+from genssd_cli.files import write_atomic
 from genssd_cli.paths import bundled_dir
 
 RUN, TRAIN, EVAL, REPORT = "run", "train", "eval", "report"
@@ -66,6 +67,8 @@ def check_eval(cfg: PipelineConfig, config_path: Path, run_config: Path) -> None
     """Refuse an eval that would not be fair or cannot run, before any stage runs (hours in)."""
     if cfg.eval is None:
         return
+    for dataset in cfg.eval.datasets:
+        check_dataset(dataset)
     eval_config = _beside(config_path, cfg.eval.config)
     settings = load_eval_config(eval_config, cfg.eval.set)
     _check_token_cap(cfg, cfg.eval, settings, eval_config, run_config)
@@ -136,9 +139,10 @@ def pipeline_command(
         # Time spent on the stage in every session: a stage found done adds its few seconds to
         # the time the earlier sessions spent doing it, instead of replacing it.
         wall_s = earlier.get(name, {}).get("wall_s", 0.0) + time.monotonic() - started
-        record["stages"][name] = {"dir": str(out / name), "wall_s": round(wall_s, 1), **outcome}
+        # The stage's time, not the part its command reports (a training's own wall_s).
+        record["stages"][name] = {"dir": str(out / name), **outcome, "wall_s": round(wall_s, 1)}
         record["wall_s"] = round(sum(s["wall_s"] for s in record["stages"].values()), 1)
-        (out / "pipeline.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        write_atomic(out / "pipeline.json", json.dumps(record, indent=2) + "\n")
 
     def generate(sets: list[str], limit: int | None) -> Callable[[Path], dict[str, Any]]:
         def work(run_dir: Path) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, closing, contextmanager, nullcontext
 from pathlib import Path
 
 import anyio
@@ -27,9 +27,11 @@ from genssd_cli.control import RunControl
 from genssd_cli.data import Problem, load_problems, load_prompt, teacher_template, teacher_token_counter
 from genssd_cli.engine import Engine
 from genssd_cli.errors import BudgetReached, Interrupted, UsageError, unwrap_group
+from genssd_cli.files import WriteFailed
 from genssd_cli.launch import LocalServer, launched, stop_leftover_server
 from genssd_cli.probes import preflight
 from genssd_cli.records import EndpointUse, RunStart, SessionEnd, Summary, TeacherServer, TrajectoryError
+from genssd_cli.response_cache import ResponseCache
 from genssd_cli.results import (
     Replay,
     all_ended,
@@ -82,7 +84,8 @@ def run_command(
     already = spent(events, cfg.teacher)
     if cfg.max_cost is not None and already >= cfg.max_cost:
         raise BudgetReached(_over_budget(already, cfg.max_cost))
-    with _sigterm_as_keyboard_interrupt(), store, ExitStack() as stack:
+    cache = ResponseCache(Path(cfg.teacher.cache)) if cfg.teacher.cache else None  # a bad file: refused here
+    with _sigterm_as_keyboard_interrupt(), closing(cache) if cache else nullcontext(), store, ExitStack() as stack:
         events = read_events(run_dir)  # again, now that we hold the lock
         check_resume(events, settings, force)
         server = None
@@ -98,7 +101,7 @@ def run_command(
             console.print(f"starting teacher server for {cfg.teacher.launch.gguf} …")
             server.wait_ready()
         base_url = server.base_url if server else cfg.teacher.base_url
-        teacher = TeacherClient(cfg.teacher, base_url, count_tokens=teacher_token_counter(cfg.prompts))
+        teacher = TeacherClient(cfg.teacher, base_url, count_tokens=teacher_token_counter(cfg.prompts), cache=cache)
         stats = RunStats(problems_total=len(to_run), retries=teacher.retries,
                          endpoints=teacher.health if len(teacher.endpoints) > 1 else None)  # fmt: skip
 
@@ -115,8 +118,8 @@ def run_command(
                 for sample in range(cfg.search.samples):
                     store.append(TrajectoryError(problem_id=problem_id, sample=sample, step=0, error_class="too_long",
                                                  message=message))  # fmt: skip
-            replay = Replay(events)
-            return Engine(cfg, teacher, ScoringQueue(scorer), store, stats, teacher_prompt, replay, control)
+            scoring = ScoringQueue(scorer, control.stop)
+            return Engine(cfg, teacher, scoring, store, stats, teacher_prompt, Replay(events), control)
 
         def abort() -> None:
             """Second signal: no draining. Every logged line is already whole."""
@@ -127,6 +130,7 @@ def run_command(
 
         started = time.monotonic()
         end = "failed"
+        refused = False
         loop = {"cpu_s": 0.0}
         try:
             try:
@@ -140,8 +144,11 @@ def run_command(
         except KeyboardInterrupt:
             end = "stopped"
             raise
+        except WriteFailed:
+            refused = True  # the first refused write is the one to report, not a later one's
+            raise
         finally:
-            if store.log_open:
+            if store.log_open and not store.write_failed and not refused:
                 store.append(SessionEnd(
                     wall_s=round(time.monotonic() - started, 3), end=end, retries=dict(teacher.retries),
                     # How well the engine kept the teacher busy, and what its own loop cost.
@@ -151,6 +158,8 @@ def run_command(
                     candidates=stats.candidates, student_cache_peak_mb=scorer.peak_cache_mb,
                 ))  # fmt: skip
                 summary = _materialise(store, problems, cfg)
+    if teacher.cache_failure:
+        console.print(f"warning: {teacher.cache_failure} (the response cache stopped there; the run did not)")
     if end == "stopped":
         if control.reason == "budget":
             raise BudgetReached(_over_budget(control.spent, cfg.max_cost))

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
+import traceback
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,7 @@ from rich.console import Console
 
 from genssd_cli.config import StudentConfig, load_run_config, load_train_config
 from genssd_cli.errors import RuntimeFailure, UsageError
+from genssd_cli.files import WriteFailed, is_write_error, write_atomic, write_failed
 from genssd_cli.records import TrajectoryRow, read_rows
 from genssd_cli.store import CONFIG, TRAJECTORIES
 from genssd_cli.trainer import CHECKPOINTS, make_trainer, rows_over_length
@@ -108,10 +113,6 @@ def train_command(
     cfg.student = cfg.student or run_student(run_dirs[0])
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot write to {out}: {exc.strerror}") from None
     import yaml
 
     resolved = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
@@ -120,31 +121,34 @@ def train_command(
     if done.get("inputs") == inputs:
         console.print(f"already trained on these rows with these settings: {out / ADAPTER}")
         return done["result"]
-    (out / CONFIG).write_text(resolved, encoding="utf-8")
-
-    trainer = make_trainer(cfg, rows, out, console)
+    trainer = make_trainer(cfg, rows, out, console)  # a student or adapter that will not load: refused here
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot write to {out}: {exc.strerror}") from None
+    write_atomic(out / CONFIG, resolved)
     cut = rows_over_length(trainer.processing_class, rows, cfg.training.max_length)
     manifest["cut_at_max_length"] = cut
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    write_atomic(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     if cut:
         console.print(f"warning: {cut} of {len(rows)} rows are longer than training.max_length "
                       f"({cfg.training.max_length} tokens) and train on a cut trace; raise it to keep them whole",
                       markup=False)  # fmt: skip
-    from transformers.trainer_utils import get_last_checkpoint
 
-    last = get_last_checkpoint(str(out / CHECKPOINTS)) if (out / CHECKPOINTS).is_dir() else None
+    last = last_complete_checkpoint(out / CHECKPOINTS, console)
     if last:
         console.print(f"resuming from {last}")
     started = time.monotonic()
-    trainer.train(resume_from_checkpoint=last)
-    trainer.save_model(str(out / ADAPTER))
-    trainer.processing_class.save_pretrained(str(out / ADAPTER))
+    with _writes_to(out):
+        trainer.train(resume_from_checkpoint=last)
+        trainer.save_model(str(out / ADAPTER))
+        trainer.processing_class.save_pretrained(str(out / ADAPTER))
+        if merge:
+            merged = trainer.model.merge_and_unload()
+            merged.save_pretrained(str(out / MERGED))
+            trainer.processing_class.save_pretrained(str(out / MERGED))
     history = trainer.state.log_history
-    (out / "train_log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history), encoding="utf-8")
-    if merge:
-        merged = trainer.model.merge_and_unload()
-        merged.save_pretrained(str(out / MERGED))
-        trainer.processing_class.save_pretrained(str(out / MERGED))
+    write_atomic(out / "train_log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     losses = [h["loss"] for h in history if "loss" in h]
     result = {
         "rows": len(rows),
@@ -155,8 +159,54 @@ def train_command(
         "adapter": str(out / ADAPTER),
     }
     # Written last: a re-run with the same rows and settings has nothing to do.
-    (out / DONE).write_text(json.dumps({"inputs": inputs, "result": result}) + "\n", encoding="utf-8")
+    write_atomic(out / DONE, json.dumps({"inputs": inputs, "result": result}) + "\n")
     return result
+
+
+def last_complete_checkpoint(checkpoints: Path, console: Console) -> str | None:
+    """The newest checkpoint that was saved whole. transformers writes trainer_state.json last,
+    so a checkpoint cut short (killed mid-save, disk full) lacks a readable one: it is removed,
+    and training resumes from the one before."""
+    if not checkpoints.is_dir():
+        return None
+    steps = sorted((p for p in checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)  # fmt: skip
+    for path in steps:
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+            return str(path)
+        except (OSError, ValueError):
+            console.print(f"removing {path}: saved only in part")
+            shutil.rmtree(path, ignore_errors=True)
+    return None
+
+
+@contextmanager
+def _writes_to(out: Path) -> Iterator[None]:
+    """Training writes checkpoints and the adapter through transformers, safetensors and torch;
+    their refusals (torch wraps the OS error in a RuntimeError) become one line naming --out."""
+    try:
+        yield
+    except OSError as exc:
+        if not is_write_error(exc):
+            raise
+        raise write_failed(exc.filename or out, exc) from None
+    except RuntimeError as exc:
+        if not _raised_while_saving(exc):
+            raise
+        reason = f"saving a checkpoint or the adapter failed ({_first_line(exc)}); is the disk full?"
+        raise WriteFailed(out, reason) from None
+
+
+def _raised_while_saving(exc: BaseException) -> bool:
+    """torch.save reports a refused write as a RuntimeError of its zip writer (`file write failed`,
+    `iostream error`, `unexpected pos`): tell it by where it was raised, not by its words."""
+    savers = ("torch/serialization.py", "safetensors/torch.py")
+    return any(f.filename.replace("\\", "/").endswith(savers) for f in traceback.extract_tb(exc.__traceback__))
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
 
 
 def _read_done(out: Path) -> dict[str, Any]:

@@ -4,6 +4,7 @@ lines instead of raw log dicts. `genssd train` drives it; `genssd bench train` t
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 from rich.console import Console
 
 from genssd_cli.config import TrainConfig
+from genssd_cli.errors import UsageError
 
 CHECKPOINTS = "checkpoints"
 
@@ -33,6 +35,9 @@ def make_trainer(cfg: TrainConfig, rows: list[dict[str, Any]], out: Path, consol
     from genssd_cli.models import load_causal_lm, pick_device
 
     student, training, lora = cfg.student, cfg.training, cfg.lora
+    check_trackers(training.report_to)
+    # TensorBoard's event files beside the adapter, not under checkpoints/ (rotated away).
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
     device = pick_device(student.device)
     if loaded is None:
         loaded = load_causal_lm(
@@ -54,7 +59,8 @@ def make_trainer(cfg: TrainConfig, rows: list[dict[str, Any]], out: Path, consol
         save_steps=training.save_steps,
         save_total_limit=2,
         completion_only_loss=True,  # prompt tokens are labelled -100
-        report_to="none",
+        report_to=training.report_to or "none",
+        run_name=training.run_name or out.name,
         disable_tqdm=True,  # our own progress lines (ProgressLines) instead
         use_cpu=not on_gpu,
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
@@ -78,6 +84,19 @@ def make_trainer(cfg: TrainConfig, rows: list[dict[str, Any]], out: Path, consol
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts
     return trainer
+
+
+def check_trackers(report_to: list[str]) -> None:
+    """Each tracker named is one transformers knows and its package is installed: one line
+    before the model loads, not an error from deep inside the trainer."""
+    from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    for name in report_to:
+        if name not in INTEGRATION_TO_CALLBACK:
+            known = ", ".join(INTEGRATION_TO_CALLBACK)
+            raise UsageError(f"training.report_to: unknown tracker {name!r} (one of {known})")
+        if name not in get_available_reporting_integrations():
+            raise UsageError(f"training.report_to: {name} is not installed here (pip install {name})")
 
 
 def rows_over_length(tokenizer, rows: list[dict[str, Any]], max_length: int) -> int:

@@ -42,6 +42,9 @@ def test_pipeline_chains_cold_start_run_and_training_and_resumes(tmp_path, fake_
     assert trained["student"]["adapter"] == gen["student"]["adapter"]
     assert (out / "genssd/train/adapter/adapter_model.safetensors").is_file()
     assert record["stages"]["genssd/train"]["steps"] == 2  # 3 rows, batch 2, 1 epoch
+    # A stage's time is the whole stage's (loading the student included), not its command's own part.
+    training = json.loads((out / "genssd/train/done.json").read_text())["result"]["wall_s"]
+    assert record["stages"]["genssd/train"]["wall_s"] > training
     assert "| trajectories kept | 3 |" in (out / "report/report.md").read_text()
 
     # Again: every stage is already done; nothing is asked of the teacher, nothing retrained.

@@ -1,12 +1,19 @@
 """`genssd train` on the real demo student with real TRL + peft, on CPU."""
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
-from conftest import genssd, save_adapter_of_another_model, trajectory_row
+from conftest import ROOT, genssd, trajectory_row
 
 from genssd_cli.store import CONFIG, TRAJECTORIES
+from genssd_cli.train import ADAPTER
 
 pytestmark = pytest.mark.slow
 
@@ -50,6 +57,8 @@ def trained(tmp_path_factory):
             "--set", "training.learning_rate=0.002", "--set", "training.save_steps=1"]  # fmt: skip
     first = genssd(*args, "--set", "training.epochs=3")
     assert first.returncode == 0, first.stderr
+    # Kept for test_a_killed_run_resumes: the next test trains this adapter further.
+    shutil.copytree(out / "adapter", tmp / "uninterrupted-adapter")
     return tmp, run, out, args, first
 
 
@@ -74,6 +83,62 @@ def test_rerun_resumes_from_the_last_checkpoint(trained):
     assert "resuming from" in again.stdout and "checkpoint-6" in again.stdout
     steps = [h["step"] for h in history(out) if "loss" in h]
     assert steps == list(range(1, 9))  # continued at step 7, not from 1
+
+
+def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(trained, tmp_path):
+    from safetensors.torch import load_file
+
+    tmp, _, uninterrupted, args, _ = trained
+    run = make_run(tmp_path / "run", ROWS)
+    out = tmp_path / "out"
+    same = ["train", str(run), "--out", str(out), *args[4:], "--set", "training.epochs=3"]  # the fixture's run
+    killed = subprocess.Popen([sys.executable, "-m", "genssd_cli", *same], cwd=ROOT,
+                              env={**os.environ, "COLUMNS": "200"}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        # Killed mid-epoch, as soon as checkpoint-3 is whole (trainer_state.json is written last):
+        # step 4 is under way, not yet saved.
+        state, deadline = out / "checkpoints" / "checkpoint-3" / "trainer_state.json", time.monotonic() + 300
+        while killed.poll() is None and not _whole_json(state) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+    assert killed.returncode == -signal.SIGKILL, "training ended before the kill"
+    assert not (out / "adapter").exists() and not (out / "done.json").exists()
+    # The newest whole checkpoint: were the kill to land mid-save, the part-saved one would be removed.
+    saved = (out / "checkpoints").glob("checkpoint-*")
+    last = max(int(p.name.removeprefix("checkpoint-")) for p in saved if _whole_json(p / "trainer_state.json"))
+    assert 3 <= last < 6
+
+    resumed = genssd(*same)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {out / 'checkpoints' / f'checkpoint-{last}'}" in resumed.stdout
+    printed = [int(line.split()[1].split("/")[0]) for line in resumed.stdout.splitlines() if line.startswith("step ")]
+    assert printed == list(range(last + 1, 7))  # only the steps after the checkpoint were trained again
+    logged = [h for h in history(out) if "loss" in h]
+    assert [h["step"] for h in logged] == list(range(1, 7))  # each step once, none lost, none repeated
+    assert json.loads((out / "done.json").read_text())["result"]["steps"] == 6
+    assert json.loads((out / "manifest.json").read_text())["rows"] == 4
+
+    # The same run uninterrupted (the fixture's): same losses and gradient norms step by step, same adapter.
+    # The RNG, optimizer and data order are restored from the checkpoint: on CPU it was bit-exact.
+    reference = [h for h in history(uninterrupted) if "loss" in h and h["step"] <= 6]
+    for got, want in zip(logged, reference, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6), (got, want)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-6), (got, want)
+    ours, theirs = (load_file(d / "adapter_model.safetensors") for d in (out / ADAPTER, tmp / "uninterrupted-adapter"))
+    assert ours.keys() == theirs.keys()
+    drift = max(float((ours[k] - theirs[k]).abs().max()) for k in ours)
+    assert drift <= 1e-6, drift
+
+
+def _whole_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def test_adapter_changes_the_students_ppl(trained):
@@ -108,25 +173,21 @@ def test_loss_covers_the_completion_only(tmp_path):
     assert "The answer is 5." in tokenizer.decode([t for t in labels if t != -100])
 
 
-def test_bad_inputs(tmp_path):
-    wrong_only = make_run(tmp_path / "wrong", [row("1+1", "3", False)])
-    empty = make_run(tmp_path / "empty", [])
-    (tmp_path / "plain").mkdir()
-    save_adapter_of_another_model(tmp_path / "other-adapter")
-    good = make_run(tmp_path / "good", ROWS[:2])
-    foreign = make_run(tmp_path / "foreign", [{"prompt": "2+3", "completion": "5"}])
-    cases = [
-        ([str(foreign)], "trajectories.jsonl line 1: not a TrajectoryRow (problem_id: Field required)"),
-        ([str(tmp_path / "missing")], "run directory not found"),
-        ([str(tmp_path / "plain")], "has no trajectories.jsonl"),
-        ([str(wrong_only)], "no correct trajectory (--include-incorrect trains on all)"),
-        ([str(empty), "--include-incorrect"], "nothing to train on: no trajectory"),
-        ([str(good), "--set", "training.epochs=0"], "training.epochs: Input should be greater than 0"),
-        ([str(good), "--set", f"student={{model: smollm2-135m-instruct, adapter: {tmp_path}/other-adapter}}"],
-         "does not fit model 'smollm2-135m-instruct'"),
-    ]  # fmt: skip
-    for args, message in cases:
-        result = genssd("train", *args, "--out", str(tmp_path / "out"))
-        assert result.returncode == 2, (args, result.stderr)
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
-        assert len(lines) == 1 and message in lines[0], (args, result.stderr)
+def test_training_curves_go_to_tensorboard(tmp_path):
+    """`training.report_to: [tensorboard]`: transformers' own TensorBoard callback writes the curves
+    to OUT/tensorboard, the same losses as train_log.jsonl. (Bad inputs: tests/test_bad_inputs.py.)"""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = make_run(tmp_path / "run", ROWS[:2])
+    out = tmp_path / "out"
+    result = genssd("train", str(run), "--out", str(out), "--set", "training.epochs=2",
+                    "--set", "training.batch_size=1", "--set", "training.report_to=[tensorboard]",
+                    "--set", "training.run_name=curves")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    [folder] = {p.parent for p in (out / "tensorboard").rglob("events.out.tfevents.*")}
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    logged = [h["loss"] for h in history(out) if "loss" in h]
+    assert len(logged) == 4
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(logged, rel=1e-6)
+
