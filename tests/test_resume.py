@@ -46,10 +46,29 @@ def recorded_seeds(run: Path) -> set[int]:
     return {e.seed for e in read_events(run) if e.type == "response"}
 
 
+def steps_cut_half_way(events: list, since: int, n: int) -> set[tuple]:
+    """(problem, sample, step, attempt) of the steps that hold some of their n candidates but no
+    choice, one of whose responses is among events[since:]: steps a kill now cut half-way."""
+    received: dict[tuple, int] = {}
+    fresh, chosen = set(), set()
+    for index, event in enumerate(events):
+        if event.type in ("response", "choice"):
+            key = (event.problem_id, event.sample, event.step, event.attempt)
+            if event.type == "choice":
+                chosen.add(key)
+                continue
+            received[key] = received.get(key, 0) + len(event.candidates)
+            if index >= since:
+                fresh.add(key)
+    return {key for key in fresh - chosen if 0 < received[key] < n}
+
+
 def test_killed_at_random_moments_ends_as_if_never_stopped(tmp_path, fake_teacher):
     server = fake_teacher("--ignore-n", "--latency-per-token", "0.004")
     cfg = run_config(
         server.base_url,
+        # One request per candidate, two at a time: every step spends a while half received.
+        teacher={"max_concurrency": 2},
         search={"n": 3, "chunk_tokens": 8, "max_steps": 6, "max_new_tokens": 48},
         data={"count": 8},
         engine={"max_active_problems": 3, "fsync": "record"},
@@ -58,6 +77,8 @@ def test_killed_at_random_moments_ends_as_if_never_stopped(tmp_path, fake_teache
     run = tmp_path / "run"
     rng = random.Random(20261126)
     kills: list[tuple[int, set[int]]] = []  # (server requests so far, seeds recorded) at each kill
+    cut: list[int] = []  # at each kill, the steps it cut half-way (what the per-response log is for)
+    logged = 0
     while len(kills) < 22:
         process = start_run(config, run)
         # A random moment: during start-up (0 new lines) or after a random number of new records,
@@ -68,6 +89,9 @@ def test_killed_at_random_moments_ends_as_if_never_stopped(tmp_path, fake_teache
         process.send_signal(signal.SIGKILL)
         process.communicate()
         kills.append((len(server.requests()), recorded_seeds(run)))
+        events = read_events(run)
+        cut.append(len(steps_cut_half_way(events, logged, n=3)))
+        logged = len(events)
 
     final = start_run(config, run)
     _out, err = final.communicate(timeout=600)
@@ -81,12 +105,13 @@ def test_killed_at_random_moments_ends_as_if_never_stopped(tmp_path, fake_teache
 
     # Zero repeated requests for responses recorded before a kill.
     requests = server.requests()
-    repeated = [
-        r["seed"] for asked_before, seeds in kills for r in requests[asked_before:] if r["seed"] in seeds
-    ]
+    repeated = [r["seed"] for asked_before, seeds in kills for r in requests[asked_before:] if r["seed"] in seeds]
     assert repeated == []
     sessions = [e for e in events if e.type == "run_start"]
     assert len(sessions) > len([k for k in kills if k[1]]) // 2  # most kills hit a running engine
+    # Several kills left a step with some of its candidates: the resume asked only for the rest
+    # (check_run_is_consistent: each candidate received exactly once).
+    assert sum(1 for c in cut if c) >= 3, cut
 
     reference = start_run(config, tmp_path / "reference")
     _out, err = reference.communicate(timeout=600)
@@ -94,11 +119,12 @@ def test_killed_at_random_moments_ends_as_if_never_stopped(tmp_path, fake_teache
     resumed = (run / "trajectories.jsonl").read_bytes()
     assert resumed == (tmp_path / "reference" / "trajectories.jsonl").read_bytes()
     assert resumed.count(b"\n") >= 4
-    print(f"kills={len(kills)} sessions={len(sessions)} repeated={len(repeated)} requests={len(requests)}")
+    print(f"kills={len(kills)} sessions={len(sessions)} repeated={len(repeated)} requests={len(requests)} cut={cut}")
 
 
 def test_faults_on_a_fifth_of_requests_lose_nothing(tmp_path, fake_teacher):
     server = fake_teacher("--ignore-n", "--fault-rate", "0.2", "--fault-seed", "95", "--hang-s", "2")
+    clean = fake_teacher("--ignore-n")  # the same teacher without faults
     cfg = run_config(
         server.base_url,
         teacher={"retries": 1, "timeout_s": 1},
@@ -109,10 +135,9 @@ def test_faults_on_a_fifth_of_requests_lose_nothing(tmp_path, fake_teacher):
     run = tmp_path / "run"
     result = genssd("run", str(write_config(tmp_path / "c.yaml", cfg)), "--out", str(run))
     assert result.returncode == 0, result.stderr
-    summary = json.loads((run / "summary.json").read_text())
+    summary = check_run_is_consistent(run, problems=12, n=3)
     t = summary["trajectories"]
     # Every problem is accounted for: finished, truncated, pruned or listed with its reason.
-    assert t["finished"] + t["truncated"] + t["pruned"] + t["failed"] == 12 and t["pending"] == 0
     failures = load_jsonl(run / "failures.jsonl")
     assert len(failures) == t["failed"]
     ended = {r["problem_id"] for r in load_jsonl(run / "trajectories.jsonl")} | {f["problem_id"] for f in failures}
@@ -135,7 +160,26 @@ def test_faults_on_a_fifth_of_requests_lose_nothing(tmp_path, fake_teacher):
     assert sum(retries.values()) + t["failed"] >= len(faults) - faults.count("fewer")
     assert "retries" in result.stdout and "failures" in result.stdout  # the progress lines show both
     assert t["failed"] >= 1, "the fault seed makes some trajectory run out of retries"
-    print(f"requests={len(server.requests())} faults={len(faults)} retries={retries} trajectories={t}")
+
+    # Nothing is lost: resumed against the fault-free teacher, the failed trajectories are retried
+    # (asking only for what was never received) and the run ends as a fault-free run from scratch.
+    received = recorded_seeds(run)
+    clean_cfg = {**cfg, "teacher": {**cfg["teacher"], "base_url": clean.base_url}}  # not a results setting
+    clean_config = write_config(tmp_path / "clean.yaml", clean_cfg)
+    resumed = genssd("run", str(clean_config), "--out", str(run))
+    assert resumed.returncode == 0, resumed.stderr
+    after = check_run_is_consistent(run, problems=12, n=3)
+    assert after["trajectories"]["failed"] == 0 and load_jsonl(run / "failures.jsonl") == []
+    asked = clean.requests()
+    assert asked, "the failed trajectories needed more candidates"
+    assert [r["seed"] for r in asked if r["seed"] in received] == []  # nothing received was asked again
+    reference = genssd("run", str(clean_config), "--out", str(tmp_path / "reference"))
+    assert reference.returncode == 0, reference.stderr
+    trajectories = (run / "trajectories.jsonl").read_bytes()
+    assert trajectories == (tmp_path / "reference" / "trajectories.jsonl").read_bytes()
+    assert trajectories.count(b"\n") == 12  # no pruning: every trajectory ends with a row
+    print(f"requests={len(server.requests())} faults={len(faults)} retries={retries} trajectories={t} "
+          f"asked on resume={len(asked)}")  # fmt: skip
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
