@@ -115,7 +115,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length", 0))
-        req = json.loads(self.rfile.read(length))
+        try:
+            req = json.loads(self.rfile.read(length))
+        except ValueError:  # a client killed mid-request sent half a body
+            return self._send(400, {"error": {"message": "the request body is not JSON"}})
         if self._foreign() or not self._authorised():
             return
         if self.server.status:

@@ -10,11 +10,20 @@ import shutil
 import stat
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import FakeTeacher, genssd, run_config, write_config
+from conftest import (
+    FakeTeacher,
+    bench_file,
+    genssd,
+    run_config,
+    save_adapter_of_another_model,
+    trajectory_row,
+    write_config,
+)
 
 from genssd_cli.store import EVENTS
 
@@ -27,24 +36,31 @@ class Case:
     args: list[str]
     code: int
     message: str
-    run: str = "run"  # which prepared run directory it is pointed at
+    run: str = "run"  # the prepared path it is pointed at: byte for byte the same afterwards
     env: dict | None = None
+    out: bool = True  # `--out <run>` is added (the run command's cases)
 
 
 def tree_digest(path: Path) -> dict[str, str]:
+    """Every file's hash and every folder (an empty folder left behind counts too)."""
     return {
-        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        str(p.relative_to(path)): "folder" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(path.rglob("*"))
-        if p.is_file() and p.name != ".lock"
+        if p.name != ".lock" and not p.name.startswith("requests-")  # the teachers' own logs
     }
+
+
+FOREIGN = ("html", "json", "error", "empty", "redirect")
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    """A small finished run, copies of it damaged in known ways, and two teachers."""
+    """A small finished run, copies of it damaged in known ways, teachers that answer right,
+    want a key, or answer as no OpenAI-compatible API does, and inputs for the other commands."""
     tmp = tmp_path_factory.mktemp("existing")
     server = FakeTeacher(tmp)
     keyed = FakeTeacher(tmp, "--api-key", "sk-right")
+    foreign = {kind: FakeTeacher(tmp, "--foreign", kind) for kind in FOREIGN}
     config = write_config(tmp / "good.yaml", run_config(server.base_url, data={"count": 1}))
     result = genssd("run", str(config), "--out", str(tmp / "run"))
     assert result.returncode == 0, result.stderr
@@ -66,13 +82,22 @@ def prepared(tmp_path_factory):
     kept = [line for line in (unfinished / EVENTS).read_text().splitlines(keepends=True) if '"finish"' not in line]
     (unfinished / EVENTS).write_text("".join(kept))
 
+    # For train: a run with only a wrong trajectory, one whose rows are not genssd's, a plain folder.
+    for name, rows in (("wrong-only", [trajectory_row("a", "1+1?", "1 + 1 = 3. The answer is 3.", False)]),
+                       ("foreign-rows", [{"prompt": "2+3", "completion": "5"}]), ("no-rows", [])):  # fmt: skip
+        (tmp / name).mkdir()
+        shutil.copy(tmp / "run" / "config.yaml", tmp / name / "config.yaml")
+        (tmp / name / "trajectories.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp / "plain").mkdir()
     (tmp / "a-file").write_text("not a directory\n")
-    yield tmp, server, keyed
-    server.stop()
-    keyed.stop()
+    bench_file(tmp / "bench.jsonl")
+    save_adapter_of_another_model(tmp / "other-adapter")
+    yield tmp, server, keyed, foreign
+    for teacher in (server, keyed, *foreign.values()):
+        teacher.stop()
 
 
-def catalogue(tmp: Path, url: str, keyed_url: str) -> list[Case]:
+def catalogue(tmp: Path, url: str, keyed_url: str, foreign: dict[str, str]) -> list[Case]:
     def data(name: str, content: bytes) -> Path:
         path = tmp / name
         path.write_bytes(content)
@@ -85,14 +110,38 @@ def catalogue(tmp: Path, url: str, keyed_url: str) -> list[Case]:
     duplicate = data("duplicate.jsonl", row + row)
     empty = data("empty.jsonl", b"\n")
     not_object = data("list.jsonl", b"[1, 2]\n")
+    # About 12,000 tokens: more than the demo student's 8,192 positions.
+    huge = data("huge.jsonl", json.dumps({"id": "huge", "question": "1 + " * 6000 + "1?", "answer": "6001"}).encode())
     broken_yaml = data("broken.yaml", b"teacher: [unclosed\n")
     with_key = write_config(tmp / "with_key.yaml", run_config(url, teacher={"api_key": "sk-oops"}))
     keyed = write_config(tmp / "keyed.yaml", run_config(keyed_url, teacher={"api_key_env": "GENSSD_BAD_KEY"},
                                                         data={"count": 1}))  # fmt: skip
+    dead = write_config(tmp / "dead.yaml", run_config("http://127.0.0.1:9/v1"))
+    bench = str(tmp / "bench.jsonl")
+    other_adapter = str(tmp / "other-adapter")
+    offline = {"HF_HUB_OFFLINE": "1"}
+
     def setting(*items: str) -> list[str]:
         return ["run", good, *[a for item in items for a in ("--set", item)]]
 
+    def answering(kind: str) -> list[str]:
+        return [*setting(f"teacher.base_url={foreign[kind]}"), "--force"]
+
+    def train(*args: str, out: str = "train-out") -> list[str]:
+        return ["train", *args, "--out", str(tmp / out)]
+
+    def evaluate(*args: str, out: str = "eval-out") -> list[str]:
+        return ["eval", "smollm2-135m-instruct", *args, "--out", str(tmp / out)]
+
+    def pipeline(*args: str, out: str = "pipeline-out") -> list[str]:
+        return ["pipeline", "configs/pipeline-demo.yaml", *args, "--out", str(tmp / out)]
+
+    def report(*args: str) -> list[str]:
+        return ["report", *args, "--out", str(tmp / "report-out")]
+
+    not_openai = "did not answer as an OpenAI-compatible API"
     return [
+        # run: the config, the data, the teacher, the run directory
         Case("missing config", ["run", str(tmp / "missing.yaml")], 2, "config file not found"),
         Case("config not YAML", ["run", str(broken_yaml)], 2, "is not valid YAML (line 2)"),
         Case("n below 1", setting("search.n=0"), 2, "search.n: Input should be greater than or equal to 1"),
@@ -101,6 +150,8 @@ def catalogue(tmp: Path, url: str, keyed_url: str) -> list[Case]:
         Case("not a number", setting("search.n=lots"), 2, "search.n: Input should be a valid integer"),
         Case("--set without =", setting("search.n"), 2, "--set expects KEY=VALUE"),
         Case("unknown method", setting("method=magic"), 2, "method: Input should be"),
+        Case("negative max_cost", setting("max_cost=-1"), 2, "max_cost"),
+        Case("unknown too_long choice", setting("data.too_long=maybe"), 2, "data.too_long: Input should be"),
         Case("API key in the file", ["run", str(with_key)], 2, "API keys are never read from config files"),
         Case("key variable unset", ["run", str(keyed)], 2, "environment variable GENSSD_BAD_KEY is not set"),
         Case("wrong API key", ["run", str(keyed)], 1, "rejected the API key (401)", env={"GENSSD_BAD_KEY": "sk-no"},
@@ -111,9 +162,16 @@ def catalogue(tmp: Path, url: str, keyed_url: str) -> list[Case]:
         Case("non-UTF-8 data", setting(f"data.source={latin1}"), 2, "is not UTF-8"),
         Case("duplicate ids", setting(f"data.source={duplicate}"), 2, "duplicate problem id 'a'"),
         Case("empty dataset", setting(f"data.source={empty}"), 2, "has no problems"),
+        Case("problem longer than the student holds", [*setting(f"data.source={huge}"), "--force"], 2,
+             "problem 'huge' needs", run="unfinished"),
         Case("missing prompt", setting("prompts.teacher=nope"), 2, "prompt template not found: nope"),
         Case("unreachable endpoint", setting("teacher.base_url=http://127.0.0.1:9/v1"), 1, "unreachable",
              run="unfinished"),
+        Case("endpoint answers HTML", answering("html"), 1, not_openai, run="unfinished"),
+        Case("endpoint answers another JSON", answering("json"), 1, not_openai, run="unfinished"),
+        Case("endpoint answers 200 with an error", answering("error"), 1, "an error object", run="unfinished"),
+        Case("endpoint answers an empty body", answering("empty"), 1, "empty body", run="unfinished"),
+        Case("endpoint redirects to a login page", answering("redirect"), 1, "redirected to", run="unfinished"),
         Case("model not served", [*setting("teacher.model=nobody"), "--force"], 1, "'nobody' is not served",
              run="unfinished"),
         Case("student not found", [*setting("student.model=/no/such"), "--force"], 2, "model '/no/such' not found",
@@ -125,6 +183,81 @@ def catalogue(tmp: Path, url: str, keyed_url: str) -> list[Case]:
         Case("--out is a file", ["run", good], 2, "exists and is not a directory", run="a-file"),
         Case("corrupt log line", ["run", good], 1, "events.jsonl line 2 is corrupt", run="corrupt"),
         Case("older log format", ["run", good], 2, "written by another genssd version", run="old-format"),
+        # doctor
+        Case("doctor: missing config", ["doctor", str(tmp / "missing.yaml")], 2, "config file not found", out=False),
+        Case("doctor: unknown key", ["doctor", good, "--set", "search.colour=red"], 2, "search.colour: unknown key",
+             out=False),
+        Case("doctor: unreachable endpoint", ["doctor", str(dead)], 1, "cannot serve a run: reachable failed",
+             out=False),
+        Case("doctor: endpoint answers HTML", ["doctor", good, "--set", f"teacher.base_url={foreign['html']}"], 1,
+             "cannot serve a run: reachable failed", out=False),
+        # train
+        Case("train: run directory not found", train(str(tmp / "missing")), 2, "run directory not found", out=False),
+        Case("train: no trajectories.jsonl", train(str(tmp / "plain")), 2, "has no trajectories.jsonl", out=False),
+        Case("train: rows of another tool", train(str(tmp / "foreign-rows")), 2,
+             "trajectories.jsonl line 1: not a TrajectoryRow (problem_id: Field required)", out=False),
+        Case("train: no trajectory at all", train(str(tmp / "no-rows"), "--include-incorrect"), 2,
+             "nothing to train on: no trajectory", out=False),
+        Case("train: no correct trajectory", train(str(tmp / "wrong-only")), 2,
+             "no correct trajectory (--include-incorrect trains on all)", out=False),
+        Case("train: zero epochs", train(str(tmp / "run"), "--set", "training.epochs=0", "--include-incorrect"), 2,
+             "training.epochs: Input should be greater than 0", out=False),
+        Case("train: unknown key", train(str(tmp / "run"), "--set", "training.colour=red"), 2,
+             "training.colour: unknown key", out=False),
+        Case("train: unknown tracker", train(str(tmp / "run"), "--include-incorrect", "--set",
+             "training.report_to=[nope]"), 2, "training.report_to: unknown tracker 'nope'", out=False),
+        Case("train: config not found", train(str(tmp / "run"), "--config", str(tmp / "missing.yaml")), 2,
+             "config file not found", out=False),
+        Case("train: --out is a file", train(str(tmp / "run"), "--include-incorrect", out="a-file"), 2,
+             "exists and is not a directory", run="a-file", out=False),
+        Case("train: adapter of another model", train(str(tmp / "run"), "--include-incorrect", "--set",
+             f"student={{model: smollm2-135m-instruct, adapter: {other_adapter}}}"), 2,
+             "does not fit model 'smollm2-135m-instruct'", out=False),
+        # eval
+        Case("eval: unknown dataset", evaluate("--dataset", "gsm9k"), 2, "unknown eval dataset 'gsm9k'", out=False),
+        Case("eval: dataset file not found", evaluate("--dataset", str(tmp / "missing.jsonl")), 2,
+             "dataset not found", out=False),
+        Case("eval: samples without sampling", evaluate("--dataset", bench, "--samples", "2"), 2,
+             "--samples > 1 needs sampling", out=False),
+        Case("eval: adapter folder without an adapter", evaluate("--dataset", bench, "--adapter", str(tmp / "plain")),
+             2, "student adapter not found", out=False),
+        Case("eval: adapter of another model", evaluate("--dataset", bench, "--adapter", other_adapter), 2,
+             "does not fit model", out=False),
+        Case("eval: no new tokens", evaluate("--dataset", bench, "--set", "max_new_tokens=0"), 2,
+             "max_new_tokens: Input should be greater", out=False),
+        Case("eval: hub dataset offline", evaluate("--dataset", "hf:no-such/dataset-anywhere"), 1,
+             "cannot load no-such/dataset-anywhere", env=offline, out=False),
+        Case("eval: student not found", ["eval", "/no/such", "--dataset", bench, "--out", str(tmp / "eval-out")], 2,
+             "model '/no/such' not found", out=False),
+        Case("eval: --out is a file", evaluate("--dataset", bench, out="a-file"), 2, "not a directory",
+             run="a-file", out=False),
+        # pipeline
+        Case("pipeline: config not found", ["pipeline", str(tmp / "missing.yaml")], 2, "config file not found",
+             out=False),
+        Case("pipeline: config not YAML", ["pipeline", str(broken_yaml)], 2, "is not valid YAML", out=False),
+        Case("pipeline: unknown method", pipeline("--set", "methods=[magic]"), 2, "methods.0: Input should be",
+             out=False),
+        Case("pipeline: unknown eval dataset", pipeline("--set", "eval.dataset=gsm9k", "--set", "eval.limit={}"), 2,
+             "unknown eval dataset 'gsm9k'", out=False),
+        Case("pipeline: a limit for a dataset not evaluated", pipeline("--set", "eval.dataset=gsm8k"), 2,
+             "eval: limit names arith1-heldout, not among the eval datasets", out=False),
+        Case("pipeline: --out is a file", pipeline(out="a-file"), 2, "cannot write to", run="a-file", out=False),
+        # report
+        Case("report: path not found", report(str(tmp / "missing")), 2, "not a directory", out=False),
+        Case("report: not a run directory", report(str(tmp / "plain")), 2, "has no trajectories.jsonl", out=False),
+        Case("report: --eval not a directory", report(str(tmp / "run"), "--eval", str(tmp / "nope")), 2,
+             "--eval: not a directory", out=False),
+        Case("report: --eval of a run directory", report(str(tmp / "run"), "--eval", str(tmp / "run")), 2,
+             "has no metrics.json", out=False),
+        Case("report: unreadable run files", report(str(tmp / "corrupt")), 1, "corrupt", run="corrupt",
+             out=False),
+        # bench
+        Case("bench scoring: model not found", ["bench", "scoring", "--model", "/no/such"], 2,
+             "model '/no/such' not found", out=False),
+        Case("bench train: unknown shape", ["bench", "train", "--random-init", "nope-7b"], 2, "nope-7b", out=False),
+        Case("bench eval: unknown backend", ["bench", "eval", "--backend", "magic"], 2, "--backend", out=False),
+        Case("bench gpu: unknown part", ["bench", "gpu", "--out", str(tmp / "gpu-out"), "--part", "nope"], 2,
+             "nope", out=False),
     ]  # fmt: skip
 
 
@@ -136,23 +269,38 @@ def check_one_clean_line(result, case: Case) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: "), (case.name, result.stderr)
 
 
-def test_bad_inputs_give_one_line_and_leave_the_run_alone(prepared):
-    tmp, server, keyed = prepared
-    cases = catalogue(tmp, server.base_url, keyed.base_url)
-    assert len(cases) >= 20
+CATALOGUE_SIZE = 75  # pinned: a case dropped by mistake fails the test
+
+
+def test_bad_inputs_give_one_line_and_leave_everything_alone(prepared):
+    tmp, server, keyed, foreign = prepared
+    cases = catalogue(tmp, server.base_url, keyed.base_url, {k: t.base_url for k, t in foreign.items()})
+    assert len(cases) == CATALOGUE_SIZE and len({c.name for c in cases}) == len(cases)
+    before = tree_digest(tmp)
+    failed = []
     for case in cases:
-        target = tmp / case.run
-        before = tree_digest(target) if target.is_dir() else target.read_bytes()
-        result = genssd(*case.args, "--out", str(target), env=case.env)
-        check_one_clean_line(result, case)
-        after = tree_digest(target) if target.is_dir() else target.read_bytes()
-        assert after == before, f"{case.name}: changed the existing run"
-    print(f"{len(cases) + 1} bad inputs covered (with the read-only directory)")
+        out = ["--out", str(tmp / case.run)] if case.out else []
+        result = genssd(*case.args, *out, env=case.env)
+        try:
+            check_one_clean_line(result, case)
+        except AssertionError as exc:
+            failed.append(f"{case.name}: {exc}")
+        after = tree_digest(tmp)
+        changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+        if changed:
+            failed.append(f"{case.name}: changed or left {sorted(changed)}")
+            before = after
+    assert not failed, "\n".join(failed)
+    by_command = Counter(c.args[0] if c.args[0] in COMMANDS else "run" for c in cases)
+    print(f"{len(cases)} bad inputs by command: {dict(by_command)} (+2: read-only directory, locked run)")
+
+
+COMMANDS = ("run", "doctor", "train", "eval", "pipeline", "report", "bench")
 
 
 def test_read_only_run_directory(prepared, tmp_path):
     """Root ignores file modes, so under root the command runs without CAP_DAC_OVERRIDE."""
-    tmp, server, _ = prepared
+    tmp, server, *_ = prepared
     run = tmp_path / "run"
     shutil.copytree(tmp / "run", run)
     config = write_config(tmp_path / "c.yaml", run_config(server.base_url, data={"count": 1}))
@@ -177,7 +325,7 @@ def test_read_only_run_directory(prepared, tmp_path):
 def test_second_run_on_the_same_directory_is_refused(prepared):
     from genssd_cli.store import RunStore
 
-    tmp, server, _ = prepared
+    tmp, server, *_ = prepared
     config = write_config(tmp / "lock.yaml", run_config(server.base_url, data={"count": 1}))
     with RunStore(tmp / "run"):
         result = genssd("run", str(config), "--out", str(tmp / "run"))
