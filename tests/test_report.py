@@ -1,7 +1,19 @@
-"""`genssd report` on fixed recorded runs: a small `genssd pipeline configs/compare-demo.yaml`
-(3 problems per method, 4 GSM8K rows per eval; adapters and checkpoints left out). The expected
-numbers are recomputed here from the raw records (events.jsonl, samples.jsonl), not from the
-summary.json the report reads."""
+r"""`genssd report` on fixed recorded runs, tests/data/compare-recorded/: a small `genssd pipeline
+configs/compare-demo.yaml` (the embedded demo: Gemma-3-270M teacher, SmolLM2-135M student, one-step
+arithmetic problems): 10 training problems per method (morsd left out), the evals on 40 held-out
+problems, made with
+
+    genssd pipeline configs/compare-demo.yaml --out /tmp/fx --set limit=10 \
+        --set 'methods=[genssd, standard-kd, posthoc-ppl]' --set eval.dataset=arith1-heldout --set eval.limit=40
+
+(97 minutes on 2 CPU cores shared with other test runs, 54 of them the base student's eval) and
+then trimmed to what `genssd report` reads: cold-start/run, cold-start/train, every METHOD/train
+(adapters, checkpoints) and report/ left out, and of each run directory only events.jsonl,
+trajectories.jsonl, failures.jsonl, summary.json and config.yaml kept. The eval dataset is the demo
+generator's held-out problems, where every student answers some right and no two as many (GSM8K is
+left out: the 135M student answers none, and 0 == 0 checks nothing). The expected numbers are
+recomputed here from the raw records (events.jsonl, samples.jsonl), not from the summary.json and
+metrics.json the report reads."""
 
 import io
 import json
@@ -17,19 +29,43 @@ from conftest import genssd
 
 RECORDED = Path(__file__).parent / "data" / "compare-recorded"
 METHODS = ("genssd", "standard-kd", "posthoc-ppl")
+DATASET = "arith1-heldout"  # the recorded evals' one dataset
+# The pipeline's directories with an eval, and their columns in the report, in its order.
+COLUMNS = {"base": "base student", "cold-start": "cold start", **{m: m for m in METHODS}}
+COLD_ADAPTER = "/tmp/fx/cold-start/train/adapter"  # what the recorded runs were scored by
+COUNTS = ("kept", "correct", "pruned", "truncated", "failed", "pending")
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def kept_rows(events: list[dict]) -> list[dict]:
+    """The rows of the trajectories that ended with one (finished or truncated), from the log."""
+    return [row for e in events if e["type"] == "finish" for row in (e["row"], *e.get("more", []))]
 
 
 def expected_run(run_dir: Path) -> dict:
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    rows = [e["row"] for e in events if e["type"] == "finish"]
+    events = jsonl(run_dir / "events.jsonl")
+    rows = kept_rows(events)
     responses = [e for e in events if e["type"] == "response"]
-    ppls = [r["student_ppl"] for r in rows]
+    ppls = [r["student_ppl"] for r in rows if r["student_ppl"] is not None]
     lengths = [r["completion_tokens"] for r in rows]
     generated = sum(e["completion_tokens"] for e in responses)
+    # Every trajectory of the run (problems times samples) ended (finish, prune), failed (an error and
+    # no end after it) or is pending (neither: the run stopped before it ended).
+    ended = {(e["problem_id"], e["sample"]) for e in events if e["type"] in ("finish", "prune")}
+    failed = {(e["problem_id"], e["sample"]) for e in events if e["type"] == "error"} - ended
+    start = [e for e in events if e["type"] == "run_start"][-1]
+    wanted = start["problems"] * start["settings"]["search.samples"]
     return {
+        "problems": start["problems"],
         "kept": len(rows),
         "correct": sum(r["correct"] for r in rows),
         "pruned": sum(e["type"] == "prune" for e in events),
+        "truncated": sum(r["finish"] == "truncated" for r in rows),
+        "failed": len(failed),
+        "pending": wanted - len(ended) - len(failed),
         "ppl": (statistics.fmean(ppls), statistics.median(ppls)),
         "length": (statistics.fmean(lengths), statistics.median(lengths)),
         "teacher_tokens": generated,
@@ -38,8 +74,16 @@ def expected_run(run_dir: Path) -> dict:
     }
 
 
+def correct_by_problem(eval_dir: Path) -> dict[str, float]:
+    """From samples.jsonl alone: per problem, the share of its samples answered right."""
+    right: dict[str, list[bool]] = {}
+    for sample in jsonl(eval_dir / "samples.jsonl"):
+        right.setdefault(sample["problem_id"], []).append(sample["correct"])
+    return {p: sum(oks) / len(oks) for p, oks in right.items()}
+
+
 def expected_accuracy(eval_dir: Path) -> float:
-    samples = [json.loads(line) for line in (eval_dir / "samples.jsonl").read_text().splitlines()]
+    samples = jsonl(eval_dir / "samples.jsonl")
     return sum(s["correct"] for s in samples) / len(samples)
 
 
@@ -88,7 +132,7 @@ def teacher_by_problem(run_dir: Path) -> dict[str, tuple[int, int]]:
     """From events.jsonl alone: per problem, (teacher completion tokens paid, kept tokens)."""
     paid: dict[str, int] = {}
     kept: dict[str, int] = {}
-    for event in (json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()):
+    for event in jsonl(run_dir / "events.jsonl"):
         if event["type"] == "response":
             paid[event["problem_id"]] = paid.get(event["problem_id"], 0) + event["completion_tokens"]
         if event["type"] == "finish":
@@ -97,9 +141,52 @@ def teacher_by_problem(run_dir: Path) -> dict[str, tuple[int, int]]:
     return {p: (paid.get(p, 0), kept.get(p, 0)) for p in paid.keys() | kept.keys()}
 
 
+def logged_by_problem(run_dir: Path, field: str) -> dict[str, float]:
+    """From events.jsonl alone: per problem, the mean of a kept row field (rows with a finite value)."""
+    values: dict[str, list[float]] = {}
+    for row in kept_rows(jsonl(run_dir / "events.jsonl")):
+        if row[field] is not None and math.isfinite(row[field]):
+            values.setdefault(row["problem_id"], []).append(row[field])
+    return {p: statistics.fmean(v) for p, v in values.items()}
+
+
 def recorded_teacher_ratio(recorded: Path, method: str) -> tuple[float, float, float, int]:
     ref, other = teacher_by_problem(recorded / "genssd/run"), teacher_by_problem(recorded / method / "run")
     return bootstrap([(*ref[p], *other[p]) for p in sorted(ref.keys() & other.keys())], ratio_gap)
+
+
+def paired(ref: dict[str, float], other: dict[str, float], scale: float = 1.0) -> tuple[float, float, float, int]:
+    """(delta, low, high, pairs) of the mean difference over the problems both have, in id order."""
+    pairs = sorted(ref.keys() & other.keys())
+    return (*bootstrap([(scale * ref[p], scale * other[p]) for p in pairs], mean_gap)[:3], len(pairs))
+
+
+def recorded_differences(recorded: Path) -> dict[str, dict[str, tuple[float, float, float, int]]]:
+    """Per column but genssd's, per report.json key: (delta, low, high, pairs) from the raw records."""
+    ref = recorded / "genssd"
+    want: dict[str, dict[str, tuple[float, float, float, int]]] = {}
+    for owner, label in COLUMNS.items():
+        if owner == "genssd":
+            continue
+        metrics = {}
+        if owner in METHODS:  # a run of its own: the run rows too
+            other = recorded / owner / "run"
+            for key, field in (("student_ppl", "student_ppl"), ("length_tokens", "completion_tokens")):
+                metrics[key] = paired(logged_by_problem(ref / "run", field), logged_by_problem(other, field))
+            delta, low, high, _ = recorded_teacher_ratio(recorded, owner)
+            pairs = len(teacher_by_problem(ref / "run").keys() & teacher_by_problem(other).keys())
+            metrics["teacher_tokens_per_kept_token"] = (delta, low, high, pairs)
+        metrics[f"accuracy:{DATASET}"] = paired(correct_by_problem(ref / "eval"),
+                                                correct_by_problem(recorded / owner / "eval"), scale=100.0)  # fmt: skip
+        want[label] = metrics
+    return want
+
+
+def shown(difference: tuple[float, float, float, int], digits: int) -> str:
+    """A difference as report.md shows it: +1.23 (-0.40 to +2.90), n=10."""
+    delta, low, high, pairs = difference
+    signed = [f"{round(x, digits) + 0.0:+.{digits}f}" for x in (delta, low, high)]
+    return f"{signed[0]} ({signed[1]} to {signed[2]}), n={pairs}"
 
 
 def comparability(warnings: list[str]) -> list[str]:
@@ -107,8 +194,9 @@ def comparability(warnings: list[str]) -> list[str]:
     return [w for w in warnings if " - genssd, " not in w]
 
 
-RECORDED_EVAL = sorted(json.loads(line)["problem_id"]
-                       for line in (RECORDED / "genssd/eval/samples.jsonl").read_text().splitlines())  # fmt: skip
+EVAL_PROBLEMS = len(correct_by_problem(RECORDED / "base/eval"))
+RUN_ROWS = (("student_ppl", "Δ student PPL of kept (mean)", 3), ("length_tokens", "Δ length in tokens (mean)", 1),
+            ("teacher_tokens_per_kept_token", "Δ teacher tokens per kept token", 2))  # fmt: skip
 
 
 @pytest.fixture
@@ -118,30 +206,47 @@ def recorded(tmp_path):
     return copy
 
 
+def test_recorded_accuracies_are_not_zero_and_differ_per_column():
+    # What makes the checks below able to fail: a column's number shown in another's place, or an
+    # accuracy computed over the wrong samples, changes what is shown.
+    correct = {m: expected_run(RECORDED / m / "run")["correct"] for m in METHODS}
+    assert min(correct.values()) > 0 and len(set(correct.values())) == len(METHODS), correct
+    accuracy = {owner: expected_accuracy(RECORDED / owner / "eval") for owner in COLUMNS}
+    assert min(accuracy.values()) > 0 and len(set(accuracy.values())) == len(COLUMNS), accuracy
+    # Every eval is of the same held-out problems, one greedy sample each: the accuracies are paired.
+    for owner in COLUMNS:
+        settings = json.loads((RECORDED / owner / "eval/eval.json").read_text())
+        assert (settings["dataset"], settings["samples"], settings["temperature"]) == (DATASET, 1, 0.0)
+        samples = jsonl(RECORDED / owner / "eval/samples.jsonl")
+        assert len(samples) == EVAL_PROBLEMS
+        assert correct_by_problem(RECORDED / owner / "eval").keys() == correct_by_problem(RECORDED / "base/eval").keys()
+    # Finished runs: nothing failed or pending, and every run of the same problems.
+    runs = [expected_run(RECORDED / m / "run") for m in METHODS]
+    assert {(r["failed"], r["pending"], r["problems"]) for r in runs} == {(0, 0, runs[0]["problems"])}
+
+
 def test_report_numbers_match_the_raw_records(recorded, tmp_path):
     out = tmp_path / "report"
     result = genssd("report", str(recorded), "--out", str(out))
     assert result.returncode == 0, result.stderr
     numbers = json.loads((out / "report.json").read_text())
+    md = (out / "report.md").read_text()
+    terminal = " ".join(result.stdout.split())
     columns = {c["label"]: c for c in numbers["columns"]}
-    assert list(columns) == ["base student", *METHODS]
-    # genssd pruned one of the 3 problems: resamples of that problem alone keep no genssd token.
+    assert list(columns) == list(COLUMNS.values())
+    assert md.splitlines()[2] == "| | " + " | ".join(COLUMNS.values()) + " |"
+    # The only warnings: teacher-ratio resamples that drew problems genssd pruned alone, if any.
     undefined = {m: recorded_teacher_ratio(recorded, m)[3] for m in METHODS[1:]}
     assert numbers["warnings"] == [
-        f"{m} - genssd, teacher tokens per kept token: {undefined[m]} of 2000 resamples kept no tokens of one run "
-        "and were left out of the interval" for m in METHODS[1:]]  # fmt: skip
-    assert all(0 < n < 200 for n in undefined.values())
-    for method in METHODS[1:]:
-        delta, low, high, _ = recorded_teacher_ratio(recorded, method)
-        got = numbers["differences"][method]["teacher_tokens_per_kept_token"]
-        assert (got["delta"], got["low"], got["high"], got["pairs"]) == pytest.approx((delta, low, high, 3), abs=1e-4)
-        shown = [columns[m]["run"]["teacher_tokens_per_kept_token"] for m in (method, "genssd")]
-        assert got["delta"] == pytest.approx(shown[0] - shown[1], abs=0.01)
-    pruned_somewhere = False
-    for method in METHODS:
-        run, want = columns[method]["run"], expected_run(recorded / method / "run")
-        assert run["method"] == method
-        assert (run["kept"], run["correct"], run["pruned"]) == (want["kept"], want["correct"], want["pruned"])
+        f"{m} - genssd, teacher tokens per kept token: {n} of 2000 resamples kept no tokens of one run and were "
+        "left out of the interval" for m, n in undefined.items() if n]  # fmt: skip
+
+    # The runs: counts, PPLs, lengths, teacher tokens, from events.jsonl.
+    wants = {m: expected_run(recorded / m / "run") for m in METHODS}
+    for method, want in wants.items():
+        run = columns[method]["run"]
+        assert run["method"] == method and run["problems"] == want["problems"]
+        assert {k: run[k] for k in COUNTS} == {k: want[k] for k in COUNTS}, method
         assert run["student_ppl"]["mean"] == pytest.approx(want["ppl"][0], abs=1e-3)
         assert run["student_ppl"]["median"] == pytest.approx(want["ppl"][1], abs=1e-3)
         assert run["length_tokens"]["mean"] == pytest.approx(want["length"][0], abs=1e-3)
@@ -149,22 +254,53 @@ def test_report_numbers_match_the_raw_records(recorded, tmp_path):
         assert run["teacher_tokens"] == want["teacher_tokens"]
         assert run["teacher_tokens_per_kept_token"] == pytest.approx(want["per_kept_token"], abs=1e-3)
         assert run["requests"] == want["requests"]
-        pruned_somewhere |= want["pruned"] > 0
-        [evaluation] = columns[method]["evals"].values()
-        assert evaluation["accuracy"] == pytest.approx(expected_accuracy(recorded / method / "eval"))
-        # The markdown shows the same numbers, one column per method.
-        md = (out / "report.md").read_text()
-        assert f"{want['ppl'][0]:.3f} / {want['ppl'][1]:.3f}" in md
-    [base] = columns["base student"]["evals"].values()
-    assert base["accuracy"] == pytest.approx(expected_accuracy(recorded / "base" / "eval"))
-    assert columns["base student"]["run"] is None
+    for label in ("base student", "cold start"):
+        assert columns[label]["run"] is None
+    # The markdown shows the same numbers, one column per method (the reference columns have no run).
+    blank = ["", ""]
+    assert md_row(md, "trajectories kept") == blank + [str(wants[m]["kept"]) for m in METHODS]
+    assert md_row(md, "correct") == blank + [str(wants[m]["correct"]) for m in METHODS]
+    assert md_row(md, "pruned") == blank + [str(wants[m]["pruned"]) for m in METHODS]
+    assert md_row(md, "student PPL of kept (mean / median)") == blank + [
+        f"{wants[m]['ppl'][0]:.3f} / {wants[m]['ppl'][1]:.3f}" for m in METHODS]  # fmt: skip
     # Standard KD asks one whole trajectory per sample: one request each, never pruned.
     assert columns["standard-kd"]["run"]["requests"] == columns["standard-kd"]["run"]["kept"]
-    # The recorded runs as golden numbers: 3 problems each.
-    assert [columns[m]["run"]["problems"] for m in METHODS] == [3, 3, 3]
-    md_header = (out / "report.md").read_text().splitlines()[2]
-    assert md_header == "| | base student | genssd | standard-kd | posthoc-ppl |"
-    assert "genssd report" in result.stdout and "student PPL" in result.stdout
+
+    # The evals: accuracy = right / answered, one greedy sample per problem: Wilson's 95 % interval.
+    cells = []
+    for owner, label in COLUMNS.items():
+        samples = jsonl(recorded / owner / "eval/samples.jsonl")
+        right, n = sum(s["correct"] for s in samples), len(samples)
+        evaluation = columns[label]["evals"][DATASET]
+        assert evaluation["dir"] == str(recorded / owner / "eval")
+        assert (evaluation["problems"], evaluation["samples"], evaluation["pass_at_k"]) == (n, 1, None)
+        assert evaluation["accuracy"] == pytest.approx(right / n, abs=1e-4)
+        assert evaluation["ci95"] == pytest.approx(wilson(right, n), abs=1e-4)
+        low, high = (round(x, 4) for x in wilson(right, n))
+        cells.append(f"{100 * round(right / n, 4):.1f} % ({100 * low:.1f} to {100 * high:.1f})")
+    assert md_row(md, f"eval accuracy, {DATASET} ({EVAL_PROBLEMS} problems, 95 % CI)") == cells
+    assert all(cell in terminal for cell in cells)
+    assert "pass@" not in md  # one sample per problem everywhere: no pass@k row
+
+    # The differences from genssd: the paired bootstrap redone on the raw records.
+    want = matches_recorded_differences(numbers, recorded)
+    accuracy = f"accuracy:{DATASET}"
+    for label, metrics in want.items():
+        assert all(low <= delta <= high for delta, low, high, _ in metrics.values()), label
+        assert metrics[accuracy][0] != 0 and metrics[accuracy][3] == EVAL_PROBLEMS, label
+    for method in METHODS[1:]:  # on all problems the teacher ratio is the main table's difference
+        got = numbers["differences"][method]["teacher_tokens_per_kept_token"]
+        table = [columns[m]["run"]["teacher_tokens_per_kept_token"] for m in (method, "genssd")]
+        assert got["pairs"] == wants[method]["problems"]
+        assert got["delta"] == pytest.approx(table[0] - table[1], abs=0.01)
+    title = "differences from genssd (95 % paired bootstrap over problems)"
+    compared = [label for label in COLUMNS.values() if label != "genssd"]
+    assert md.split(f"## {title}")[1].splitlines()[2] == "| | " + " | ".join(compared) + " |"
+    for key, name, digits in RUN_ROWS:
+        assert md_row(md, name) == [shown(want[label][key], digits) if label in METHODS else "" for label in compared]
+    accuracy_cells = [shown(want[label][accuracy], 1) for label in compared]
+    assert md_row(md, f"Δ eval accuracy, {DATASET} (points)") == accuracy_cells
+    assert title in terminal and all(cell in terminal for cell in accuracy_cells)
 
 
 def test_plots_are_valid_pngs(recorded, tmp_path):
@@ -178,6 +314,117 @@ def test_plots_are_valid_pngs(recorded, tmp_path):
         pixels = matplotlib.image.imread(out / name)
         assert pixels.shape[0] > 100 and pixels.shape[1] > 100
         assert pixels.std() > 0.01, f"{name} is blank"
+
+
+def rematerialise(run_dir: Path) -> None:
+    """trajectories.jsonl, failures.jsonl and summary.json made again from an edited events.jsonl,
+    as `genssd run` makes them at the end of every session."""
+    from genssd_cli.config import load_run_config
+    from genssd_cli.data import load_problems
+    from genssd_cli.records import RunStart, read_log
+    from genssd_cli.results import failure_rows, summarize, trajectory_rows
+
+    cfg = load_run_config(run_dir / "config.yaml")
+    events = read_log(run_dir / "events.jsonl")
+    start = [e for e in events if isinstance(e, RunStart)][-1]
+    problems = load_problems(cfg.data, start.limit)
+    (run_dir / "trajectories.jsonl").write_text("".join(r.line() for r in trajectory_rows(events, problems)))
+    (run_dir / "failures.jsonl").write_text("".join(r.line() for r in failure_rows(events)))
+    summary = summarize(events, problems, cfg.search.samples, cfg.teacher)
+    (run_dir / "summary.json").write_text(summary.model_dump_json())
+
+
+def test_failed_truncated_and_pending_trajectories_are_counted(recorded, tmp_path):
+    # genssd's run as a stopped session leaves it: of four of its finished problems, one failed
+    # (the teacher gave up on its next step), one hit max_steps (truncated, after an error that a
+    # resume retried), one stopped mid-way (its end never logged), one never started (no record).
+    run = recorded / "genssd/run"
+    events = jsonl(run / "events.jsonl")
+    finishes = [e for e in events if e["type"] == "finish"]
+    truncated = next(e for e in finishes if e["row"]["correct"])
+    failed, stopped, unstarted = [e for e in finishes if e is not truncated][:3]
+    never = unstarted["problem_id"]
+
+    def error(finish: dict, step: int, error_class: str) -> dict:
+        return {"v": 2, "type": "error", "problem_id": finish["problem_id"], "sample": finish["sample"], "step": step,
+                "error_class": error_class, "message": f"{error_class} after 5 retries"}  # fmt: skip
+
+    edited = []
+    for event in events:
+        if event.get("problem_id") == never or event is stopped:
+            continue
+        if event is failed:
+            edited.append(error(failed, failed["row"]["steps"], "timeout"))
+        elif event is truncated:
+            row = {**truncated["row"], "finish": "truncated", "correct": False}
+            edited += [error(truncated, 0, "connection"), {**truncated, "row": row}]
+        else:
+            edited.append(event)
+    (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in edited))
+    rematerialise(run)
+    want, before = expected_run(run), expected_run(RECORDED / "genssd/run")
+    # The log says what was done to it: 1 failed, 2 pending, 1 more truncated, 3 fewer kept.
+    assert (want["failed"], want["pending"]) == (1, 2)
+    assert (want["truncated"], want["kept"]) == (before["truncated"] + 1, before["kept"] - 3)
+
+    out = tmp_path / "report"
+    result = genssd("report", str(recorded), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    numbers, md = json.loads((out / "report.json").read_text()), (out / "report.md").read_text()
+    columns = {c["label"]: c for c in numbers["columns"]}
+    assert {k: columns["genssd"]["run"][k] for k in COUNTS} == {k: want[k] for k in COUNTS}
+    for method in METHODS[1:]:  # the other runs as they were
+        assert {k: columns[method]["run"][k] for k in COUNTS} == {k: expected_run(RECORDED / method / "run")[k]
+                                                                   for k in COUNTS}  # fmt: skip
+    assert md_row(md, "trajectories kept")[2] == str(want["kept"])
+    assert md_row(md, "correct")[2] == str(want["correct"])
+    # Said under the table, in report.json, report.md and on the terminal.
+    warning = f"{run}: 2 pending and 1 failed trajectories (not finished)"
+    assert warning in numbers["warnings"] and f"- {warning}\n" in md
+    assert warning in " ".join(result.stdout.split())
+    # The differences still stand, over the problems each has: the failed problem was paid for and
+    # kept nothing, the unstarted one is in no pair of genssd's.
+    want_differences = matches_recorded_differences(numbers, recorded)
+    ratio = want_differences["standard-kd"]["teacher_tokens_per_kept_token"]
+    assert ratio[3] == want["problems"] - 1  # all but the unstarted problem
+    assert want_differences["standard-kd"]["student_ppl"][3] <= want["problems"] - 3
+    for name in ("ppl.png", "length.png", "teacher_tokens.png", "accuracy.png"):
+        assert (out / name).read_bytes().startswith(b"\x89PNG"), name
+
+
+def matches_recorded_differences(numbers: dict, recorded: Path) -> dict:
+    """Asserts report.json's differences are those recomputed from the raw records; returns them."""
+    want = recorded_differences(recorded)
+    assert set(numbers["differences"]) == set(want)
+    for label, metrics in want.items():
+        assert set(numbers["differences"][label]) == set(metrics), label
+        for key, (delta, low, high, pairs) in metrics.items():
+            got = numbers["differences"][label][key]
+            assert got["pairs"] == pairs, (label, key)
+            assert (got["delta"], got["low"], got["high"]) == pytest.approx((delta, low, high), abs=1e-4), (label, key)
+    return want
+
+
+def test_resamples_where_genssd_kept_nothing_are_left_out_and_counted(recorded, tmp_path):
+    # genssd's run with all but two of its trajectories pruned (paid for, nothing kept): a resample
+    # of the problems that draws neither of the two has no genssd tokens to divide by.
+    run = recorded / "genssd/run"
+    events = jsonl(run / "events.jsonl")
+    finishes = [e for e in events if e["type"] == "finish"]
+    pruned = {id(e) for e in finishes[2:]}
+    edited = [{"v": 2, "type": "prune", "problem_id": e["problem_id"], "sample": e["sample"],
+               "step": e["row"]["steps"] - 1, "best_ppl": 9.5} if id(e) in pruned else e for e in events]  # fmt: skip
+    (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in edited))
+    rematerialise(run)
+    assert expected_run(run)["pruned"] == len(finishes) - 2
+    numbers, md = report([recorded], tmp_path / "report")
+    matches_recorded_differences(numbers, recorded)
+    undefined = {m: recorded_teacher_ratio(recorded, m)[3] for m in METHODS[1:]}
+    assert all(0 < n < 2000 for n in undefined.values())  # about 0.8 ** 10 of the resamples
+    warnings = [f"{m} - genssd, teacher tokens per kept token: {n} of 2000 resamples kept no tokens of one run and "
+                "were left out of the interval" for m, n in undefined.items()]  # fmt: skip
+    assert numbers["warnings"] == warnings
+    assert all(f"- {w}\n" in md for w in warnings)
 
 
 def test_runs_given_one_by_one_with_evals_linked_by_training_manifest(recorded, tmp_path):
@@ -195,7 +442,7 @@ def test_runs_given_one_by_one_with_evals_linked_by_training_manifest(recorded, 
     assert result.returncode == 0, result.stderr
     columns = {c["label"]: c for c in json.loads((out / "report.json").read_text())["columns"]}
     assert list(columns) == ["base student", "genssd", "standard-kd"]
-    assert columns["genssd"]["evals"]["gsm8k"]["dir"] == str(loose)
+    assert columns["genssd"]["evals"][DATASET]["dir"] == str(loose)
     assert columns["standard-kd"]["evals"] == {}
 
 
@@ -237,7 +484,6 @@ def test_unreadable_summary_is_one_line(recorded, tmp_path):
 
 # Hand-made evals: samples.jsonl written here, metrics.json as `genssd eval` writes it from them,
 # and the expected numbers recomputed below by formula from the samples alone.
-COLD_ADAPTER = "/tmp/fx/cold-start/train/adapter"  # what the recorded runs were scored by
 Z = 1.96
 
 
@@ -252,8 +498,7 @@ def write_eval(eval_dir: Path, adapter: str | None, correct: dict[str, list[bool
             for pid, oks in correct.items() for k, ok in enumerate(oks)]  # fmt: skip
     eval_dir.mkdir(parents=True, exist_ok=True)
     (eval_dir / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recorded = json.loads((RECORDED / "base/eval/eval.json").read_text())
-    recorded.pop("bench")
+    recorded = json.loads((RECORDED / "base/eval/eval.json").read_text())  # the recorded evals' other settings
     eval_json = {**recorded, "adapter": adapter, "dataset": dataset, "samples": samples, **settings}
     (eval_dir / "eval.json").write_text(json.dumps(eval_json))
     problems = [Problem(pid, "Q", "1") for pid in correct]
@@ -315,32 +560,21 @@ def varied(column: int) -> dict[str, list[bool]]:
 
 
 def test_cold_start_eval_is_a_column_of_its_own(recorded, tmp_path):
-    # The recorded evals' 4 problems, one sample each, greedy: their settings; 3 of 4 right.
-    cold = {p: [p != "gsm8k-test-0039"] for p in RECORDED_EVAL}
-    write_eval(recorded / "cold-start/eval", COLD_ADAPTER, cold)
-    add_stages(recorded, "cold-start/eval")
+    # The pipeline's cold-start/eval: the student every method starts from, a reference column.
     numbers, md = report([recorded], tmp_path / "report")
     columns = {c["label"]: c for c in numbers["columns"]}
-    assert list(columns) == ["base student", "cold start", *METHODS]
-    assert comparability(numbers["warnings"]) == []
-    # genssd's student answered none: the cold start is 75 points above it, on its 4 problems.
-    got = numbers["differences"]["cold start"]
-    assert list(got) == ["accuracy:gsm8k"]  # a reference column: accuracy only
-    low, high = bootstrap([(0.0, float(ok)) for [ok] in cold.values()], mean_gap)[1:3]
-    assert got["accuracy:gsm8k"] == pytest.approx({"delta": 75.0, "low": 100 * low, "high": 100 * high, "pairs": 4})
-    [evaluation] = columns["cold start"]["evals"].values()
+    assert list(columns) == list(COLUMNS.values())
     assert columns["cold start"]["run"] is None
-    assert evaluation["accuracy"] == pytest.approx(0.75) and evaluation["samples"] == 1
-    assert evaluation["ci95"] == pytest.approx(wilson(3, 4), abs=1e-4)
-    low, high = wilson(3, 4)
-    assert md.splitlines()[2] == "| | base student | cold start | genssd | standard-kd | posthoc-ppl |"
-    cells = md_row(md, "eval accuracy, gsm8k (4 problems, 95 % CI)")
-    assert cells[1] == f"75.0 % ({100 * low:.1f} to {100 * high:.1f})"
-    assert "pass@" not in md  # one sample per problem everywhere: no pass@k row
+    assert columns["cold start"]["evals"][DATASET]["adapter"] == COLD_ADAPTER
+    assert list(numbers["differences"]["cold start"]) == [f"accuracy:{DATASET}"]  # a reference column: accuracy only
+    assert md_row(md, "Δ student PPL of kept (mean)")[:2] == ["", ""]
 
-    # Outside a pipeline: the eval of the adapter that scored the runs is the cold start too.
-    numbers, _ = report([recorded / "genssd/run"], tmp_path / "alone", [recorded / "cold-start/eval"])
+    # Outside a pipeline, anywhere: the eval of the adapter that scored the runs is the cold start too.
+    loose = tmp_path / "elsewhere"
+    shutil.copytree(recorded / "cold-start/eval", loose)
+    numbers, _ = report([recorded / "genssd/run"], tmp_path / "alone", [loose])
     assert [c["label"] for c in numbers["columns"]] == ["cold start", "genssd"]
+    assert numbers["columns"][0]["evals"][DATASET]["dir"] == str(loose)
 
 
 def test_avg_at_k_and_pass_at_k_per_dataset(recorded, tmp_path):
@@ -369,33 +603,37 @@ def test_avg_at_k_and_pass_at_k_per_dataset(recorded, tmp_path):
         mean, (low, high) = avg_at_k(varied(by))
         assert cell == f"{100 * mean:.1f} % ({100 * low:.1f} to {100 * high:.1f})"
     assert md_row(md, "pass@4") == [f"{100 * pass_at(varied(by), 4):.1f} %" for by in range(len(owners))]
-    assert md.count("pass@4 |") == 1 and "eval accuracy, gsm8k (4 problems, 95 % CI)" in md
+    assert md.count("pass@4 |") == 1 and f"eval accuracy, {DATASET} ({EVAL_PROBLEMS} problems, 95 % CI)" in md
     assert "| mean generated tokens | 11.5 |" in md  # tokens 10..13 per problem
 
 
 def test_evals_of_one_dataset_with_other_settings_are_flagged(recorded, tmp_path):
-    write_eval(recorded / "genssd/eval", "/tmp/fx/genssd/train/adapter", {p: FOUR[p] for p in ("p0", "p1", "p2", "p3")},
-               temperature=0.6, top_p=0.95)  # fmt: skip
+    # genssd's eval replaced by one of as many other problems, four samples each, sampled; posthoc-ppl's
+    # eval said to allow longer answers.
+    sampled = {f"p{i}": FOUR[f"p{i % 5}"] for i in range(EVAL_PROBLEMS)}
+    write_eval(recorded / "genssd/eval", "/tmp/fx/genssd/train/adapter", sampled, dataset=DATASET, temperature=0.6,
+               top_p=0.95)  # fmt: skip
     settings = json.loads((recorded / "posthoc-ppl/eval/eval.json").read_text())
     (recorded / "posthoc-ppl/eval/eval.json").write_text(json.dumps({**settings, "max_new_tokens": 512}))
     numbers, md = report([recorded], tmp_path / "report")
-    warning = ("the gsm8k evals differ in samples per problem (1, 4), max_new_tokens (256, 512), temperature "
-               "(0.0, 0.6), top_p (1.0, 0.95): their accuracies are not comparable")  # fmt: skip
+    tokens = settings["max_new_tokens"]
+    warning = (f"the {DATASET} evals differ in samples per problem (1, 4), max_new_tokens ({tokens}, 512), "
+               "temperature (0.0, 0.6), top_p (1.0, 0.95): their accuracies are not comparable")  # fmt: skip
     assert comparability(numbers["warnings"]) == [warning]
     assert warning in md
-    # genssd's eval is now of other problems (p0..p3): no accuracy difference, and the warnings say why.
-    for column in ("base student", "standard-kd", "posthoc-ppl"):
-        assert numbers["differences"][column]["accuracy:gsm8k"] == {"delta": None, "low": None, "high": None,
-                                                                     "pairs": 0}  # fmt: skip
-        assert (f"{column} - genssd, eval accuracy, gsm8k (points): 0 eval problems both evals answered (a paired "
+    # genssd's eval is now of other problems: no accuracy difference, and the warnings say why.
+    for column in ("base student", "cold start", "standard-kd", "posthoc-ppl"):
+        assert numbers["differences"][column][f"accuracy:{DATASET}"] == {"delta": None, "low": None, "high": None,
+                                                                          "pairs": 0}  # fmt: skip
+        assert (f"{column} - genssd, eval accuracy, {DATASET} (points): 0 eval problems both evals answered (a paired "
                 "difference needs 2): —") in numbers["warnings"]  # fmt: skip
-    assert md_row(md, "Δ eval accuracy, gsm8k (points)") == ["—", "—", "—"]
+    assert md_row(md, f"Δ eval accuracy, {DATASET} (points)") == ["—"] * 4
     # Mixed samples: the row says both, each cell says its k.
-    cells = md_row(md, "eval accuracy / avg@k, gsm8k (4 problems, 95 % CI)")
-    mean, (low, high) = avg_at_k({p: FOUR[p] for p in ("p0", "p1", "p2", "p3")})
-    assert cells[1] == f"{100 * mean:.1f} % ({100 * low:.1f} to {100 * high:.1f}) avg@4"
-    assert cells[0].endswith(")") and "avg@" not in cells[0]
-    assert md_row(md, "pass@k") == ["—", "75.0 % (k=4)", "—", "—"]
+    cells = md_row(md, f"eval accuracy / avg@k, {DATASET} ({EVAL_PROBLEMS} problems, 95 % CI)")
+    mean, (low, high) = avg_at_k(sampled)
+    assert cells[2] == f"{100 * mean:.1f} % ({100 * low:.1f} to {100 * high:.1f}) avg@4"
+    assert all(cell.endswith(")") and "avg@" not in cell for cell in cells[:2] + cells[3:])
+    assert md_row(md, "pass@k") == ["—", "—", f"{100 * pass_at(sampled, 4):.1f} % (k=4)", "—", "—"]
 
 
 # ---- differences from genssd, on hand-written runs and evals ---------------------------------------
