@@ -15,6 +15,7 @@ from genssd_cli.config import TrainConfig
 from genssd_cli.errors import UsageError
 
 CHECKPOINTS = "checkpoints"
+_USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")  # as genssd found it
 
 
 def make_trainer(cfg: TrainConfig, rows: list[dict[str, Any]], out: Path, console: Console, loaded=None):
@@ -36,8 +37,10 @@ def make_trainer(cfg: TrainConfig, rows: list[dict[str, Any]], out: Path, consol
 
     student, training, lora = cfg.student, cfg.training, cfg.lora
     check_trackers(training.report_to)
-    # TensorBoard's event files beside the adapter, not under checkpoints/ (rotated away).
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
+    if "tensorboard" in training.report_to:
+        # Event files beside the adapter, not under checkpoints/ (rotated away); set for each
+        # training, since a pipeline trains several times in one process. A user's own setting wins.
+        os.environ["TENSORBOARD_LOGGING_DIR"] = _USER_TENSORBOARD_DIR or str(out / "tensorboard")
     device = pick_device(student.device)
     if loaded is None:
         loaded = load_causal_lm(
