@@ -1,9 +1,14 @@
 """The student's LoRA trainer: TRL's SFTTrainer with peft, set up for the device (bf16 and
 gradient checkpointing on a GPU, plain fp32 and the model's own loss on a CPU), with progress
-lines instead of raw log dicts. `genssd train` drives it; `genssd bench train` times it."""
+lines instead of raw log dicts. `genssd train` drives it; `genssd bench train` times it.
+
+Under a launcher (torchrun, `accelerate launch`, `genssd train --processes N`) every process
+builds the same trainer: one device each (its LOCAL_RANK's GPU, or the CPU over gloo), the
+global batch of one process kept (`batch_layout`), rank 0 the only one that prints."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -15,6 +20,7 @@ from genssd_cli.config import TrainConfig
 from genssd_cli.errors import UsageError
 
 CHECKPOINTS = "checkpoints"
+SAVED_BY_ALL = "saved-by-all.json"  # in a checkpoint of several processes: every process saved its part
 _USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")  # as genssd found it
 
 
@@ -42,18 +48,26 @@ def make_trainer(cfg: TrainConfig, rows: list[dict[str, Any]], out: Path, consol
         # training, since a pipeline trains several times in one process. A user's own setting wins.
         os.environ["TENSORBOARD_LOGGING_DIR"] = _USER_TENSORBOARD_DIR or str(out / "tensorboard")
     device = pick_device(student.device)
+    processes = world_size()
+    on_gpu = device == "cuda"
+    if processes > 1 and on_gpu:
+        here = int(os.environ.get("LOCAL_WORLD_SIZE", processes))  # every process of this machine refuses alike
+        if here > torch.cuda.device_count():
+            raise UsageError(f"{here} training processes on this machine, {torch.cuda.device_count()} GPUs "
+                             "visible: one GPU per process")  # fmt: skip
+        torch.cuda.set_device(local_rank())  # "cuda" is this process's own GPU from here on
     if loaded is None:
         loaded = load_causal_lm(
             student.model, student.gguf_file, student.adapter, device, student.dtype, trainable=True
         )
     model, tokenizer = loaded
-    on_gpu = device == "cuda"
+    batch_size, grad_accum = batch_layout(training.batch_size, training.grad_accum, processes)
     args = SFTConfig(
         output_dir=str(out / CHECKPOINTS),
         num_train_epochs=training.epochs,
         learning_rate=training.learning_rate,
-        per_device_train_batch_size=training.batch_size,
-        gradient_accumulation_steps=training.grad_accum,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
         warmup_steps=training.warmup_steps,
         seed=training.seed,
         max_length=training.max_length,
@@ -68,6 +82,8 @@ def make_trainer(cfg: TrainConfig, rows: list[dict[str, Any]], out: Path, consol
         use_cpu=not on_gpu,
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
         gradient_checkpointing=on_gpu,
+        # Every LoRA weight gets a gradient each step: DDP need not search the graph for unused ones.
+        ddp_find_unused_parameters=False if processes > 1 else None,
     )
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     # A student that already has an adapter (e.g. cold-started) trains that adapter further, so
@@ -83,10 +99,81 @@ def make_trainer(cfg: TrainConfig, rows: list[dict[str, Any]], out: Path, consol
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[progress_lines(console)],
+        callbacks=[progress_lines(console)] + ([saved_by_all(processes)] if processes > 1 else []),
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts
     return trainer
+
+
+def world_size() -> int:
+    """How many processes train together: the launcher's WORLD_SIZE (torchrun and `accelerate launch`
+    set it, with RANK and LOCAL_RANK), else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0")) if world_size() > 1 else 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0")) if world_size() > 1 else 0
+
+
+def is_main_process() -> bool:
+    """Rank 0: the one process that writes genssd's files and prints."""
+    return rank() == 0
+
+
+def batch_layout(batch_size: int, grad_accum: int, processes: int) -> tuple[int, int]:
+    """Rows per process and accumulation steps for `processes` data-parallel processes that keep
+    one process's global batch (batch_size * grad_accum rows per optimizer step), so the steps, the
+    learning-rate schedule and a comparison with a one-process training stay the same. The
+    accumulation is divided first (each process's memory stays as configured), then the batch.
+    When batch_size * grad_accum is no multiple of `processes`, both stay as configured: the global
+    batch grows `processes`-fold (the caller warns)."""
+    total = batch_size * grad_accum
+    if total % processes:
+        return batch_size, grad_accum
+    share = total // processes
+    rows = max(b for b in range(1, min(batch_size, share) + 1) if share % b == 0)
+    return rows, share // rows
+
+
+def agreed(value: Any) -> Any:
+    """Rank 0's `value`, on every process (one process: `value`)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def end_process_group() -> None:
+    """Torn down before exit: NCCL warns about a group left for the interpreter to destroy."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def saved_by_all(processes: int):
+    """Rank 0 writes trainer_state.json while another process may still be writing its part of the
+    checkpoint (its RNG state): once all have saved (a barrier), rank 0 marks the checkpoint whole."""
+    import torch.distributed as dist
+    from transformers import TrainerCallback
+
+    from genssd_cli.files import write_atomic
+
+    class SavedByAll(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            dist.barrier()
+            if state.is_world_process_zero:
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                write_atomic(folder / SAVED_BY_ALL, json.dumps({"processes": processes}) + "\n")
+
+    return SavedByAll()
 
 
 def check_trackers(report_to: list[str]) -> None:
@@ -105,6 +192,7 @@ def check_trackers(report_to: list[str]) -> None:
 def rows_over_length(tokenizer, rows: list[dict[str, Any]], max_length: int) -> int:
     """Rows whose whole conversation (the student's chat template) is longer than max_length:
     TRL cuts them, so they train on a partial trace."""
+
     def length(row: dict[str, Any]) -> int:
         text = tokenizer.apply_chat_template([*row["prompt"], *row["completion"]], tokenize=False)
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -120,8 +208,10 @@ def plain_loss_trainer(sft_trainer: type) -> type:
 
     class PlainLossSFTTrainer(sft_trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if model.training and "attention_mask" in inputs:  # TRL's token count, for tokens/s
-                self._total_train_tokens += int(inputs["attention_mask"].sum())
+            if model.training and "attention_mask" in inputs:  # TRL's token count (all processes), for tokens/s
+                self._total_train_tokens += int(
+                    self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum()
+                )
                 self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
@@ -138,7 +228,7 @@ def progress_lines(console: Console):
             self.first_step = state.global_step
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "loss" not in logs:
+            if not logs or "loss" not in logs or not state.is_world_process_zero:
                 return
             elapsed = time.monotonic() - self.started
             done = max(state.global_step - self.first_step, 1)
