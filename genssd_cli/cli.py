@@ -279,6 +279,67 @@ def bench_eval(
     print_lines(run_bench(model, random_init, rows, batch_size, max_new_tokens, backend))
 
 
+@bench_app.command("affinity")
+def bench_affinity(
+    endpoints: list[str] = typer.Option(
+        [],
+        "--endpoint",
+        help="a running vLLM server's base URL, with prefix caching and VLLM_SERVER_DEV_MODE=1 (repeat; default: "
+        "start --servers)",
+    ),
+    servers: int = typer.Option(2, "--servers", min=2, help="vLLM servers to start when no --endpoint is given"),
+    teacher: str = typer.Option(
+        "smollm2-135m-instruct", "--teacher", help="the model they serve: shipped name, HF id or folder"
+    ),
+    student: str = typer.Option("smollm2-135m-instruct", "--student", help="shipped name, HF id or folder"),
+    problems: int = typer.Option(4, "--problems", min=1),
+    samples: int = typer.Option(2, "--samples", min=1, help="trajectories per problem"),
+    n: int = typer.Option(4, "--n", min=1),
+    chunk: int = typer.Option(32, "--chunk", min=1),
+    steps: int = typer.Option(6, "--steps", min=1, help="steps per trajectory"),
+    concurrency: int = typer.Option(8, "--concurrency", min=1, help="requests in flight per server"),
+    vllm_python: str | None = typer.Option(
+        None, "--vllm-python", help="a Python with vLLM (default: $GENSSD_VLLM_PYTHON, else .venv-vllm/bin/python)"
+    ),
+    vllm_args: list[str] = typer.Option([], "--vllm-arg", help="an extra server argument: --vllm-arg=--block-size=16"),
+    startup_timeout_s: float = typer.Option(900.0, "--startup-timeout-s", min=1.0),
+) -> None:
+    """teacher.routing affinity against least-loaded: the same run on a pool of vLLM servers, each
+    server's prefix-cache hit rate from its /metrics."""
+    from genssd_cli.bench import print_lines
+    from genssd_cli.bench.affinity import bench_affinity as run_bench
+
+    print_lines(run_bench(endpoints, servers, teacher, student, problems, samples, n, chunk, steps, concurrency,
+                          vllm_python, vllm_args, startup_timeout_s))  # fmt: skip
+
+
+@bench_app.command("resume")
+def bench_resume(
+    problems: int = typer.Option(100_000, "--problems", min=1, help="problems in the synthetic run"),
+    out: Path | None = typer.Option(None, "--out", help="keep the synthetic run here (default: a temporary folder)"),
+    samples: int = typer.Option(1, "--samples", min=1, help="trajectories per problem"),
+    steps: int = typer.Option(4, "--steps", min=1, help="steps per trajectory"),
+    n: int = typer.Option(4, "--n", min=1, help="candidates per step"),
+    chunk_tokens: int = typer.Option(256, "--chunk-tokens", min=1, help="tokens of text per candidate"),
+    baseline: Path | None = typer.Option(
+        None,
+        "--baseline",
+        help="another genssd checkout, measured on the same log (e.g. `git worktree add /tmp/genssd-before c083b59`)",
+    ),
+    memory_limit_gb: float = typer.Option(
+        16.0, "--memory-limit-gb", min=0.0, help="address-space cap of each measured process (0: none)"
+    ),
+) -> None:
+    """What `genssd run` does with a paper-scale log on resume and at the end (read, replay,
+    materialise), in a child process: time and peak RSS; with --baseline, another checkout's too."""
+    from genssd_cli.bench import print_lines
+    from genssd_cli.bench.resume import Shape
+    from genssd_cli.bench.resume import bench_resume as run_bench
+
+    shape = Shape(problems=problems, samples=samples, steps=steps, n=n, chunk_tokens=chunk_tokens)
+    run_bench(shape, out, baseline, memory_limit_gb or None, lambda line: print_lines([line]))
+
+
 @bench_app.command("gpu")
 def bench_gpu(
     out: Path = typer.Option(..., "--out", help="where gpu-check.jsonl, summary.md and parts.log go"),

@@ -84,6 +84,13 @@ class TeacherConfig(_Strict):
     stop: list[str] = Field(default_factory=list)
     seed: int = 0
     max_concurrency: int = Field(4, ge=1, description="requests in flight per endpoint")
+    routing: Literal["affinity", "least-loaded"] = Field(
+        "affinity",
+        description="ours, not the paper's: how a pool's endpoint is picked. affinity: each trajectory's "
+        "requests go to one endpoint (rendezvous hashing of its problem id and sample, spilling only when that one "
+        "is full and over 1.25x its share of the load), so its server's prefix cache holds the growing trace; "
+        "least-loaded: every request to the least-loaded endpoint (docs/teachers.md#several-servers-endpoint-pools)",
+    )
     requests_per_minute: float | None = Field(None, gt=0, description="per endpoint; null: no limit")
     tokens_per_minute: float | None = Field(None, gt=0, description="per endpoint (prompt + max new); null: none")
     timeout_s: float = Field(120.0, gt=0)
@@ -295,6 +302,7 @@ _NOT_RESULTS = {
     "teacher.logprobs",
     "teacher.api_key_env",
     "teacher.max_concurrency",
+    "teacher.routing",  # where a request goes, not what it asks
     "teacher.timeout_s",
     "teacher.retries",
     "teacher.launch.port",

@@ -1,13 +1,16 @@
 """One teacher endpoint: its OpenAI client, how it continues a trace (raw completions, or a
 partial assistant message continued through the chat API), its concurrency and rate limits, its
-health, and what it was asked and paid.
+health, its rendezvous score for a trajectory (the pool's affinity routing), and what it was
+asked and paid.
 
 One `create` is one HTTP request, no retries: the pool (teacher.py) decides where a retry goes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import time
 from collections import Counter
@@ -32,10 +35,13 @@ SIDELINE_MAX_S = 60.0
 
 @dataclass(frozen=True)
 class Prompt:
-    """What the teacher continues: the rendered problem and the trace accepted so far."""
+    """What the teacher continues: the rendered problem and the trace accepted so far, and whose
+    trace it is: the trajectory's (problem id, sample), which the pool routes by (None: a request
+    of no trajectory, as checks and probes send; it goes to the least-loaded endpoint)."""
 
     head: str
     trace: str = ""
+    trajectory: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -136,8 +142,26 @@ class Endpoint:
         raw = await self.client.models.with_raw_response.list()
         return list(parsed(raw, self.base_url, "data").data)
 
+    def held(self) -> int:
+        """Requests routed here and not answered yet: queued for the limits or in flight."""
+        return self.waiting + self.in_flight
+
     def load(self) -> float:
-        return (self.waiting + self.in_flight) / self.weight
+        return self.held() / self.weight
+
+    @property
+    def slots(self) -> int:
+        return int(self.limit.total_tokens)
+
+    def affinity(self, key: str) -> float:
+        """This endpoint's rendezvous (highest-random-weight) score for a trajectory key: the
+        pool's healthy endpoint with the highest score is the trajectory's home. A hash of (name,
+        key) gives u, uniform in (0, 1); weight / -ln(u) makes each endpoint the home of a share of
+        the keys proportional to its weight (the logarithmic method of weighted rendezvous
+        hashing). By name, not URL: a server that moves keeps its trajectories."""
+        digest = hashlib.blake2b(f"{self.name}\x00{key}".encode(), digest_size=8).digest()
+        u = ((int.from_bytes(digest, "big") >> 12) + 0.5) / 2**52  # 52 bits: exact, strictly inside (0, 1)
+        return self.weight / -math.log(u)
 
     def healthy(self, now: float) -> bool:
         return now >= self.sidelined_until

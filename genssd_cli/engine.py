@@ -140,7 +140,7 @@ class Engine:
                     return await self._finish(t, "truncated")
                 max_tokens = min(search.chunk_tokens, search.max_new_tokens - t.kept_tokens)
                 for attempt in range(search.retries + 1):
-                    prompt = Prompt(teacher_prompt, t.text)
+                    prompt = Prompt(teacher_prompt, t.text, t.key)  # the key routes it (affinity)
                     candidates = await self._candidates(t, attempt, prompt, max_tokens, search.n)
                     scores, best = await self._choose(t, attempt, student_prompt + t.text, candidates)
                     if not self._too_hard(scores[best].ppl):
@@ -166,7 +166,7 @@ class Engine:
         """A baseline: one request for whole trajectories (step 0), the method keeps one (MoRSD
         possibly several: one row each, best first)."""
         n = self.method.candidates(self.search.n)
-        candidates = await self._candidates(t, 0, Prompt(teacher_prompt), self.search.max_new_tokens, n)
+        candidates = await self._candidates(t, 0, Prompt(teacher_prompt, "", t.key), self.search.max_new_tokens, n)
         kept = await self._choose_whole(t, student_prompt, candidates)
         rows = []
         for rank, index in enumerate(kept):

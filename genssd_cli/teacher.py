@@ -1,14 +1,14 @@
 """The teacher side: a pool of OpenAI-compatible endpoints (one, or several servers of one
-model) asked for `n` candidate continuations of a trace, with retries, failover and usage
-accounting. How one request is made (completions or chat-continue, limits, health) is
-endpoint.py's."""
+model) asked for `n` candidate continuations of a trace, with routing (each trajectory kept on
+one server, for its prefix cache), retries, failover and usage accounting. How one request is
+made (completions or chat-continue, limits, health) is endpoint.py's."""
 
 from __future__ import annotations
 
 import hashlib
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import anyio
@@ -39,6 +39,13 @@ from genssd_cli.files import WriteFailed
 from genssd_cli.response_cache import CachedResponse, ResponseCache, request_identity
 
 __all__ = ["Candidate", "Prompt", "TeacherClient", "TeacherPart", "check_api_keys", "request_seed"]
+
+# Affinity routing's load bound (our choice, after "consistent hashing with bounded loads",
+# Mirrokni et al. 2018): a request leaves its trajectory's home endpoint only when the home has
+# no free concurrency slot AND holds more than this many times its weighted share of the requests
+# the pool holds (this one included). A free slot at home is used at once; a full home's queue
+# stays within 25 % of its even share, which bounds the imbalance (and the throughput it costs).
+AFFINITY_LOAD_BOUND = 1.25
 
 
 @dataclass(frozen=True)
@@ -99,10 +106,17 @@ class _WaitRetryAfter:
 
 
 class TeacherClient:
-    """The pool. Each attempt goes to the least-loaded healthy endpoint (load: requests queued or
-    in flight there, over its weight); a retry avoids the endpoints that already failed it; a
+    """The pool. With `teacher.routing: affinity` (the default) a trajectory's requests go to its
+    home endpoint, the first of the healthy endpoints in the rendezvous order of its (problem id,
+    sample), so that server's prefix cache holds its growing trace; past the load bound
+    (AFFINITY_LOAD_BOUND) a request goes to the next endpoint of that order within the bound.
+    Requests of no trajectory, and every request with `routing: least-loaded`, go to the
+    least-loaded healthy endpoint (load: requests queued or in flight there, over its weight;
+    ties: the first in config order). A retry avoids the endpoints that already failed it; a
     server that fails SIDELINE_AFTER times in a row is sidelined with a growing backoff and its work
-    moves to the others. With every endpoint sidelined, requests wait for the first to return.
+    moves to the others (a trajectory to its next endpoint in the rendezvous order, and back to
+    its home once the home is healthy again). With every endpoint sidelined, requests wait for the
+    first to return.
 
     Servers that ignore `n` (llama.cpp's) or refuse it (400, as some hosted APIs do) are found
     on the first step and from then on asked once per candidate with seeds seed+i, which gives
@@ -287,7 +301,7 @@ class TeacherClient:
             async for attempt in retrying:
                 with attempt:
                     self._check_stop()
-                    endpoint = await self._pick(failed_on)
+                    endpoint = await self._pick(failed_on, prompt.trajectory)
                     async with endpoint.slot(tokens, self.stop):
                         self._check_stop()
                         answer = await self._ask(endpoint, failed_on, prompt, n, max_tokens, seed)
@@ -303,8 +317,10 @@ class TeacherClient:
             raise TeacherFatalError(f"teacher {endpoint.base_url} denied access (403)") from None
         except openai.NotFoundError:
             api = "/v1/completions" if self.cfg.mode == "completions" else "/v1/chat/completions"
-            raise TeacherFatalError(f"teacher {endpoint.base_url} answered 404: model {self.cfg.model!r} not served or "
-                                    f"no {api} (teacher.mode {self.cfg.mode}; genssd doctor tells)") from None
+            raise TeacherFatalError(
+                f"teacher {endpoint.base_url} answered 404: model {self.cfg.model!r} not served or "
+                f"no {api} (teacher.mode {self.cfg.mode}; genssd doctor tells)"
+            ) from None
         except Exception as exc:
             if _retryable(exc):
                 kind = error_class(exc)
@@ -329,16 +345,33 @@ class TeacherClient:
         endpoint.succeeded()
         return answer
 
-    async def _pick(self, avoid: set[Endpoint]) -> Endpoint:
-        """The least-loaded healthy endpoint, preferring those this request has not failed on."""
+    async def _pick(self, avoid: set[Endpoint], trajectory: tuple[str, int] | None) -> Endpoint:
+        """The endpoint for an attempt; with every endpoint sidelined, the wait for the first back."""
         while True:
-            now = time.monotonic()
-            healthy = [e for e in self.endpoints if e.healthy(now)]
-            if healthy:
-                fresh = [e for e in healthy if e not in avoid] or healthy
-                return min(fresh, key=Endpoint.load)  # ties: the first in config order
-            await self._sleep(min(e.sidelined_until for e in self.endpoints) - now)
+            endpoint = self.route(trajectory, avoid)
+            if endpoint is not None:
+                return endpoint
+            await self._sleep(min(e.sidelined_until for e in self.endpoints) - time.monotonic())
             self._check_stop()
+
+    def route(self, trajectory: tuple[str, int] | None, avoid: Collection[Endpoint] = ()) -> Endpoint | None:
+        """Where a request goes now, preferring the healthy endpoints it has not failed on (None:
+        every endpoint is sidelined). A trajectory's request, under affinity routing: the first
+        endpoint in its rendezvous order that has a free slot or stays within the load bound; else
+        (and for any other request) the least-loaded."""
+        now = time.monotonic()
+        healthy = [e for e in self.endpoints if e.healthy(now)]
+        if not healthy:
+            return None
+        fresh = [e for e in healthy if e not in avoid] or healthy
+        if trajectory is not None and self.cfg.routing == "affinity":
+            key = repr(trajectory)
+            # The bound per unit of weight: the requests the pool holds, this one included.
+            bound = AFFINITY_LOAD_BOUND * (sum(e.held() for e in fresh) + 1) / sum(e.weight for e in fresh)
+            for endpoint in sorted(fresh, key=lambda e: e.affinity(key), reverse=True):
+                if endpoint.held() < endpoint.slots or endpoint.held() + 1 <= bound * endpoint.weight:
+                    return endpoint
+        return min(fresh, key=Endpoint.load)  # ties: the first in config order
 
     def _in_flight_changes(self, delta: int) -> None:
         now = time.monotonic()
