@@ -42,7 +42,7 @@ from genssd_cli.records import (
     TrajectoryError,
     TrajectoryRow,
 )
-from genssd_cli.results import Replay
+from genssd_cli.results import Ended, Replay
 from genssd_cli.scoring_queue import ScoringQueue
 from genssd_cli.store import RunStore
 from genssd_cli.student import Score, ScoreRequest
@@ -347,18 +347,13 @@ class Engine:
 
     def _end(self, event: Finish) -> None:
         self.store.append(event)
-        self._count_end(event)
+        self._count_end(Ended.of(event))
 
-    def _count_end(self, event: Finish | Prune) -> None:
-        if isinstance(event, Prune):
-            self.stats.pruned += 1
-            return
-        for row in (event.row, *event.more):
-            if row.finish == "stop":
-                self.stats.finished += 1
-            else:
-                self.stats.truncated += 1
-            self.stats.correct += row.correct
+    def _count_end(self, ended: Ended) -> None:
+        self.stats.pruned += ended.pruned
+        self.stats.finished += ended.finished
+        self.stats.truncated += ended.truncated
+        self.stats.correct += ended.correct
 
 
 def _choice(

@@ -12,7 +12,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from genssd_cli.errors import RuntimeFailure
 
@@ -35,17 +38,66 @@ def is_write_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS
 
 
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """The whole file or, on any OS error, the old one (if any) and no temporary file."""
+def write_atomic(path: Path, data: str | bytes | Iterable[bytes]) -> None:
+    """The whole file or, on any error, the old one (if any) and no temporary file. `data` may
+    come in pieces (an iterable of bytes), so a file larger than memory is written as it comes."""
     tmp = path.with_name(f".{path.name}.tmp")
+    pieces = [data.encode("utf-8") if isinstance(data, str) else data] if isinstance(data, str | bytes) else data
     try:
         with open(tmp, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            for piece in pieces:
+                f.write(piece)
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise write_failed(path, exc) from None
+        if isinstance(exc, OSError):
+            raise write_failed(path, exc) from None
+        raise
+
+
+class SortedSpool:
+    """Lines set aside, each with a sort key, to be given back in key order without holding them
+    in memory: they wait in an anonymous temporary file beside `place` (the file they end up in;
+    in memory while under `in_memory` bytes), only the keys and offsets stay in memory."""
+
+    def __init__(self, place: Path, in_memory: int = 32 << 20):
+        self.place = place
+        self._file = tempfile.SpooledTemporaryFile(max_size=in_memory, dir=place.parent)  # noqa: SIM115 -- closed by close()
+        if in_memory <= 0:  # its max_size 0 would mean "no limit"
+            self._spill()
+        self._index: list[tuple[Any, int, int]] = []  # (key, offset, size), in the order added
+        self._size = 0
+
+    def _spill(self) -> None:
+        try:
+            self._file.rollover()
+        except OSError as exc:
+            raise write_failed(self.place, exc) from None
+
+    def add(self, key: Any, line: bytes) -> None:
+        try:
+            self._file.write(line)
+        except OSError as exc:  # the spill to disk: the same room the file itself needs
+            raise write_failed(self.place, exc) from None
+        self._index.append((key, self._size, len(line)))
+        self._size += len(line)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    @property
+    def on_disk(self) -> bool:
+        return self._file._rolled
+
+    def lines(self, order: Callable[[Any], Any]) -> Iterator[bytes]:
+        """The lines sorted by `order(key)`; lines of equal order stay in the order added."""
+        for _, offset, size in sorted(self._index, key=lambda entry: order(entry[0])):
+            self._file.seek(offset)
+            yield self._file.read(size)
+
+    def close(self) -> None:
+        self._file.close()  # an anonymous file: closing removes it
 
 
 class LineFile:

@@ -12,14 +12,16 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import anyio
 
+from genssd_cli.config import TeacherConfig
 from genssd_cli.errors import RuntimeFailure, UsageError
 from genssd_cli.files import LineFile, WriteFailed, write_atomic, write_failed
-from genssd_cli.records import Event, Record, read_log
+from genssd_cli.records import Event, Record, iter_log, read_log
+from genssd_cli.results import RunLog, scan
 
 EVENTS = "events.jsonl"
 TRAJECTORIES = "trajectories.jsonl"
@@ -27,10 +29,24 @@ FAILURES = "failures.jsonl"
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 LOCK = ".lock"
+TAIL_BLOCK = 1 << 16
 
 
 def read_events(run_dir: Path) -> list[Event]:
+    """The whole log in memory: for small logs and tests (a run reads it with `scan_events`)."""
     return read_log(run_dir / EVENTS)
+
+
+def iter_events(run_dir: Path) -> Iterator[Event]:
+    """The log's events one at a time (records.iter_log)."""
+    return iter_log(run_dir / EVENTS)
+
+
+def scan_events(
+    run_dir: Path, teacher: TeacherConfig | None = None, rows: bool = False, previous: RunLog | None = None
+) -> RunLog:
+    """The log in one streaming pass (results.scan); with `rows`, ready to write trajectories.jsonl."""
+    return scan(run_dir / EVENTS, teacher, run_dir / TRAJECTORIES if rows else None, previous)
 
 
 def torn_tail(run_dir: Path) -> bytes:
@@ -38,8 +54,18 @@ def torn_tail(run_dir: Path) -> bytes:
     path = run_dir / EVENTS
     if not path.exists():
         return b""
-    data = path.read_bytes()
-    return data[data.rfind(b"\n") + 1 :]
+    with open(path, "rb") as f:  # read backwards from the end: the log may be larger than memory
+        end = f.seek(0, os.SEEK_END)
+        tail = b""
+        while end > 0:
+            start = max(0, end - TAIL_BLOCK)
+            f.seek(start)
+            tail = f.read(end - start) + tail
+            cut = tail.rfind(b"\n")
+            if cut >= 0:
+                return tail[cut + 1 :]
+            end = start
+        return tail
 
 
 class RunStore:
@@ -155,6 +181,10 @@ class RunStore:
 
     def write_jsonl(self, name: str, rows: Sequence[Record]) -> None:
         self.write_text(name, "".join(row.line() for row in rows))
+
+    def write_lines(self, name: str, lines: Iterable[bytes]) -> None:
+        """A .jsonl file written as its lines come (atomically all the same)."""
+        write_atomic(self.dir / name, lines)
 
     def write_json(self, name: str, record: Record) -> None:
         self.write_text(name, json.dumps(record.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n")

@@ -44,9 +44,9 @@ from genssd_cli.errors import BudgetReached, UsageError
 from genssd_cli.files import write_atomic
 from genssd_cli.methods import METHODS
 from genssd_cli.records import Choice, Finish, Prune, Response, read_summary
-from genssd_cli.results import all_ended, failure_rows
+from genssd_cli.results import failure_rows
 from genssd_cli.stats import wilson
-from genssd_cli.store import SUMMARY, read_events
+from genssd_cli.store import SUMMARY, read_events, scan_events
 
 CACHE = "responses.sqlite"
 RAN, BUDGET, NOT_RUN = "ran", "stopped at the budget", "not run"
@@ -229,8 +229,8 @@ def tune_command(
 
 
 def _ended(run_dir: Path, point: Point) -> bool:
-    events = read_events(run_dir) if run_dir.is_dir() else []
-    return bool(events) and all_ended(events, point.problems, point.cfg.search.samples)
+    log = scan_events(run_dir) if run_dir.is_dir() else None  # one streaming pass
+    return log is not None and log.events > 0 and log.all_ended(point.problems, point.cfg.search.samples)
 
 
 def _cost(run_dir: Path) -> float:
