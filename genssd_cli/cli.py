@@ -51,15 +51,33 @@ def run(
     limit: int | None = typer.Option(None, "--limit", min=1, help="only the first N problems"),
     overrides: list[str] = typer.Option([], "--set", help="override a setting: --set search.n=8"),
     force: bool = typer.Option(False, "--force", help="resume even though result settings changed"),
+    shards: int | None = typer.Option(None, "--shards", min=1, help="split the problems into N shards, run them all"),
+    shard: str | None = typer.Option(None, "--shard", help="run one shard, K/N (K from 0), e.g. in a Slurm array"),
+    executor: Literal["local", "ray"] = typer.Option("local", "--executor", help="where --shards run"),
+    ray_address: str | None = typer.Option(None, "--ray-address", help="Ray cluster: auto, ray://HOST:PORT"),
+    gpus_per_shard: float | None = typer.Option(None, "--gpus-per-shard", min=0, help="Ray: default 1 if it has GPUs"),
+    restarts: int = typer.Option(3, "--restarts", min=0, help="times a dead shard process is started again"),
 ) -> None:
     """Generate Gen-SSD trajectories; running it again on the same --out resumes."""
-    from genssd_cli.errors import Interrupted
-    from genssd_cli.runner import default_run_dir, run_command
+    from genssd_cli.errors import Interrupted, UsageError
+    from genssd_cli.runner import default_run_dir
 
     console = Console()
     run_dir = out or default_run_dir(config)
     try:
-        summary = run_command(config, out, limit, overrides, force, console, _resume_command())
+        if shards is not None and shard is not None:
+            raise UsageError("give --shards N (run every shard) or --shard K/N (run one), not both")
+        if shards is not None:
+            from genssd_cli.executors import run_sharded
+
+            summary = run_sharded(config, run_dir, shards, limit, overrides, force, executor, ray_address,
+                                  gpus_per_shard, restarts, console, _resume_command())  # fmt: skip
+        else:
+            from genssd_cli.runner import run_command
+            from genssd_cli.shards import parse_shard
+
+            one = parse_shard(shard) if shard is not None else None
+            summary = run_command(config, out, limit, overrides, force, console, _resume_command(), one)
     except (KeyboardInterrupt, Interrupted):
         err_console.print(f"interrupted; resume with: {_resume_command()}", markup=False, soft_wrap=True)
         raise typer.Exit(130) from None

@@ -466,6 +466,9 @@ class PipelineConfig(_Strict):
     methods: list[Literal[tuple(METHODS)]] = Field(default_factory=lambda: ["genssd"], min_length=1)  # type: ignore[valid-type]
     set: list[str] = Field(default_factory=list, description="--set overrides of every method's run")
     limit: int | None = Field(None, ge=1, description="only the first N problems in each method's run")
+    shards: int | None = Field(None, ge=1, description="run each method's problems as N shards (genssd run --shards)")
+    executor: Literal["local", "ray"] = Field("local", description="where the shards run")
+    ray_address: str | None = Field(None, description="an existing Ray cluster (auto, ray://HOST:PORT); null: local")
     distill: DistillSettings = Field(default_factory=DistillSettings)
     eval: EvalStageSettings | None = Field(
         None, description="null: no eval; else the base student's, the cold start's and each method's"

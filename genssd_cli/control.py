@@ -3,6 +3,7 @@ progress display only shows it; the runner reads why the run stopped to pick its
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,6 +21,8 @@ class RunControl:
     spent: float | None = None  # teacher cost of this run directory, all sessions; None: no prices
     max_cost: float | None = None
     reason: StopReason | None = None  # why `stop` was set (the first reason wins)
+    # A shard of a sharded run: adds this shard's cost to the run's shared budget, returns the run's total.
+    share: Callable[[float], float] | None = None
 
     @property
     def stopping(self) -> bool:
@@ -32,6 +35,6 @@ class RunControl:
 
     def pay(self, cost: float) -> None:
         """Count a response's cost; reaching max_cost stops the run as a first Ctrl-C does."""
-        self.spent = (self.spent or 0.0) + cost
+        self.spent = self.share(cost) if self.share else (self.spent or 0.0) + cost
         if self.max_cost is not None and self.spent >= self.max_cost:
             self.request_stop("budget")

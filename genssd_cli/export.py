@@ -33,6 +33,7 @@ from genssd_cli.config import load_run_config, results_settings
 from genssd_cli.errors import RuntimeFailure, UsageError
 from genssd_cli.files import is_write_error, write_failed
 from genssd_cli.records import RunStart, Summary, TrajectoryRow, read_rows, read_summary
+from genssd_cli.shards import log_paths
 from genssd_cli.store import CONFIG, EVENTS, SUMMARY, TRAJECTORIES
 
 DATA_FILE = "data/train-00000-of-00001.parquet"
@@ -120,7 +121,7 @@ def read_run(run_dir: Path, name: str) -> Run:
         summary = read_summary(run_dir / SUMMARY) if (run_dir / SUMMARY).is_file() else None
     except RuntimeFailure as exc:  # the user's files to fix, as for `genssd train`
         raise UsageError(str(exc)) from None
-    run = Run(name, rows, summary, run_starts(run_dir / EVENTS))
+    run = Run(name, rows, summary, [s for log in log_paths(run_dir) for s in run_starts(log)])  # sharded: all
     if run.starts:
         run.settings = run.starts[-1].settings  # the latest session's: what the config hash covers
     elif (run_dir / CONFIG).is_file():

@@ -115,6 +115,7 @@ def pipeline_command(
     config_path: Path, out: Path | None, overrides: list[str], console: Console, resume_hint: str
 ) -> dict[str, Any]:
     from genssd_cli.eval import eval_command
+    from genssd_cli.executors import run_sharded
     from genssd_cli.report import report_command
     from genssd_cli.runner import run_command
     from genssd_cli.train import ADAPTER, train_command
@@ -146,7 +147,11 @@ def pipeline_command(
 
     def generate(sets: list[str], limit: int | None) -> Callable[[Path], dict[str, Any]]:
         def work(run_dir: Path) -> dict[str, Any]:
-            summary = run_command(run_config, run_dir, limit, sets, False, console, resume_hint)
+            if cfg.shards is None:
+                summary = run_command(run_config, run_dir, limit, sets, False, console, resume_hint)
+            else:  # the run's shards as `genssd run --shards N` runs them (processes or Ray actors)
+                summary = run_sharded(run_config, run_dir, cfg.shards, limit, sets, False, cfg.executor,
+                                      cfg.ray_address, None, 3, console, resume_hint)  # fmt: skip
             t = summary.trajectories
             if t.failed or t.pending:
                 raise RuntimeFailure(

@@ -367,6 +367,18 @@ class EngineUse(Record):
     """Peak size of the student's prefix caches."""
 
 
+class ShardPlan(Record):
+    """shards.json of a sharded run directory (`genssd run --shards N`): fixed by the first shard
+    whose teacher answered; a start with another N is refused."""
+
+    shards: int
+    """N: how many shards the problems are split into."""
+    assignment: str = "sha256(problem id) mod N"
+    """The rule that puts a problem in a shard (stable across runs, machines and Python versions)."""
+    config_hash: str
+    """The results-settings hash the run was started with."""
+
+
 class Summary(Record):
     """summary.json, materialised from events.jsonl at the end of every session."""
 

@@ -22,6 +22,7 @@ from genssd_cli.records import (
     Message,
     Price,
     Record,
+    ShardPlan,
     Summary,
     TeacherServer,
     TeacherTotals,
@@ -79,6 +80,7 @@ def markdown() -> str:
         ("## Summary (summary.json)", [Summary, TrajectoryCounts, TeacherTotals, CacheTotals, EndpointTotals, Price,
                                        KeptStats, Centre, EngineUse]),
         ("## Nested records of events", [CandidateRecord, TeacherServer, EndpointUse]),
+        ("## Shard plan (shards.json of a sharded run)", [ShardPlan]),
     ]  # fmt: skip
     for title, models in parts:
         out += ["", title]

@@ -30,7 +30,7 @@ from rich.console import Console
 from genssd_cli.errors import RuntimeFailure, UsageError
 from genssd_cli.eval_dir import METRICS, SAMPLES, SETTINGS, read_eval_settings
 from genssd_cli.files import write_atomic
-from genssd_cli.records import Response, TrajectoryRow, parse_jsonl, read_rows, read_summary
+from genssd_cli.records import Response, TrajectoryRow, iter_log, parse_jsonl, read_rows, read_summary
 from genssd_cli.report_view import (
     RUN_DIFFERENCES,
     accuracy_key,
@@ -41,9 +41,10 @@ from genssd_cli.report_view import (
     to_rich,
     write_plots,
 )
+from genssd_cli.shards import log_paths
 from genssd_cli.stats import MIN_PAIRS, RESAMPLES, Difference, paired_bootstrap, ratio_difference
 from genssd_cli.stats import mean as mean_difference
-from genssd_cli.store import CONFIG, SUMMARY, TRAJECTORIES, read_events
+from genssd_cli.store import CONFIG, SUMMARY, TRAJECTORIES
 
 PIPELINE = "pipeline.json"
 # Eval settings that make accuracies of one dataset not comparable when they differ (eval.json).
@@ -116,15 +117,14 @@ def read_run(run_dir: Path) -> Column:
     column = Column(method, info, {}, ppls, lengths)
     column.kept = {"student_ppl": _by_problem(rows, "student_ppl"),
                    "length_tokens": _by_problem(rows, "completion_tokens")}  # fmt: skip
-    try:
-        events = read_events(run_dir)
-    except UsageError:  # a log of another format version: the rest of the report stands
-        events = []
-        column.notes.append(f"{run_dir}: events.jsonl is of another log format: no per-problem teacher tokens")
     paid: dict[str, int] = {}
-    for event in events:
-        if isinstance(event, Response):
-            paid[event.problem_id] = paid.get(event.problem_id, 0) + event.completion_tokens
+    try:
+        for event in (e for log in log_paths(run_dir) for e in iter_log(log)):  # streamed; a sharded run's: all
+            if isinstance(event, Response):
+                paid[event.problem_id] = paid.get(event.problem_id, 0) + event.completion_tokens
+    except UsageError:  # a log of another format version: the rest of the report stands
+        paid = {}
+        column.notes.append(f"{run_dir}: events.jsonl is of another log format: no per-problem teacher tokens")
     kept_of: dict[str, int] = {}
     for row in rows:
         kept_of[row.problem_id] = kept_of.get(row.problem_id, 0) + row.completion_tokens

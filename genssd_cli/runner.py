@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack, closing, contextmanager, nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import anyio
 from rich.console import Console
@@ -27,23 +28,28 @@ from genssd_cli.control import RunControl
 from genssd_cli.data import Problem, load_problems, load_prompt, teacher_template, teacher_token_counter
 from genssd_cli.engine import Engine
 from genssd_cli.errors import BudgetReached, Interrupted, UsageError, unwrap_group
-from genssd_cli.files import WriteFailed
+from genssd_cli.files import SortedSpool, WriteFailed
 from genssd_cli.launch import LocalServer, launched, stop_leftover_server
 from genssd_cli.probes import preflight
 from genssd_cli.records import EndpointUse, RunStart, SessionEnd, Summary, TeacherServer, TrajectoryError
 from genssd_cli.response_cache import ResponseCache
-from genssd_cli.results import (
-    Replay,
-    all_ended,
-    check_resume,
-    failure_rows,
-    last_run_start,
-    spent,
-    summarize,
-    trajectory_rows,
-)
+from genssd_cli.results import RunLog
 from genssd_cli.scoring_queue import ScoringQueue
-from genssd_cli.store import CONFIG, FAILURES, SUMMARY, TRAJECTORIES, RunStore, read_events
+from genssd_cli.shards import (
+    Shard,
+    SharedSpend,
+    all_completed,
+    check_plan,
+    clear_completed,
+    mark_completed,
+    merge_lock,
+    refuse_sharded,
+    select,
+    shard_dir,
+    share_limits,
+    write_plan,
+)
+from genssd_cli.store import CONFIG, EVENTS, FAILURES, SUMMARY, TRAJECTORIES, RunStore, scan_events
 from genssd_cli.student import StudentScorer
 from genssd_cli.teacher import TeacherClient, check_api_keys
 from genssd_cli.ui import RunStats, progress_display
@@ -61,7 +67,9 @@ def run_command(
     force: bool,
     console: Console,
     resume_hint: str,
+    shard: Shard | None = None,
 ) -> Summary:
+    """One run directory, or with `shard` one shard of a sharded run directory (RUN/shard-K)."""
     cfg = load_run_config(config_path, overrides)
     problems = load_problems(cfg.data, limit)
     teacher_prompt = teacher_template(cfg.prompts, cfg.teacher)
@@ -72,25 +80,44 @@ def run_command(
     run_dir = out or default_run_dir(config_path)
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir} exists and is not a directory")
-    events = read_events(run_dir)
-    check_resume(events, settings, force)
+    whole = _Whole(run_dir, cfg, problems, config_hash)
+    if shard is None:
+        refuse_sharded(run_dir)
+    else:
+        cfg = share_limits(cfg, shard.count)  # the run's endpoint limits, shared out
+        check_plan(run_dir, shard.count, config_hash, force)
+        problems = select(problems, shard)
+        run_dir = shard_dir(run_dir, shard.index)
+        if not problems:  # more shards than problems: this one has nothing to do
+            return _empty_shard(whole, run_dir, shard, cfg, console)
+    log = scan_events(run_dir, cfg.teacher)  # one streaming pass: what a resume needs, not the whole log
+    log.check_resume(settings, force)
 
     store = RunStore(run_dir, cfg.engine.fsync, cfg.engine.fsync_interval_ms)
-    if events and all_ended(events, problems, cfg.search.samples):
+    if log.events and log.all_ended(problems, cfg.search.samples):
         # Nothing to ask: no teacher server, no student, just the files re-made from the log.
         with store:
             console.print("every trajectory has already ended; nothing to do")
-            return _materialise(store, problems, cfg)
-    already = spent(events, cfg.teacher)
+            summary = _materialise(store, problems, cfg)
+        if shard is not None:
+            _shard_completed(whole, run_dir, shard, console)
+        return summary
+    already = log.spent
     if cfg.max_cost is not None and already >= cfg.max_cost:
         raise BudgetReached(_over_budget(already, cfg.max_cost))
     cache = ResponseCache(Path(cfg.teacher.cache)) if cfg.teacher.cache else None  # a bad file: refused here
     with _sigterm_as_keyboard_interrupt(), closing(cache) if cache else nullcontext(), store, ExitStack() as stack:
-        events = read_events(run_dir)  # again, now that we hold the lock
-        check_resume(events, settings, force)
+        log = scan_events(run_dir, cfg.teacher, previous=log)  # again now that we hold the lock (if it changed)
+        log.check_resume(settings, force)
+        budget = None
+        if shard is not None and cfg.max_cost is not None:  # one budget for all shards
+            budget = stack.enter_context(closing(SharedSpend(whole.dir, shard.index)))
+            already = budget.start(already or 0.0)
+            if already >= cfg.max_cost:
+                raise BudgetReached(_over_budget(already, cfg.max_cost))
         server = None
         if cfg.teacher.launch is not None:
-            _stop_leftover(events, console)
+            _stop_leftover(log, console)
             server = LocalServer(cfg.teacher.launch, cfg.teacher.model, run_dir / "teacher-server.log")
             stack.enter_context(launched(server))  # boots while the student loads
         console.print(f"loading student {cfg.student.model} …")
@@ -107,6 +134,9 @@ def run_command(
 
         def begin(control: RunControl) -> Engine:
             """Called once the teacher answered: only now does the run directory change."""
+            if shard is not None:
+                write_plan(whole.dir, shard.count, config_hash)
+                clear_completed(run_dir)
             store.open_log()
             store.append(RunStart(
                 config_hash=config_hash, settings=settings, forced=force, limit=limit, problems=len(problems),
@@ -119,7 +149,7 @@ def run_command(
                     store.append(TrajectoryError(problem_id=problem_id, sample=sample, step=0, error_class="too_long",
                                                  message=message))  # fmt: skip
             scoring = ScoringQueue(scorer, control.stop)
-            return Engine(cfg, teacher, scoring, store, stats, teacher_prompt, Replay(events), control)
+            return Engine(cfg, teacher, scoring, store, stats, teacher_prompt, log.replay, control)
 
         def abort() -> None:
             """Second signal: no draining. Every logged line is already whole."""
@@ -135,7 +165,7 @@ def run_command(
         try:
             try:
                 control = anyio.run(_session, teacher, begin, store, to_run, stats, console, cfg, abort, loop,
-                                    already)  # fmt: skip
+                                    already, budget.add if budget else None)  # fmt: skip
             except BaseExceptionGroup as group_error:
                 raise unwrap_group(group_error) from None
             finally:
@@ -160,6 +190,8 @@ def run_command(
                 summary = _materialise(store, problems, cfg)
     if teacher.cache_failure:
         console.print(f"warning: {teacher.cache_failure} (the response cache stopped there; the run did not)")
+    if shard is not None and end == "completed":
+        _shard_completed(whole, run_dir, shard, console)
     if end == "stopped":
         if control.reason == "budget":
             raise BudgetReached(_over_budget(control.spent, cfg.max_cost))
@@ -188,10 +220,10 @@ def _too_long_for_the_student(scorer: StudentScorer, problems: list[Problem], cf
     return found
 
 
-def _stop_leftover(events: list, console: Console) -> None:
+def _stop_leftover(log: RunLog, console: Console) -> None:
     """An earlier session of this directory that died without stopping its teacher server (a
     genssd older than the kernel's parent-death signal, or another OS) left it running."""
-    start = last_run_start(events)
+    start = log.last_start
     if start is not None and start.teacher_server is not None:
         leftover = start.teacher_server
         if stop_leftover_server(leftover.pid, leftover.port):
@@ -214,11 +246,12 @@ async def _session(
     abort: Callable[[], None],
     loop: dict[str, float],
     already_spent: float | None,
+    share: Callable[[float], float] | None,
 ) -> RunControl:
     """The whole asynchronous part of a run; returns its control (stopped or not, and why).
     `loop` gets the engine's wall time and the CPU time of the event-loop thread (scoring runs
     elsewhere)."""
-    control = RunControl(anyio.Event(), spent=already_spent, max_cost=cfg.max_cost)
+    control = RunControl(anyio.Event(), spent=already_spent, max_cost=cfg.max_cost, share=share)
     teacher.stop = control.stop
     try:
         async with anyio.create_task_group() as helpers:
@@ -266,9 +299,45 @@ def _sigterm_as_keyboard_interrupt():
 
 
 def _materialise(store: RunStore, problems: list[Problem], cfg: RunConfig) -> Summary:
-    events = read_events(store.dir)
-    store.write_jsonl(TRAJECTORIES, trajectory_rows(events, problems))
-    store.write_jsonl(FAILURES, failure_rows(events))
-    summary = summarize(events, problems, cfg.search.samples, cfg.teacher)
+    with scan_events(store.dir, cfg.teacher, rows=True) as log:  # one streaming pass; rows spooled, not held
+        store.write_lines(TRAJECTORIES, log.trajectory_lines(problems))
+        store.write_jsonl(FAILURES, log.failure_rows())
+        summary = log.summary(problems, cfg.search.samples)
     store.write_json(SUMMARY, summary)
     return summary
+
+
+class _Whole(NamedTuple):
+    """The run a shard belongs to: its directory, its config (the whole limits) and every problem."""
+
+    dir: Path
+    cfg: RunConfig
+    problems: list[Problem]
+    config_hash: str
+
+
+def _empty_shard(whole: _Whole, run_dir: Path, shard: Shard, cfg: RunConfig, console: Console) -> Summary:
+    with RunStore(run_dir) as store:
+        write_plan(whole.dir, shard.count, whole.config_hash)
+        console.print(f"shard {shard.index}/{shard.count} has no problems; nothing to do")
+        summary = _materialise(store, [], cfg)
+    _shard_completed(whole, run_dir, shard, console)
+    return summary
+
+
+def _shard_completed(whole: _Whole, run_dir: Path, shard: Shard, console: Console) -> None:
+    """Mark the shard done; the shard that completes last materialises the run's files from all."""
+    mark_completed(run_dir)
+    with merge_lock(whole.dir):
+        if not all_completed(whole.dir, shard.count):
+            return
+        files = RunStore(whole.dir)  # writes only: the run directory's lock is the executor's
+        # Every shard's log in one streaming pass, as one log: the files an unsharded run writes.
+        with RunLog(whole.cfg.teacher, SortedSpool(whole.dir / TRAJECTORIES)) as log:
+            for k in range(shard.count):
+                log.read(shard_dir(whole.dir, k) / EVENTS)
+            files.write_lines(TRAJECTORIES, log.trajectory_lines(whole.problems))
+            files.write_jsonl(FAILURES, log.failure_rows())
+            files.write_json(SUMMARY, log.summary(whole.problems, whole.cfg.search.samples))
+        files.write_text(CONFIG, dump_config_yaml(whole.cfg, whole.config_hash))
+    console.print(f"every shard has completed: {whole.dir}/{TRAJECTORIES} holds them all")

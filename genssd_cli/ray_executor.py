@@ -1,0 +1,99 @@
+"""The Ray executor of a sharded run: one Ray Core actor per shard, placed by Ray (a GPU each
+where the cluster has GPUs), running the shard's own `genssd run --shard K/N` process. An actor
+whose process or node dies is restarted by Ray and the shard resumes from its log; a shard
+process that dies under a live actor is started again from here. Nothing here writes a file:
+the shard processes do, so RUN must be on a filesystem every node mounts.
+
+On an existing cluster: `genssd run CONFIG --shards N --executor ray --ray-address auto` on a
+node of it (or `ray://HEAD:10001`); without an address Ray starts a local cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+
+from rich.console import Console
+
+from genssd_cli.errors import RuntimeFailure
+from genssd_cli.launch import die_with_parent
+from genssd_cli.shard_procs import POLL_S, ShardCommand, relaunch, relay_stop
+
+
+class ShardWorker:
+    """Runs one shard's process at a time; `stop` may arrive while `run` waits (two threads)."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def run(self, argv: list[str], log: str, threads: str | None) -> int:
+        # Ray set CUDA_VISIBLE_DEVICES for this actor's GPUs; the shard process inherits it. Ray also
+        # sets OMP_NUM_THREADS=1 in its workers: the shard gets the caller's instead, so the student's
+        # CPU arithmetic (and its PPLs, to the last digit) is what the same run gives outside Ray.
+        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = threads
+        with open(log, "ab") as out:
+            self.process = subprocess.Popen(die_with_parent(argv), stdout=out, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True, env=env)  # fmt: skip
+        return self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGTERM)
+
+
+def run_on_ray(commands: list[ShardCommand], address: str | None, gpus_per_shard: float | None, max_restarts: int,
+               console: Console) -> None:  # fmt: skip
+    import ray
+    from ray.exceptions import RayActorError
+
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise RuntimeFailure(f"cannot reach the Ray cluster {address or '(local)'}: {exc}") from None
+    try:
+        gpus = gpus_per_shard if gpus_per_shard is not None else (1 if ray.cluster_resources().get("GPU") else 0)
+        version = ray.__version__
+        console.print(f"Ray {version}: {ray.cluster_resources().get('CPU', 0):g} CPUs, "
+                      f"{ray.cluster_resources().get('GPU', 0):g} GPUs; {gpus:g} GPU per shard")  # fmt: skip
+        worker = ray.remote(ShardWorker).options(
+            num_gpus=gpus, num_cpus=0 if gpus else 1, max_concurrency=2,
+            max_restarts=max_restarts, max_task_retries=max_restarts,  # a dead actor: restarted, its shard rerun
+        )  # fmt: skip
+        actors = {c.index: worker.remote() for c in commands}
+        threads = os.environ.get("OMP_NUM_THREADS")
+
+        def start(command: ShardCommand):
+            return actors[command.index].run.remote(command.argv, str(command.log), threads)
+
+        pending = {start(c): c for c in commands}
+
+        def stop_all(signum: int) -> None:
+            for actor in actors.values():
+                actor.stop.remote()
+
+        with relay_stop(stop_all):
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
+                for ref in done:
+                    command = pending.pop(ref)
+                    try:
+                        code = ray.get(ref)
+                    except RayActorError as exc:  # restarts used up, or its node is gone for good
+                        command.code = -1
+                        console.print(f"shard {command.index}: its Ray actor died ({exc.__class__.__name__})",
+                                      markup=False)  # fmt: skip
+                        continue
+                    if relaunch(command, code, max_restarts, console):
+                        pending[start(command)] = command
+                    elif command.code == 2:
+                        stop_all(signal.SIGTERM)
+    finally:
+        ray.shutdown()
