@@ -410,16 +410,22 @@ def iter_jsonl(path: Path, if_corrupt: str) -> Iterator[tuple[int, Any]]:
     torn last line (crash mid-write: no newline) is dropped, never fatal; a corrupt line anywhere
     else means the file was edited or damaged, and we stop rather than guess (`if_corrupt` tells
     the user what to do)."""
+    for number, line in _whole_lines(path):
+        try:
+            yield number, json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RuntimeFailure(f"{path} line {number} is corrupt; {if_corrupt}") from None
+
+
+def _whole_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """Each line of an append-only file with its number, the torn last line (no newline) left out."""
     if not path.exists():
         return
     with open(path, "rb") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.endswith(b"\n"):
                 return  # the torn tail
-            try:
-                yield number, json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise RuntimeFailure(f"{path} line {number} is corrupt; {if_corrupt}") from None
+            yield number, line
 
 
 def parse_jsonl(path: Path, if_corrupt: str) -> list[dict[str, Any]]:
@@ -430,19 +436,14 @@ def parse_jsonl(path: Path, if_corrupt: str) -> list[dict[str, Any]]:
 def iter_log(path: Path) -> Iterator[Event]:
     """events.jsonl as typed events, one at a time: a reader holds what it keeps, never the log.
     A log of another format version is refused in one line, at its first line of that version."""
-    if not path.exists():
-        return
-    with open(path, "rb") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.endswith(b"\n"):
-                return  # the torn tail
-            try:  # the common case in one step (about twice as fast as json.loads, then validation)
-                event = _EVENT.validate_json(line)
-            except ValidationError:
-                event = None
-            if event is None or event.v != SCHEMA_VERSION or "v" not in event.model_fields_set:
-                event = _checked_event(path, number, line)  # the exact refusal, or what JSON alone accepts
-            yield event
+    for number, line in _whole_lines(path):
+        try:  # the common case in one step (about twice as fast as json.loads, then validation)
+            event = _EVENT.validate_json(line)
+        except ValidationError:
+            event = None
+        if event is None or event.v != SCHEMA_VERSION or "v" not in event.model_fields_set:
+            event = _checked_event(path, number, line)  # the exact refusal, or what JSON alone accepts
+        yield event
 
 
 def _checked_event(path: Path, number: int, line: bytes) -> Event:
