@@ -6,21 +6,16 @@ adds: choosing and de-duplicating rows across runs (with a manifest), CPU/GPU se
 from the last checkpoint, progress lines, and the adapter saved where `student.adapter` and
 `genssd eval --adapter` expect it.
 
-Data parallel: `--processes N` starts N copies of this command under torch's elastic launcher
-(what torchrun runs); torchrun or `accelerate launch` run by the user do the same. Every process
-trains on its share of each global batch; rank 0 alone writes genssd's files and prints, the
-checkpoint to resume from is the one rank 0 found, and a process's error is reported once.
+Data parallel (genssd_cli/train_launch.py starts the processes): every process trains on its
+share of each global batch; rank 0 alone writes genssd's files and prints, the checkpoint to
+resume from is the one rank 0 found, and a process's error is reported once.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import shutil
-import signal
-import sys
 import time
 import traceback
 from collections import Counter
@@ -33,10 +28,11 @@ from typing import Any
 from rich.console import Console
 
 from genssd_cli.config import StudentConfig, TrainConfig, load_run_config, load_train_config
-from genssd_cli.errors import GenssdError, Interrupted, RuntimeFailure, UsageError
+from genssd_cli.errors import RuntimeFailure, UsageError
 from genssd_cli.files import WriteFailed, is_write_error, write_atomic, write_failed
 from genssd_cli.records import TrajectoryRow, read_rows
 from genssd_cli.store import CONFIG, TRAJECTORIES
+from genssd_cli.train_launch import die_with_launcher, launch, print_layout, reported_once
 from genssd_cli.trainer import (
     CHECKPOINTS,
     SAVED_BY_ALL,
@@ -45,7 +41,6 @@ from genssd_cli.trainer import (
     end_process_group,
     is_main_process,
     make_trainer,
-    rank,
     rows_over_length,
     world_size,
 )
@@ -53,7 +48,6 @@ from genssd_cli.trainer import (
 ADAPTER = "adapter"
 MERGED = "merged"
 DONE = "done.json"
-LAUNCHER_PID = "GENSSD_TRAIN_LAUNCHER"  # in the processes `--processes N` starts: the launcher's pid
 
 
 def exclusion(row: TrajectoryRow, include_incorrect: bool) -> str | None:
@@ -170,9 +164,14 @@ def train_main(
     if launched == 1:
         if processes == 1:
             return train_command(*args, console)
-        return launch(argv, processes, plan_training(*args), out, console)
-    _die_with_launcher()
-    with _reported_once():
+        plan = plan_training(*args)
+        done = _read_done(out)
+        if done.get("inputs") == plan.inputs:
+            console.print(f"already trained on these rows with these settings: {out / ADAPTER}")
+            return done["result"]
+        return launch(argv, processes, plan.cfg.student.device, out, console)
+    die_with_launcher()
+    with reported_once():
         if processes not in (1, launched):
             raise UsageError(f"--processes {processes}, but the launcher started {launched}: give one of the two")
         result = train_command(*args, console)
@@ -215,7 +214,7 @@ def train_command(
                           f"({cfg.training.max_length} tokens) and train on a cut trace; raise it to keep them whole",
                           markup=False)  # fmt: skip
         if processes > 1:
-            _print_layout(console, cfg.training.batch_size * cfg.training.grad_accum, batch, accum, processes)
+            print_layout(console, cfg.training.batch_size * cfg.training.grad_accum, batch, accum, processes)
         last = last_complete_checkpoint(out / CHECKPOINTS, console)
     last = agreed(last)  # every process resumes from the checkpoint rank 0 found
     if last:
@@ -247,132 +246,6 @@ def train_command(
         # Written last: a re-run with the same rows and settings has nothing to do.
         write_atomic(out / DONE, json.dumps({"inputs": plan.inputs, "result": result}) + "\n")
     return result
-
-
-def _print_layout(console: Console, one_process: int, batch: int, accum: int, processes: int) -> None:
-    import torch.distributed as dist
-
-    backend = dist.get_backend() if dist.is_initialized() else "?"
-    each = f"{batch} row{'s' * (batch > 1)} x {accum} accumulation step{'s' * (accum > 1)} each"
-    total = batch * accum * processes
-    console.print(f"data parallel: {processes} processes ({backend}), {each}: {total} rows per optimizer step"
-                  + (", as on one process" if total == one_process else ""), markup=False, highlight=False,
-                  soft_wrap=True)  # fmt: skip
-    if total != one_process:
-        console.print(f"warning: training.batch_size x training.grad_accum = {one_process} is no multiple of "
-                      f"{processes} processes, so each optimizer step takes {total} rows instead of {one_process} "
-                      f"(fewer, larger steps); make it a multiple of {processes} to compare with one process "
-                      "like for like", markup=False, highlight=False, soft_wrap=True)  # fmt: skip
-
-
-def launch(argv: list[str], processes: int, plan: Plan, out: Path, console: Console) -> dict[str, Any] | None:
-    """`--processes N`: `genssd ARGV` N times under torch's elastic launcher (what torchrun runs) on
-    this machine, with a rendezvous port of its own. When a process fails the launcher stops the
-    others; the error line of the first to fail is reported here, with its exit code."""
-    done = _read_done(out)
-    if done.get("inputs") == plan.inputs:
-        console.print(f"already trained on these rows with these settings: {out / ADAPTER}")
-        return done["result"]
-    _check_devices(plan.cfg.student.device, processes)
-    import logging
-    import tempfile
-    import uuid
-
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    os.environ[LAUNCHER_PID] = str(os.getpid())
-    # torchrun sets 1 thread per process; on a CPU the cores shared out train faster. A user's setting wins.
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // processes)))
-    # The launcher's own log lines are not the user's: a failure is reported below, in one line.
-    for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
-        quiet = logging.getLogger(name)
-        quiet.addHandler(logging.NullHandler())
-        quiet.propagate = False
-    with tempfile.TemporaryDirectory(prefix="genssd-train-") as logs:  # the processes' error files
-        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=uuid.uuid4().hex,
-                              rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-                              monitor_interval=0.1, logs_specs=DefaultLogsSpecs(log_dir=logs))  # fmt: skip
-        try:
-            elastic_launch(config, sys.executable)("-m", "genssd_cli", *argv)
-        except ChildFailedError as exc:
-            raise _first_failure(exc, out) from None
-        except SignalException as exc:
-            raise Interrupted(f"stopped by {exc.sigval.name}: the {processes} training processes were stopped; "
-                              "run the same command again to resume from the last checkpoint") from None  # fmt: skip
-    return None  # rank 0 printed the result
-
-
-def _check_devices(setting: str, processes: int) -> None:
-    from genssd_cli.models import pick_device
-
-    device = pick_device(setting)
-    if device == "mps":
-        raise UsageError("--processes: an Apple GPU (mps) trains in one process; leave --processes out")
-    if device == "cuda":
-        import torch
-
-        if processes > torch.cuda.device_count():
-            raise UsageError(f"--processes {processes}: {torch.cuda.device_count()} GPUs visible, one per process "
-                             "(CUDA_VISIBLE_DEVICES picks them)")  # fmt: skip
-
-
-class ProcessFailed(GenssdError):
-    """A training process's own error line, reported by the launcher with that process's exit code."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-def _first_failure(exc, out: Path) -> GenssdError:
-    """The first error line a process left (every process raises the same user error), or what
-    befell the first process to fail when none left one (killed, or a bug: its traceback is above).
-    The launcher lists the failed processes before those it stopped, so on a tie the first listed."""
-    failures = list(exc.failures.items())  # (global rank, ProcessFailure)
-    reported = [(r, f) for r, f in failures if f.error_file_data.get("genssd")]
-    if reported:
-        _, failure = min(reported, key=lambda item: item[1].timestamp)
-        return ProcessFailed(failure.message, failure.exitcode if failure.exitcode > 0 else 1)
-    first, failure = min(failures, key=lambda item: item[1].timestamp)
-    what = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
-            else f"failed with exit code {failure.exitcode} (its output is above)")  # fmt: skip
-    return RuntimeFailure(f"training process {first} {what}; the others were stopped. Run the same command "
-                          f"again to resume from the last checkpoint in {out / CHECKPOINTS}")  # fmt: skip
-
-
-@contextmanager
-def _reported_once() -> Iterator[None]:
-    """Under a launcher every process runs the same checks, so a user error is every process's. Each
-    leaves its line in the launcher's error file; one line reaches the terminal: the launcher's
-    (`--processes`), else rank 0's, and another rank's own failure with its rank."""
-    try:
-        yield
-    except GenssdError as exc:
-        error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-        if error_file:
-            with contextlib.suppress(OSError):
-                Path(error_file).write_text(json.dumps({"message": str(exc), "timestamp": int(time.time()),
-                                                        "genssd": True}))  # fmt: skip
-        if os.environ.get(LAUNCHER_PID) or (rank() != 0 and isinstance(exc, UsageError)):
-            raise SystemExit(exc.exit_code) from None
-        if rank() != 0:
-            raise ProcessFailed(f"training process {rank()}: {exc}", exc.exit_code) from None
-        raise
-
-
-def _die_with_launcher() -> None:
-    """A launcher killed outright (SIGKILL) cannot stop the processes it started: each asks the
-    kernel to kill it when its launcher goes (Linux), so none is left training alone."""
-    launcher = os.environ.get(LAUNCHER_PID)
-    if not launcher or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-    if os.getppid() != int(launcher):  # it went before the call above
-        os._exit(1)
 
 
 def last_complete_checkpoint(checkpoints: Path, console: Console) -> str | None:
