@@ -30,6 +30,7 @@ from genssd_cli.config import TeacherConfig
 from genssd_cli.endpoint import Candidate, Prompt
 from genssd_cli.errors import UsageError
 from genssd_cli.files import WriteFailed, write_failed
+from genssd_cli.shared_sqlite import open_shared
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS responses (
     key TEXT PRIMARY KEY,
@@ -70,10 +71,7 @@ class ResponseCache:
         self.path = path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, timeout=60, isolation_level=None)  # autocommit: one write, one commit
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints, never corrupt
-            self._db.executescript(SCHEMA)
+            self._db = open_shared(path, SCHEMA, timeout=60)
         except sqlite3.DatabaseError as exc:
             raise UsageError(f"teacher.cache {path} is not a genssd response cache ({exc})") from None
         except OSError as exc:

@@ -31,9 +31,11 @@ from genssd_cli.data import Problem
 from genssd_cli.errors import RuntimeFailure, UsageError
 from genssd_cli.files import write_atomic, write_failed
 from genssd_cli.records import ShardPlan
+from genssd_cli.shared_sqlite import open_shared
 
 PLAN = "shards.json"
 SPEND = "spend.sqlite"
+SPEND_SCHEMA = "CREATE TABLE IF NOT EXISTS spend (shard INTEGER PRIMARY KEY, cost REAL NOT NULL)"
 COMPLETED = "completed"
 MERGE_LOCK = ".merge-lock"
 
@@ -162,9 +164,7 @@ class SharedSpend:
         self.shard = shard
         self.path = run_dir / SPEND
         try:
-            self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS spend (shard INTEGER PRIMARY KEY, cost REAL NOT NULL)")
+            self._db = open_shared(self.path, SPEND_SCHEMA, timeout=30)
         except sqlite3.Error as exc:
             raise RuntimeFailure(f"cannot use the shared budget {self.path}: {exc}") from None
 
