@@ -20,7 +20,7 @@ from typing import Any
 
 from rich.console import Console
 
-from genssd_cli.config import DataConfig, EvalConfig, changed_keys, load_eval_config
+from genssd_cli.config import DataConfig, EvalConfig, load_eval_config
 from genssd_cli.data import (
     HELDOUT_COUNT,
     HELDOUT_SEED,
@@ -34,6 +34,7 @@ from genssd_cli.errors import RuntimeFailure, UsageError
 from genssd_cli.eval_dir import METRICS, SAMPLES, SETTINGS, read_eval_settings
 from genssd_cli.files import LineFile, write_atomic
 from genssd_cli.records import parse_jsonl
+from genssd_cli.results_hash import changed_keys
 from genssd_cli.stats import wilson
 
 

@@ -29,10 +29,11 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from genssd_cli.config import load_run_config, results_settings
+from genssd_cli.config import load_run_config
 from genssd_cli.errors import RuntimeFailure, UsageError
 from genssd_cli.files import is_write_error, write_failed
 from genssd_cli.records import RunStart, Summary, TrajectoryRow, read_rows, read_summary
+from genssd_cli.results_hash import results_settings
 from genssd_cli.shards import log_paths
 from genssd_cli.store import CONFIG, EVENTS, SUMMARY, TRAJECTORIES
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from genssd_cli.config import TeacherConfig, changed_keys
+from genssd_cli.config import TeacherConfig
 from genssd_cli.data import Problem
 from genssd_cli.errors import UsageError
 from genssd_cli.files import SortedSpool
@@ -48,6 +48,7 @@ from genssd_cli.records import (
     TrajectoryRow,
     iter_log,
 )
+from genssd_cli.results_hash import changed_keys
 
 StepKey = tuple[str, int, int, int]  # (problem_id, sample, step, attempt)
 TrajectoryKey = tuple[str, int]  # (problem_id, sample)

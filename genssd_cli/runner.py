@@ -23,7 +23,7 @@ import anyio
 from rich.console import Console
 
 from genssd_cli import __version__
-from genssd_cli.config import RunConfig, dump_config_yaml, load_run_config, results_settings, settings_hash
+from genssd_cli.config import RunConfig, load_run_config
 from genssd_cli.control import RunControl
 from genssd_cli.data import Problem, load_problems, load_prompt, teacher_template, teacher_token_counter
 from genssd_cli.engine import Engine
@@ -34,6 +34,7 @@ from genssd_cli.probes import preflight
 from genssd_cli.records import EndpointUse, RunStart, SessionEnd, Summary, TeacherServer, TrajectoryError
 from genssd_cli.response_cache import ResponseCache
 from genssd_cli.results import RunLog
+from genssd_cli.results_hash import dump_config_yaml, results_settings, settings_hash
 from genssd_cli.scoring_queue import ScoringQueue
 from genssd_cli.shards import (
     Shard,

@@ -16,10 +16,11 @@ import pytest
 from conftest import ROOT, genssd, run_config, write_config
 from test_run import check_run_is_consistent
 
-from genssd_cli.config import TeacherConfig, load_run_config, results_settings, settings_hash
+from genssd_cli.config import TeacherConfig, load_run_config
 from genssd_cli.endpoint import SIDELINE_AFTER, Endpoint
 from genssd_cli.errors import UsageError
 from genssd_cli.records import Response
+from genssd_cli.results_hash import results_settings, settings_hash
 from genssd_cli.serving import start_fake_teacher
 from genssd_cli.store import read_events
 from genssd_cli.teacher import AFFINITY_LOAD_BOUND, TeacherClient

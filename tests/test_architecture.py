@@ -11,7 +11,7 @@ from genssd_cli import records, records_doc
 
 PACKAGE = Path(__file__).resolve().parent.parent / "genssd_cli"
 # The modules that implement a `genssd` command (cli.py dispatches to them).
-COMMANDS = {"runner", "train", "eval", "doctor", "report", "pipeline", "bench", "tune"}
+COMMANDS = {"runner", "train", "eval", "doctor", "report", "pipeline", "bench", "tune", "export"}
 # The pipeline's stages are the other commands, run in process; so are tune's grid points (runs).
 ALLOWED = {
     ("pipeline", "runner"),
@@ -94,6 +94,13 @@ def test_heavy_libraries_are_imported_inside_the_functions_that_use_them():
                 [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])  # fmt: skip
             top_level += [f"{module_name(path)}: {n}" for n in names if n.split(".")[0] in HEAVY]
     assert top_level == []
+
+
+def test_the_module_map_names_every_module():
+    """docs/architecture.md's module map is where a contributor starts: no module is missing from it."""
+    doc = (PACKAGE.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    modules = {p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py"}
+    assert {m for m in modules if f"| `{m}` |" not in doc} == set()
 
 
 def test_records_doc_is_generated_from_the_code():

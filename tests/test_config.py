@@ -3,13 +3,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from genssd_cli.config import (
-    changed_keys,
-    load_run_config,
-    results_settings,
-    settings_hash,
-)
+from genssd_cli.config import load_run_config
 from genssd_cli.errors import UsageError
+from genssd_cli.results_hash import changed_keys, results_settings, settings_hash
 
 
 def test_demo_config_loads_with_overrides():

@@ -10,9 +10,10 @@ import pytest
 import yaml
 from conftest import STUDENT, genssd, trajectory_row, write_config
 
-from genssd_cli.config import load_run_config, results_settings, settings_hash
+from genssd_cli.config import load_run_config
 from genssd_cli.export import CARD, COLUMNS, DATA_FILE
 from genssd_cli.records import Centre, KeptStats, Price, RunStart, Summary, TeacherTotals, TrajectoryCounts
+from genssd_cli.results_hash import results_settings, settings_hash
 from genssd_cli.store import CONFIG, EVENTS, SUMMARY, TRAJECTORIES
 
 SECRETS = ("/home/alice", "10.1.2.3", "://", "SECRET_ENV")  # what the runs' config holds and no card may

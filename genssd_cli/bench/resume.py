@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 import genssd_cli
-from genssd_cli.config import load_run_config, results_settings, settings_hash
+from genssd_cli.config import load_run_config
 from genssd_cli.data import load_prompt, teacher_template
 from genssd_cli.errors import RuntimeFailure, UsageError
 from genssd_cli.records import (
@@ -50,6 +50,7 @@ from genssd_cli.records import (
     TrajectoryError,
     TrajectoryRow,
 )
+from genssd_cli.results_hash import results_settings, settings_hash
 from genssd_cli.store import EVENTS
 
 RUN = "run"  # the run directory, under --out
