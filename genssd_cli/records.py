@@ -395,9 +395,11 @@ class Summary(Record):
     kept: KeptStats
     engine: EngineUse = Field(default_factory=EngineUse)
     sessions: int
-    """Sessions (each `genssd run` of the directory)."""
+    """Sessions (each `genssd run` of the directory; of a sharded run: every shard's)."""
     wall_s: float
-    """Their wall time, summed."""
+    """Their wall time, summed (a sharded run's shards ran side by side: more than it took)."""
+    shards: int = 1
+    """Shards the run was split into (`genssd run --shards N`)."""
     config_hash: str | None = None
     """The results hash of the latest session."""
 

@@ -113,6 +113,7 @@ def read_run(run_dir: Path) -> Column:
         "requests": teacher.requests,
         "cost": teacher.cost,
         "wall_s": summary.wall_s,
+        "shards": summary.shards,
     }
     column = Column(method, info, {}, ppls, lengths)
     column.kept = {"student_ppl": _by_problem(rows, "student_ppl"),
@@ -277,6 +278,8 @@ def _warnings(columns: list[Column]) -> list[str]:
     if len({r["problems"] for r in runs}) > 1 or len({r["problems_sha256"] for r in runs}) > 1:
         notes.append("the runs are not of the same problems")
     for r in runs:
+        if r["shards"] > 1:
+            notes.append(f"{r['dir']}: its wall time sums its {r['shards']} shards', which ran side by side")
         if r["pending"] or r["failed"]:
             notes.append(f"{r['dir']}: {r['pending']} pending and {r['failed']} failed trajectories (not finished)")
     for dataset in datasets(columns):

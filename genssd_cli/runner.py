@@ -339,6 +339,7 @@ def _shard_completed(whole: _Whole, run_dir: Path, shard: Shard, console: Consol
                 log.read(shard_dir(whole.dir, k) / EVENTS)
             files.write_lines(TRAJECTORIES, log.trajectory_lines(whole.problems))
             files.write_jsonl(FAILURES, log.failure_rows())
-            files.write_json(SUMMARY, log.summary(whole.problems, whole.cfg.search.samples))
+            summary = log.summary(whole.problems, whole.cfg.search.samples)
+            files.write_json(SUMMARY, summary.model_copy(update={"shards": shard.count}))
         files.write_text(CONFIG, dump_config_yaml(whole.cfg, whole.config_hash))
     console.print(f"every shard has completed: {whole.dir}/{TRAJECTORIES} holds them all")

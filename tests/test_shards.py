@@ -129,7 +129,11 @@ def test_sharded_run_equals_an_unsharded_one(tmp_path, fake_teacher, executor):
     report = genssd("report", str(whole), str(run), "--out", str(tmp_path / "report"))
     assert report.returncode == 0, report.stderr
     columns = json.loads((tmp_path / "report" / "report.json").read_text())["columns"]
-    assert columns[0]["run"] | {"dir": None, "wall_s": None} == columns[1]["run"] | {"dir": None, "wall_s": None}
+    apart = {"dir": None, "wall_s": None, "shards": None}
+    assert columns[0]["run"] | apart == columns[1]["run"] | apart
+    assert (merged["shards"], single["shards"]) == (2, 1)
+    warnings = json.loads((tmp_path / "report" / "report.json").read_text())["warnings"]
+    assert f"{run}: its wall time sums its 2 shards', which ran side by side" in warnings
     differences = json.loads((tmp_path / "report" / "report.json").read_text())["differences"]
     tokens = next(d[key] for d in differences.values() for key in d if key == "teacher_tokens_per_kept_token")
     assert tokens["pairs"] == single["trajectories"]["finished"] + single["trajectories"]["truncated"]
