@@ -53,10 +53,10 @@ def run(
     force: bool = typer.Option(False, "--force", help="resume even though result settings changed"),
     shards: int | None = typer.Option(None, "--shards", min=1, help="split the problems into N shards, run them all"),
     shard: str | None = typer.Option(None, "--shard", help="run one shard, K/N (K from 0), e.g. in a Slurm array"),
-    executor: Literal["local", "ray"] = typer.Option("local", "--executor", help="where --shards run"),
+    executor: Literal["local", "ray"] | None = typer.Option(None, "--executor", help="where --shards run (local)"),
     ray_address: str | None = typer.Option(None, "--ray-address", help="Ray cluster: auto, ray://HOST:PORT"),
     gpus_per_shard: float | None = typer.Option(None, "--gpus-per-shard", min=0, help="Ray: default 1 if it has GPUs"),
-    restarts: int = typer.Option(3, "--restarts", min=0, help="times a dead shard process is started again"),
+    restarts: int | None = typer.Option(None, "--restarts", min=0, help="times a dead shard is started again (3)"),
 ) -> None:
     """Generate Gen-SSD trajectories; running it again on the same --out resumes."""
     from genssd_cli.errors import Interrupted, UsageError
@@ -67,11 +67,13 @@ def run(
     try:
         if shards is not None and shard is not None:
             raise UsageError("give --shards N (run every shard) or --shard K/N (run one), not both")
+        _check_executor_flags(shards, executor, ray_address, gpus_per_shard, restarts)
         if shards is not None:
             from genssd_cli.executors import run_sharded
 
-            summary = run_sharded(config, run_dir, shards, limit, overrides, force, executor, ray_address,
-                                  gpus_per_shard, restarts, console, _resume_command())  # fmt: skip
+            summary = run_sharded(config, run_dir, shards, limit, overrides, force, executor or "local", ray_address,
+                                  gpus_per_shard, 3 if restarts is None else restarts, console,
+                                  _resume_command())  # fmt: skip
         else:
             from genssd_cli.runner import run_command
             from genssd_cli.shards import parse_shard
@@ -90,6 +92,19 @@ def run(
     )
     if t.failed or t.pending:
         console.print(f"some trajectories did not end; resume with: {_resume_command()}", markup=False, soft_wrap=True)
+
+
+def _check_executor_flags(shards: int | None, executor: str | None, ray_address: str | None,
+                          gpus_per_shard: float | None, restarts: int | None) -> None:
+    """A flag that would change nothing is a mistake worth a line, not a run that ignores it."""
+    from genssd_cli.errors import UsageError
+
+    given = {"--executor": executor, "--ray-address": ray_address, "--gpus-per-shard": gpus_per_shard,
+             "--restarts": restarts}  # fmt: skip
+    if shards is None and (named := [flag for flag, value in given.items() if value is not None]):
+        raise UsageError(f"{', '.join(named)}: only with --shards N (where the shards run)")
+    if executor != "ray" and (named := [f for f in ("--ray-address", "--gpus-per-shard") if given[f] is not None]):
+        raise UsageError(f"{', '.join(named)}: only with --executor ray")
 
 
 @app.command()

@@ -26,7 +26,7 @@ from genssd_cli.errors import GenssdError, Interrupted, RuntimeFailure, UsageErr
 from genssd_cli.launch import die_with_parent
 from genssd_cli.records import Summary, read_summary
 from genssd_cli.shard_procs import FINAL_CODES, POLL_S, ShardCommand, relaunch, relay_stop, shard_commands
-from genssd_cli.shards import PLAN, read_plan, share_limits
+from genssd_cli.shards import PLAN, check_layout, share_limits
 from genssd_cli.store import SUMMARY
 
 EXECUTOR_LOCK = ".lock"
@@ -39,12 +39,7 @@ def check_start(config: Path | None, run_dir: Path, count: int, limit: int | Non
     share_limits(cfg, count)
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir} exists and is not a directory")
-    if (run_dir / "events.jsonl").exists():
-        raise UsageError(f"{run_dir} holds an unsharded run; run it without --shards, or use another --out")
-    plan = read_plan(run_dir)
-    if plan is not None and plan.shards != count:
-        raise UsageError(f"{run_dir} is split into {plan.shards} shards; run it with --shards {plan.shards} "
-                         "(the problems' assignment cannot change), or use another --out")  # fmt: skip
+    check_layout(run_dir, count)
 
 
 @contextlib.contextmanager

@@ -75,20 +75,27 @@ def read_plan(run_dir: Path) -> ShardPlan | None:
         raise RuntimeFailure(f"{path} is not a genssd shard plan ({exc}); restore it or use another --out") from None
 
 
-def check_plan(run_dir: Path, count: int, config_hash: str, force: bool) -> None:
-    """Refuse a start that would assign the problems otherwise than the plan fixed (read only)."""
+def check_layout(run_dir: Path, count: int) -> ShardPlan | None:
+    """Refuse a start of `count` shards that would assign the problems otherwise than the
+    directory's plan fixed, or that would ignore an unsharded run there (read only)."""
     if (run_dir / "events.jsonl").exists():
         raise UsageError(f"{run_dir} holds an unsharded run; run it without --shards, or use another --out")
     plan = read_plan(run_dir)
     if plan is None:
-        return
+        return None
     if plan.assignment != ShardPlan.model_fields["assignment"].default:
         raise UsageError(f"{run_dir} assigns problems by {plan.assignment!r}, which this genssd does not; "
                          "use another --out")
     if plan.shards != count:
         raise UsageError(f"{run_dir} is split into {plan.shards} shards; run it with --shards {plan.shards} "
                          "(the problems' assignment cannot change), or use another --out")  # fmt: skip
-    if plan.config_hash != config_hash and not force:
+    return plan
+
+
+def check_plan(run_dir: Path, count: int, config_hash: str, force: bool) -> None:
+    """check_layout, and the settings the plan was made with (a shard's start)."""
+    plan = check_layout(run_dir, count)
+    if plan is not None and plan.config_hash != config_hash and not force:
         raise UsageError(f"{run_dir} was made with other settings; use another --out, or --force to continue anyway")
 
 

@@ -136,6 +136,12 @@ def catalogue(tmp: Path, url: str, keyed_url: str, foreign: dict[str, str]) -> l
     def pipeline(*args: str, out: str = "pipeline-out") -> list[str]:
         return ["pipeline", "configs/pipeline-demo.yaml", *args, "--out", str(tmp / out)]
 
+    def tune(*args: str) -> list[str]:
+        return ["tune", good, *args, "--pilot", "1", "--out", str(tmp / "tune-out")]
+
+    def export(*args: str, out: str = "export-out") -> list[str]:
+        return ["export", *args, "--out", str(tmp / out)]
+
     def report(*args: str) -> list[str]:
         return ["report", *args, "--out", str(tmp / "report-out")]
 
@@ -183,6 +189,24 @@ def catalogue(tmp: Path, url: str, keyed_url: str, foreign: dict[str, str]) -> l
         Case("--out is a file", ["run", good], 2, "exists and is not a directory", run="a-file"),
         Case("corrupt log line", ["run", good], 1, "events.jsonl line 2 is corrupt", run="corrupt"),
         Case("older log format", ["run", good], 2, "written by another genssd version", run="old-format"),
+        # run: sharded
+        Case("--shards and --shard", ["run", good, "--shards", "2", "--shard", "0/2"], 2, "not both"),
+        Case("--shard not K/N", ["run", good, "--shard", "2/2"], 2, "give K/N with 0 <= K < N"),
+        Case("an executor flag without --shards", ["run", good, "--restarts", "1"], 2,
+             "--restarts: only with --shards"),
+        Case("--ray-address, local executor", ["run", good, "--shards", "2", "--ray-address", "auto"], 2,
+             "--ray-address: only with --executor ray"),
+        Case("--shards on an unsharded run", ["run", good, "--shards", "2"], 2, "holds an unsharded run"),
+        Case("more shards than requests in flight", ["run", good, "--shards", "8", "--out", str(tmp / "sharded-out")],
+             2, "teacher.max_concurrency 4 cannot be shared by 8 shards", out=False),
+        # tune
+        Case("tune: a grid without values", tune("--grid", "search.n"), 2, "--grid expects KEY=V1,V2", out=False),
+        Case("tune: a key given twice", tune("--grid", "search.n=2,3", "--grid", "search.n=4,5"), 2,
+             "--grid search.n is given twice", out=False),
+        # export
+        Case("export: not a run directory", export(str(tmp / "plain")), 2, "has no trajectories.jsonl", out=False),
+        Case("export: --out a folder of something else", export(str(tmp / "run"), out="corrupt"), 2,
+             "is not empty and not a genssd export", run="corrupt", out=False),
         # doctor
         Case("doctor: missing config", ["doctor", str(tmp / "missing.yaml")], 2, "config file not found", out=False),
         Case("doctor: unknown key", ["doctor", good, "--set", "search.colour=red"], 2, "search.colour: unknown key",
@@ -269,7 +293,7 @@ def check_one_clean_line(result, case: Case) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: "), (case.name, result.stderr)
 
 
-CATALOGUE_SIZE = 75  # pinned: a case dropped by mistake fails the test
+CATALOGUE_SIZE = 85  # pinned: a case dropped by mistake fails the test
 
 
 def test_bad_inputs_give_one_line_and_leave_everything_alone(prepared):
@@ -295,7 +319,7 @@ def test_bad_inputs_give_one_line_and_leave_everything_alone(prepared):
     print(f"{len(cases)} bad inputs by command: {dict(by_command)} (+2: read-only directory, locked run)")
 
 
-COMMANDS = ("run", "doctor", "train", "eval", "pipeline", "report", "bench")
+COMMANDS = ("run", "doctor", "train", "eval", "pipeline", "report", "bench", "tune", "export")
 
 
 def test_read_only_run_directory(prepared, tmp_path):
