@@ -64,6 +64,7 @@ RECOMMENDATION_RULE = (
 OWNED = {
     "max_cost": "the sweep's budget is --max-cost",
     "teacher.cache": "the points share one response cache: name it with --set teacher.cache=PATH",
+    "data.limit": "the points run on the first --pilot N problems",
 }
 
 
@@ -141,6 +142,11 @@ def plan(
     """Every point, validated and ordered cheapest first, and the overrides all points share
     (the response cache). Nothing is written."""
     base = load_run_config(config_path, sets)  # a bad config or --set: its own line
+    for key in dict.fromkeys(item.partition("=")[0].strip() for item in sets):
+        if key in grid:
+            raise UsageError(f"--set {key} and --grid {key}: give its values in --grid alone")
+        if key in OWNED and key != "teacher.cache":  # a --set cache is the points' shared one
+            raise UsageError(f"--set {key}: {OWNED[key]}")
     shared = [] if base.teacher.cache else [f"teacher.cache={json.dumps(str((out / CACHE).absolute()))}"]
     for key, values in grid.items():  # a bad key or value named alone, not as part of a point
         for value in values:

@@ -203,6 +203,10 @@ def catalogue(tmp: Path, url: str, keyed_url: str, foreign: dict[str, str]) -> l
         Case("tune: a grid without values", tune("--grid", "search.n"), 2, "--grid expects KEY=V1,V2", out=False),
         Case("tune: a key given twice", tune("--grid", "search.n=2,3", "--grid", "search.n=4,5"), 2,
              "--grid search.n is given twice", out=False),
+        Case("tune: a key in --set and --grid", tune("--grid", "search.n=2,3", "--set", "search.n=4"), 2,
+             "--set search.n and --grid search.n", out=False),
+        Case("tune: --grid data.limit", tune("--grid", "data.limit=1,2"), 2, "run on the first --pilot N problems",
+             out=False),
         # export
         Case("export: not a run directory", export(str(tmp / "plain")), 2, "has no trajectories.jsonl", out=False),
         Case("export: --out a folder of something else", export(str(tmp / "run"), out="corrupt"), 2,
@@ -293,7 +297,7 @@ def check_one_clean_line(result, case: Case) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: "), (case.name, result.stderr)
 
 
-CATALOGUE_SIZE = 85  # pinned: a case dropped by mistake fails the test
+CATALOGUE_SIZE = 87  # pinned: a case dropped by mistake fails the test
 
 
 def test_bad_inputs_give_one_line_and_leave_everything_alone(prepared):
