@@ -2,7 +2,8 @@
 reused by any later run that sends the same request, so a sweep, a rerun with another `prune_ppl`
 or a baseline scored by another student pays only for requests never sent before.
 
-A request is identified by what decides its answer: the model, how it is asked (mode, prefill,
+A request is identified by what decides its answer: the model (for a server genssd launches, the
+GGUF file and context it serves, not only its alias), how it is asked (mode, prefill,
 system message, assistant prefix), the sampling settings (temperature, top_p, stop, logprobs), the
 prompt and accepted trace, n, max_tokens and the seed. Not by the endpoint: every server of a
 pool serves the same model. With a teacher that honours seeds, a hit is the answer the server
@@ -55,12 +56,21 @@ class CachedResponse:
     token_source: str
 
 
+def model_identity(cfg: TeacherConfig) -> str:
+    """The model that answers. A server genssd launches serves `launch.gguf` under the alias
+    `teacher.model`, so the alias alone would let two models' answers pass for each other."""
+    if cfg.launch is None:
+        return cfg.model
+    return f"{cfg.model} (launched: {cfg.launch.gguf}, n_ctx {cfg.launch.n_ctx})"
+
+
 def request_identity(cfg: TeacherConfig, prompt: Prompt, n: int, max_tokens: int, seed: int) -> dict:
     return {
-        "model": cfg.model, "mode": cfg.mode, "prefill": cfg.prefill if cfg.mode == "chat-continue" else None,
-        "system": cfg.system, "assistant_prefix": cfg.assistant_prefix, "temperature": cfg.temperature,
-        "top_p": cfg.top_p, "stop": cfg.stop, "logprobs": cfg.logprobs, "head": prompt.head, "trace": prompt.trace,
-        "n": n, "max_tokens": max_tokens, "seed": seed,
+        "model": model_identity(cfg), "mode": cfg.mode,
+        "prefill": cfg.prefill if cfg.mode == "chat-continue" else None, "system": cfg.system,
+        "assistant_prefix": cfg.assistant_prefix, "temperature": cfg.temperature, "top_p": cfg.top_p,
+        "stop": cfg.stop, "logprobs": cfg.logprobs, "head": prompt.head, "trace": prompt.trace, "n": n,
+        "max_tokens": max_tokens, "seed": seed,
     }  # fmt: skip
 
 

@@ -36,7 +36,7 @@ from genssd_cli.errors import (
     TeacherUnavailable,
 )
 from genssd_cli.files import WriteFailed
-from genssd_cli.response_cache import CachedResponse, ResponseCache, request_identity
+from genssd_cli.response_cache import CachedResponse, ResponseCache, model_identity, request_identity
 
 __all__ = ["Candidate", "Prompt", "TeacherClient", "TeacherPart", "check_api_keys", "request_seed"]
 
@@ -143,7 +143,9 @@ class TeacherClient:
         else:
             self.endpoints = [Endpoint(cfg, base_url or cfg.base_url, None, count_tokens)]
         self._backoff_s = backoff_s
-        self.honours_n: bool | None = cache.fact(cfg.model, "honours_n") if cache else None  # type: ignore[assignment]
+        # Whether the servers honour n: learnt by an earlier run of this model (a hint), or by this one.
+        self.honours_n: bool | None = cache.fact(model_identity(cfg), "honours_n") if cache else None  # type: ignore[assignment]
+        self.n_seen = False  # this run has seen how its servers answer n
         self.in_flight = 0
         self.busy_s = 0.0  # integral of requests in flight over time: how full the limits were kept
         self._busy_since = time.monotonic()
@@ -220,8 +222,8 @@ class TeacherClient:
             try:
                 first = await self._request(prompt, n, max_tokens, seed, start=0)
             except RequestRefused:
-                if self.honours_n:
-                    raise  # n was accepted before: this refusal is about something else
+                if self.honours_n and self.n_seen:
+                    raise  # this run's servers accepted n before: this refusal is about something else
                 # Perhaps the API refuses n > 1: one choice at a time is tried below (a refusal
                 # of that is raised from there).
                 self._learn_honours_n(False)
@@ -232,7 +234,7 @@ class TeacherClient:
                 if got == n:
                     self._learn_honours_n(True)
                     return
-                if got == 1 and self.honours_n is not True:
+                if got == 1 and not (self.honours_n and self.n_seen):
                     self._learn_honours_n(False)  # llama.cpp and friends answer one choice whatever n says
                 else:
                     self.retries.update(["fewer_choices"])  # topped up below, never asked again
@@ -240,12 +242,13 @@ class TeacherClient:
         await self._fan_out(prompt, missing, max_tokens, seed, on_response)
 
     def _learn_honours_n(self, value: bool) -> None:
+        self.n_seen = True
         if self.honours_n is value:
             return
         self.honours_n = value
         if self.cache is not None:
             try:
-                self.cache.learn(self.cfg.model, "honours_n", value)
+                self.cache.learn(model_identity(self.cfg), "honours_n", value)
             except WriteFailed as exc:
                 self.cache_failure, self.cache = str(exc), None
 

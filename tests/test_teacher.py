@@ -1,5 +1,6 @@
 """The teacher client against a real local OpenAI-compatible server process (genssd_cli/fake_teacher.py)."""
 
+import json
 import time
 
 import anyio
@@ -10,6 +11,7 @@ from genssd_cli.config import TeacherConfig
 from genssd_cli.endpoint import per_choice_tokens
 from genssd_cli.errors import RuntimeFailure, StopRequested, TeacherFatalError, TeacherUnavailable, UsageError
 from genssd_cli.fake_teacher import continuation
+from genssd_cli.response_cache import ResponseCache, model_identity, request_identity
 from genssd_cli.teacher import Prompt, TeacherClient, TeacherPart, request_seed
 
 
@@ -108,7 +110,7 @@ def test_same_seed_same_candidates_and_usage(fake_teacher):
 def test_retryable_faults_are_retried(fake_teacher):
     server = fake_teacher("--fault-rate", "0.5", "--fault-seed", "1", "--hang-s", "2")
     teacher = client(server.base_url, retries=12, timeout_s=0.5)
-    teacher.honours_n = True  # as learned; a short first answer would otherwise mean "ignores n"
+    teacher.honours_n = teacher.n_seen = True  # as learned; a short first answer would otherwise mean "ignores n"
 
     async def steps():
         return [await collect(teacher, f"p{step}", 2, 8, step) for step in range(8)]
@@ -312,3 +314,28 @@ def test_requests_per_minute_are_kept_and_a_stop_ends_the_wait(fake_teacher):
     anyio.run(go)
     assert sorted(outcomes) == ["answered", "answered", "stopped"]
     assert len(server.requests()) == 2  # two a minute: the third was never sent
+
+
+def test_a_cached_hint_that_n_is_honoured_gives_way_to_a_server_that_refuses_it(fake_teacher, tmp_path):
+    """What an earlier run learnt of the model's servers is a hint: this run's servers may be
+    another provider's, which refuses n > 1; the step is asked one choice at a time."""
+    server = fake_teacher("--reject-n")
+    cfg = TeacherConfig(model="fake-teacher", base_url=server.base_url)
+    cache = ResponseCache(tmp_path / "responses.sqlite")
+    cache.learn(model_identity(cfg), "honours_n", True)
+    teacher = TeacherClient(cfg, server.base_url, backoff_s=0.01, cache=cache)
+    assert teacher.honours_n is True
+    candidates, _ = sample(teacher, "Q: 2+2?\nA:", 3, 8, 40)
+    assert len(candidates) == 3 and teacher.honours_n is False
+    assert cache.fact(model_identity(cfg), "honours_n") is False
+    assert [(r["n"], r["fault"]) for r in server.requests()] == [(3, "400"), (1, None), (1, None), (1, None)]
+
+
+def test_a_launched_model_is_known_by_its_file_not_its_alias():
+    def launched(gguf: str, n_ctx: int = 4096) -> TeacherConfig:
+        return TeacherConfig(model="teacher", launch={"gguf": gguf, "n_ctx": n_ctx})
+
+    configs = (launched("gemma-3-270m"), launched("/m/other.gguf"), launched("gemma-3-270m", 2048))
+    identities = {json.dumps(request_identity(cfg, Prompt("p"), 2, 8, 0), sort_keys=True) for cfg in configs}
+    assert len(identities) == 3
+    assert len({model_identity(launched("a.gguf")), model_identity(launched("b.gguf"))}) == 2
