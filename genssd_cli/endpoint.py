@@ -125,7 +125,9 @@ class Endpoint:
         rpm = (own and own.requests_per_minute) or teacher.requests_per_minute
         tpm = (own and own.tokens_per_minute) or teacher.tokens_per_minute
         # Token buckets that sleep until capacity frees up (no polling).
-        self.rpm = AsyncLimiter(rpm, 60) if rpm else None
+        # Below one a minute (a shard's share of a small limit), one request per 60/rpm seconds:
+        # a bucket smaller than one request would refuse every request.
+        self.rpm = (AsyncLimiter(rpm, 60) if rpm >= 1 else AsyncLimiter(1, 60 / rpm)) if rpm else None
         self.tpm = AsyncLimiter(tpm, 60) if tpm else None
         self.waiting = 0  # requests queued for this endpoint's limits
         self.in_flight = 0

@@ -43,9 +43,10 @@ def check_start(config: Path | None, run_dir: Path, count: int, limit: int | Non
 
 
 @contextlib.contextmanager
-def executor_lock(run_dir: Path):
+def executor_lock(run_dir: Path, commands: list[ShardCommand]):
     """One executor per sharded run directory (the shards lock their own sub-directories). A start
-    that no shard got to (refused) takes back the directory it made."""
+    that no shard got to (refused, stopped) takes back the directory it made; one that failed keeps
+    the shards' logs, which say why."""
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = open(run_dir / EXECUTOR_LOCK, "a+")  # noqa: SIM115 - held until the shards end
@@ -58,7 +59,8 @@ def executor_lock(run_dir: Path):
         yield
     finally:
         lock.close()
-        if created and not (run_dir / PLAN).exists():  # no shard's teacher answered: nothing to keep
+        failed = any(c.code not in (None, *FINAL_CODES) or c.code == 1 for c in commands)
+        if created and not (run_dir / PLAN).exists() and not failed:  # no shard's teacher answered: nothing to keep
             for leftover in [run_dir / EXECUTOR_LOCK, *run_dir.glob("shard-*.log"), *run_dir.glob("shard-*")]:
                 with contextlib.suppress(OSError):
                     leftover.rmdir() if leftover.is_dir() else leftover.unlink()
@@ -84,6 +86,7 @@ def run_local(commands: list[ShardCommand], max_restarts: int, console: Console)
         if gpus:
             command.env["CUDA_VISIBLE_DEVICES"] = gpus[command.index % len(gpus)]
     running: dict[int, subprocess.Popen] = {}
+    stopping = False
 
     def start(command: ShardCommand) -> None:
         with open(command.log, "ab") as log:  # the child holds its own descriptor
@@ -93,6 +96,8 @@ def run_local(commands: list[ShardCommand], max_restarts: int, console: Console)
             )  # fmt: skip
 
     def stop_all(signum: int) -> None:
+        nonlocal stopping
+        stopping = True
         for process in running.values():
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signum)
@@ -107,7 +112,7 @@ def run_local(commands: list[ShardCommand], max_restarts: int, console: Console)
                 if process is None or process.poll() is None:
                     continue
                 del running[command.index]
-                if relaunch(command, process.returncode, max_restarts, console):
+                if relaunch(command, process.returncode, max_restarts, console, stopping):
                     start(command)
                 elif command.code == 2:
                     stop_all(signal.SIGTERM)  # a refusal every shard will meet: stop the others too
@@ -134,7 +139,7 @@ def run_sharded(config: Path | None, run_dir: Path, count: int, limit: int | Non
     if executor == "ray" and importlib.util.find_spec("ray") is None:
         raise UsageError("--executor ray needs Ray: pip install 'genssd[ray]' (on every node of the cluster)")
     commands = shard_commands(config, run_dir, count, limit, overrides, force)
-    with executor_lock(run_dir):
+    with executor_lock(run_dir, commands):
         console.print(f"{count} shards, executor {executor}; each shard's output: {run_dir}/shard-K.log")
         try:
             if executor == "ray":

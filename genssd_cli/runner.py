@@ -44,6 +44,7 @@ from genssd_cli.shards import (
     clear_completed,
     mark_completed,
     merge_lock,
+    record_spent,
     refuse_sharded,
     select,
     shard_dir,
@@ -90,12 +91,18 @@ def run_command(
         problems = select(problems, shard)
         run_dir = shard_dir(run_dir, shard.index)
         if not problems:  # more shards than problems: this one has nothing to do
-            return _empty_shard(whole, run_dir, shard, cfg, console)
+            return _empty_shard(whole, run_dir, shard, cfg, force, console)
     log = scan_events(run_dir, cfg.teacher)  # one streaming pass: what a resume needs, not the whole log
     log.check_resume(settings, force)
 
     store = RunStore(run_dir, cfg.engine.fsync, cfg.engine.fsync_interval_ms)
-    if log.events and log.all_ended(problems, cfg.search.samples):
+    ended = bool(log.events) and log.all_ended(problems, cfg.search.samples)
+    if shard is not None and log.events:
+        # Every shard says what it spent, also one with nothing left to ask: the run's budget is all of it.
+        record_spent(run_dir, log.spent or 0.0)
+        if not ended:  # more problems, or --force: a marker of an earlier session would merge too soon
+            clear_completed(run_dir)
+    if ended:
         # Nothing to ask: no teacher server, no student, just the files re-made from the log.
         with store:
             console.print("every trajectory has already ended; nothing to do")
@@ -112,8 +119,8 @@ def run_command(
         log.check_resume(settings, force)
         budget = None
         if shard is not None and cfg.max_cost is not None:  # one budget for all shards
-            budget = stack.enter_context(closing(SharedSpend(whole.dir, shard.index)))
-            already = budget.start(already or 0.0)
+            budget = SharedSpend(whole.dir, shard, log.spent or 0.0)
+            already = budget.total()
             if already >= cfg.max_cost:
                 raise BudgetReached(_over_budget(already, cfg.max_cost))
         server = None
@@ -136,7 +143,7 @@ def run_command(
         def begin(control: RunControl) -> Engine:
             """Called once the teacher answered: only now does the run directory change."""
             if shard is not None:
-                write_plan(whole.dir, shard.count, config_hash)
+                write_plan(whole.dir, shard.count, config_hash, force)
                 clear_completed(run_dir)
             store.open_log()
             store.append(RunStart(
@@ -317,9 +324,9 @@ class _Whole(NamedTuple):
     config_hash: str
 
 
-def _empty_shard(whole: _Whole, run_dir: Path, shard: Shard, cfg: RunConfig, console: Console) -> Summary:
+def _empty_shard(whole: _Whole, run_dir: Path, shard: Shard, cfg: RunConfig, force: bool, console: Console) -> Summary:
     with RunStore(run_dir) as store:
-        write_plan(whole.dir, shard.count, whole.config_hash)
+        write_plan(whole.dir, shard.count, whole.config_hash, force)
         console.print(f"shard {shard.index}/{shard.count} has no problems; nothing to do")
         summary = _materialise(store, [], cfg)
     _shard_completed(whole, run_dir, shard, console)

@@ -38,8 +38,11 @@ def shard_commands(config: Path | None, run_dir: Path, count: int, limit: int | 
     return [ShardCommand(k, [*argv, "--shard", f"{k}/{count}"], run_dir / f"shard-{k}.log") for k in range(count)]
 
 
-def relaunch(command: ShardCommand, code: int, max_restarts: int, console: Console) -> bool:
-    """Record how a shard process ended; True when it died and may be started again."""
+def relaunch(command: ShardCommand, code: int, max_restarts: int, console: Console, stopping: bool) -> bool:
+    """Record how a shard process ended; True when it died and may be started again (never once a
+    stop was passed on: a shard still starting up dies of the SIGTERM it could not catch yet)."""
+    if stopping and code not in FINAL_CODES:
+        code = 130
     if code in FINAL_CODES:
         command.code = code
         command.error = _last_error(command.log) if code in (1, 2) else ""

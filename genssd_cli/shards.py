@@ -7,7 +7,8 @@ A sharded run directory (`genssd run --shards N`, or `--shard K/N` per process):
     RUN/shard-K/             shard K: an ordinary run directory (its own log, lock, failures, resume)
     RUN/shard-K/completed    written when a session of shard K completed (a marker per rank, as
                              datatrove keeps one); removed when a session of it starts
-    RUN/spend.sqlite         each shard's teacher cost: max_cost is one budget for the whole run
+    RUN/shard-K/spent        shard K's teacher cost so far (as its log says): max_cost is one
+                             budget for the whole run, the sum of these
     RUN/trajectories.jsonl, failures.jsonl, summary.json, config.yaml
                              materialised from every shard's log once all have completed
 
@@ -21,7 +22,6 @@ import fcntl
 import hashlib
 import os
 import re
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -31,11 +31,9 @@ from genssd_cli.data import Problem
 from genssd_cli.errors import RuntimeFailure, UsageError
 from genssd_cli.files import write_atomic, write_failed
 from genssd_cli.records import ShardPlan
-from genssd_cli.shared_sqlite import open_shared
 
 PLAN = "shards.json"
-SPEND = "spend.sqlite"
-SPEND_SCHEMA = "CREATE TABLE IF NOT EXISTS spend (shard INTEGER PRIMARY KEY, cost REAL NOT NULL)"
+SPENT = "spent"
 COMPLETED = "completed"
 MERGE_LOCK = ".merge-lock"
 
@@ -99,22 +97,32 @@ def check_plan(run_dir: Path, count: int, config_hash: str, force: bool) -> None
         raise UsageError(f"{run_dir} was made with other settings; use another --out, or --force to continue anyway")
 
 
-def write_plan(run_dir: Path, count: int, config_hash: str) -> None:
-    """Fixed by the first shard whose teacher answered; kept as it is after that. Shards start
-    together: the plan is linked into place only if no other shard's is there yet."""
-    if read_plan(run_dir) is not None:
-        return
+def write_plan(run_dir: Path, count: int, config_hash: str, force: bool) -> None:
+    """Fixed by the first shard whose teacher answered; kept as it is after that, but for the
+    settings hash a `--force` start moves on. Shards start together: the plan is linked into place
+    only if no other shard's is there yet, and a shard that lost to another N (`--shard 0/4` and
+    `--shard 1/2` started together) stops here, before its log is opened."""
     path = run_dir / PLAN
-    mine = run_dir / f".{PLAN}.{os.getpid()}"
-    try:
-        mine.write_text(ShardPlan(shards=count, config_hash=config_hash).model_dump_json(indent=2) + "\n")
-        os.link(mine, path)
-    except FileExistsError:
-        pass  # another shard's, with the same N (each checked it against the plan before starting)
-    except OSError as exc:
-        raise write_failed(path, exc) from None
-    finally:
-        mine.unlink(missing_ok=True)
+    if read_plan(run_dir) is None:
+        mine = run_dir / f".{PLAN}.{os.getpid()}"
+        try:
+            mine.write_text(_plan_text(count, config_hash))
+            os.link(mine, path)
+            return
+        except FileExistsError:
+            pass  # another shard's: checked below
+        except OSError as exc:
+            raise write_failed(path, exc) from None
+        finally:
+            mine.unlink(missing_ok=True)
+    check_plan(run_dir, count, config_hash, force)
+    plan = read_plan(run_dir)
+    if force and plan is not None and plan.config_hash != config_hash:  # forced once, not at every later resume
+        write_atomic(path, _plan_text(count, config_hash))
+
+
+def _plan_text(count: int, config_hash: str) -> str:
+    return ShardPlan(shards=count, config_hash=config_hash).model_dump_json(indent=2) + "\n"
 
 
 def refuse_sharded(run_dir: Path) -> None:
@@ -135,7 +143,10 @@ def log_paths(run_dir: Path) -> list[Path]:
 def share_limits(cfg: RunConfig, count: int) -> RunConfig:
     """Each shard's part of every endpoint limit, so that together the shards keep the run's limits.
     Ours: a static share (no coordination between machines), so a shard that ends early leaves its
-    part unused. A concurrency smaller than the number of shards cannot be shared: refused."""
+    part unused. A concurrency smaller than the number of shards cannot be shared: refused. A
+    server genssd launches is each shard's own: its limits are not shared."""
+    if cfg.teacher.launch is not None:
+        return cfg
 
     def concurrency(value: int, where: str) -> int:
         if value < count:
@@ -163,36 +174,35 @@ def share_limits(cfg: RunConfig, count: int) -> RunConfig:
     return cfg.model_copy(update={"teacher": shared})
 
 
+def record_spent(shard_path: Path, spent: float) -> None:
+    """Shard K's cost so far, replaced whole (a reader sees the old value or the new one)."""
+    write_atomic(shard_path / SPENT, f"{spent!r}\n")
+
+
+def _spent(shard_path: Path) -> float:
+    try:
+        return float((shard_path / SPENT).read_text())
+    except (OSError, ValueError):  # not started yet, or of a genssd without these files
+        return 0.0
+
+
 class SharedSpend:
-    """The teacher cost of every shard, in one sqlite file beside them: a shard adds what each
-    response cost and reads the run's total, so max_cost is one budget for the whole run."""
+    """The teacher cost of the whole run, for one shard: its own, exact, plus every other shard's
+    `spent` file, read at every response (N-1 small reads: the cap holds as tightly as with one
+    shared counter). Files rather than one shared database: sqlite's WAL needs every process on
+    one host, and a multi-node run's directory is on NFS."""
 
-    def __init__(self, run_dir: Path, shard: int):
-        self.shard = shard
-        self.path = run_dir / SPEND
-        try:
-            self._db = open_shared(self.path, SPEND_SCHEMA, timeout=30)
-        except sqlite3.Error as exc:
-            raise RuntimeFailure(f"cannot use the shared budget {self.path}: {exc}") from None
+    def __init__(self, run_dir: Path, shard: Shard, spent: float):
+        self.run_dir, self.shard, self.mine = run_dir, shard, spent
 
-    def start(self, spent: float) -> float:
-        """This shard's cost so far (from its own log, the truth); returns the run's total."""
-        return self._write("INSERT INTO spend VALUES (?, ?) ON CONFLICT(shard) DO UPDATE SET cost = excluded.cost",
-                           (self.shard, spent))  # fmt: skip
+    def total(self) -> float:
+        others = (k for k in range(self.shard.count) if k != self.shard.index)
+        return self.mine + sum(_spent(shard_dir(self.run_dir, k)) for k in others)
 
     def add(self, cost: float) -> float:
-        return self._write("UPDATE spend SET cost = cost + ? WHERE shard = ?", (cost, self.shard))
-
-    def _write(self, sql: str, args: tuple) -> float:
-        try:
-            with self._db:
-                self._db.execute(sql, args)
-            return self._db.execute("SELECT COALESCE(SUM(cost), 0) FROM spend").fetchone()[0]
-        except sqlite3.Error as exc:
-            raise RuntimeFailure(f"cannot use the shared budget {self.path}: {exc}") from None
-
-    def close(self) -> None:
-        self._db.close()
+        self.mine += cost
+        record_spent(shard_dir(self.run_dir, self.shard.index), self.mine)
+        return self.total()
 
 
 def clear_completed(shard_path: Path) -> None:

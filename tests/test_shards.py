@@ -6,20 +6,36 @@ recorded response is asked for again."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import ROOT, genssd, run_config, write_config
+from rich.console import Console
 
-from genssd_cli.config import RunConfig
+from genssd_cli.config import LaunchConfig, RunConfig
+from genssd_cli.endpoint import Endpoint
 from genssd_cli.errors import UsageError
-from genssd_cli.shards import Shard, parse_shard, shard_dir, shard_of, share_limits
+from genssd_cli.executors import run_local
+from genssd_cli.shard_procs import ShardCommand
+from genssd_cli.shards import (
+    Shard,
+    SharedSpend,
+    check_plan,
+    parse_shard,
+    record_spent,
+    shard_dir,
+    shard_of,
+    share_limits,
+    write_plan,
+)
 from genssd_cli.store import EVENTS, read_events
 
 PRICE = {"input": 1.0, "output": 4.0}
@@ -52,6 +68,55 @@ def test_endpoint_limits_are_shared_out():
         2, 15, 2250)  # fmt: skip
     with pytest.raises(UsageError, match="cannot be shared by 16 shards"):
         share_limits(cfg, 16)
+
+
+def test_a_launched_teacher_is_each_shards_own_and_its_limits_are_not_shared():
+    cfg = RunConfig.model_validate(run_config("http://127.0.0.1:9/v1"))
+    launched = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={
+        "base_url": None, "launch": LaunchConfig(gguf="gemma-3-270m"), "max_concurrency": 2})})  # fmt: skip
+    assert share_limits(launched, 8) is launched
+
+
+def test_a_minute_of_requests_shared_below_one_is_still_kept():
+    """A shard's share of a small rate (10 a minute over 16 shards) is one request per 96 s."""
+    cfg = RunConfig.model_validate(run_config("http://127.0.0.1:9/v1", teacher={
+        "max_concurrency": 16, "requests_per_minute": 10}))  # fmt: skip
+    part = share_limits(cfg, 16).teacher
+    limiter = Endpoint(part, part.base_url, None, None).rpm
+    assert (limiter.max_rate, limiter.time_period) == (1, pytest.approx(96.0))
+
+
+def test_the_budget_is_every_shards_spend(tmp_path):
+    for k in range(3):
+        shard_dir(tmp_path, k).mkdir()
+    record_spent(shard_dir(tmp_path, 2), 4.0)  # a shard that ended earlier, with nothing left to ask
+    zero, one = (SharedSpend(tmp_path, Shard(k, 3), 0.0) for k in range(2))
+    assert zero.add(1.0) == 5.0
+    assert one.add(2.0) == 7.0
+    assert zero.add(0.5) == 7.5
+    assert SharedSpend(tmp_path, Shard(1, 3), 2.0).total() == 7.5  # a shard's restart: its own from its log
+
+
+def test_a_shard_of_another_split_started_together_stops_before_its_log(tmp_path):
+    write_plan(tmp_path, 4, "h1", force=False)
+    with pytest.raises(UsageError, match="split into 4 shards"):
+        write_plan(tmp_path, 2, "h1", force=False)
+    with pytest.raises(UsageError, match="made with other settings"):
+        write_plan(tmp_path, 4, "h2", force=False)
+    write_plan(tmp_path, 4, "h2", force=True)  # forced once: later resumes of those settings need no --force
+    check_plan(tmp_path, 4, "h2", force=False)
+
+
+def test_a_stop_is_passed_on_and_no_shard_starts_again(tmp_path):
+    """A shard still starting up dies of the SIGTERM it cannot catch yet: that is a stop, not a
+    death to recover from."""
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    commands = [ShardCommand(k, sleeper, tmp_path / f"shard-{k}.log") for k in range(2)]
+    threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    started = time.monotonic()
+    run_local(commands, max_restarts=3, console=Console(file=io.StringIO()))
+    assert time.monotonic() - started < 30
+    assert [(c.code, c.restarts) for c in commands] == [(130, 0), (130, 0)]
 
 
 def test_refusals_leave_nothing(tmp_path, fake_teacher):
