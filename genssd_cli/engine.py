@@ -57,7 +57,7 @@ class Trajectory:
     text: str = ""
     steps: int = 0
     kept_tokens: int = 0  # teacher tokens of the kept chunks
-    teacher_tokens: int = 0  # teacher tokens of every candidate received (what was paid)
+    teacher_tokens: int = 0  # teacher tokens of every candidate received (what it cost; cache hits too)
 
     @property
     def key(self) -> tuple[str, int]:

@@ -216,7 +216,7 @@ def is_export(folder: Path) -> bool:
     entries = {p.name for p in folder.iterdir()}
     if entries != {CARD, "data"} or not (folder / "data").is_dir():
         return False
-    if any(not p.is_file() or p.suffix != ".parquet" for p in (folder / "data").iterdir()):
+    if [p.name for p in (folder / "data").iterdir()] != [Path(DATA_FILE).name]:  # e.g. a split the user added
         return False
     meta = front_matter((folder / CARD).read_text(encoding="utf-8", errors="replace"))
     return isinstance(meta, dict) and isinstance(meta.get("genssd"), dict)
@@ -319,6 +319,8 @@ def dataset_card(runs: list[Run], rows: list[dict[str, Any]], only_correct: bool
     }
     if costs:
         counts["teacher_cost"] = round(sum(costs), 6)
+        if len(costs) < len(runs):  # a sum over some runs must not pass for the whole
+            counts["teacher_cost_covers"] = f"{len(costs)} of {len(runs)} runs (the others recorded no cost)"
     meta = {
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/*.parquet"}]}],
         "license": "other",
@@ -370,7 +372,8 @@ def dataset_card(runs: list[Run], rows: list[dict[str, Any]], only_correct: bool
         "they match |",
         "| `finish`, `steps` | `stop` or `truncated`; chunks kept (1 for whole-trajectory methods) |",
         "| `student_ppl` | the student's perplexity of the whole completion |",
-        "| `teacher_tokens`, `completion_tokens` | teacher tokens paid for the trajectory (0 on rank > 0), and kept |",
+        "| `teacher_tokens`, `completion_tokens` | teacher tokens the trajectory cost (response-cache hits included; 0 "
+        "on rank > 0), and kept |",
         "| `run` | the run folder it comes from |",
         "",
         "## How the rows were made",
@@ -379,7 +382,8 @@ def dataset_card(runs: list[Run], rows: list[dict[str, Any]], only_correct: bool
     body += [f"- `{m}`: {METHODS.get(m, 'a method of another genssd version')}." for m in sorted(methods)]
     body += ["", *_settings_table(runs), ""]
     body += ["## Teacher tokens and cost", "",
-             f"Teacher completion tokens paid for the exported rows: {teacher_tokens}."]  # fmt: skip
+             f"Teacher completion tokens the exported rows cost: {teacher_tokens} (answers from a response "
+             "cache included: what the rows took, not what was billed)."]  # fmt: skip
     body += _cost_lines(runs)
     body += [
         "",
@@ -474,6 +478,8 @@ def _cost_lines(runs: list[Run]) -> list[str]:
         t = run.summary.teacher
         line = (f"- `{run.name}` (all its trajectories, pruned ones included): {t.requests} requests, "
                 f"{t.prompt_tokens} prompt and {t.completion_tokens} completion tokens")  # fmt: skip
+        if t.cache is not None and t.cache.hits:
+            line += f" ({t.cache.hits} of the requests answered from the response cache, not billed)"
         if t.cost is not None:
             price = t.price_per_million
             at = f" at {price.input:g} / {price.output:g} per million prompt / completion tokens" if price else ""

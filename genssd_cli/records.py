@@ -195,8 +195,9 @@ class TrajectoryRow(Record):
     student_ppl: float | None
     """The student's perplexity of the whole kept completion, scored alone (null: empty)."""
     teacher_tokens: int
-    """Teacher completion tokens of every candidate received for this trajectory (what was paid);
-    0 on further rows kept from the same request (rank > 0), so that a sum counts it once."""
+    """Teacher completion tokens of every candidate received for this trajectory (what it cost,
+    answers from `teacher.cache` included, whoever paid for them); 0 on further rows kept from the
+    same request (rank > 0), so that a sum counts it once."""
     completion_tokens: int
     """Teacher completion tokens of the kept candidates."""
 

@@ -126,6 +126,7 @@ def test_export_loads_as_written_with_a_card_of_counts_and_no_secrets(tmp_path, 
     assert counts["runs"] == [{"name": "gen-run", "rows": 3, "correct": 1, "config_hash": gen_hash},
                               {"name": "kd-run", "rows": 2, "correct": 2, "config_hash": None}]  # fmt: skip
     assert counts["teacher_cost"] == 0.18 and counts["only_correct"] is False
+    assert counts["teacher_cost_covers"] == "1 of 2 runs (the others recorded no cost)"
 
     # The body: method, teacher, student, the results settings of each run, cost, provenance.
     for expected in (
@@ -176,7 +177,7 @@ def test_runs_of_one_folder_name_are_told_apart(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing run", "no trajectories", "no correct row", "no row", "run twice",
-                                  "out not an export", "out a file"])  # fmt: skip
+                                  "out not an export", "out with the user's split", "out a file"])  # fmt: skip
 def test_bad_inputs_are_one_line(tmp_path, case):
     run = make_run(tmp_path / "run", [GENSSD_ROWS[1]], "genssd", records=False)
     out, args = tmp_path / "out", []
@@ -195,6 +196,10 @@ def test_bad_inputs_are_one_line(tmp_path, case):
     elif case == "out not an export":
         out.mkdir()
         (out / "notes.txt").write_text("mine")
+        args, message = [str(run)], "is not empty and not a genssd export"
+    elif case == "out with the user's split":
+        assert genssd("export", str(run), "--out", str(out)).returncode == 0
+        (out / "data" / "test-00000-of-00001.parquet").write_bytes(b"PAR1")
         args, message = [str(run)], "is not empty and not a genssd export"
     else:
         out.write_text("a file")
