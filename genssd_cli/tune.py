@@ -14,12 +14,12 @@ and chunk, another prune_ppl) pay for them once.
 Order: cheapest first, by an estimate of the teacher tokens per problem (ORDER_RULE).
 
 Budget (--max-cost, the whole sweep): before each point, the sweep's spend is the sum of every
-point's summary.json teacher cost; the point runs with `max_cost` = its own earlier cost + what is
+point's teacher cost, from its log; the point runs with `max_cost` = its own earlier cost + what is
 left (the budget less the other points' cost). A point that hits it stops cleanly (BudgetReached);
 once the budget is gone, points whose run has not ended are listed as not run.
 
 The table (terminal, OUT/tune.md, OUT/tune.json) is computed from each run directory's
-events.jsonl, restricted to the pilot problems, and its summary.json (cost); OUT/tune.png plots
+events.jsonl, restricted to the pilot problems; OUT/tune.png plots
 teacher tokens per kept token against the kept trajectories' mean student PPL. The recommendation
 follows RECOMMENDATION_RULE, ours.
 """
@@ -38,15 +38,15 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from genssd_cli.config import RunConfig, load_run_config
+from genssd_cli.config import RunConfig, TeacherConfig, load_run_config
 from genssd_cli.data import Problem, load_problems
 from genssd_cli.errors import BudgetReached, UsageError
 from genssd_cli.files import write_atomic
 from genssd_cli.methods import METHODS
-from genssd_cli.records import Choice, Finish, Prune, Response, read_summary
-from genssd_cli.results import failure_rows
+from genssd_cli.records import Choice, Finish, Prune, Response
+from genssd_cli.results import failure_rows, spent
 from genssd_cli.stats import wilson
-from genssd_cli.store import SUMMARY, read_events, scan_events
+from genssd_cli.store import read_events, scan_events
 
 CACHE = "responses.sqlite"
 RAN, BUDGET, NOT_RUN = "ran", "stopped at the budget", "not run"
@@ -58,7 +58,7 @@ ORDER_RULE = (
 RECOMMENDATION_RULE = (
     "our rule, not the paper's: among the points whose correct kept trajectories number at least half the best "
     "point's, the lowest mean student PPL of kept trajectories; ties: fewer teacher tokens per kept token "
-    "(points stopped by the budget are partial and left out)"
+    "(points stopped by the budget, or with failed or unfinished trajectories, are partial and left out)"
 )
 # Settings the sweep itself decides.
 OWNED = {
@@ -203,7 +203,7 @@ def tune_command(
                 continue
             if max_cost is not None:
                 # Its own earlier cost + what is left = the budget less what the other points spent.
-                allowance = max_cost - sum(_cost(out / p.slug) for p in points if p is not point)
+                allowance = max_cost - sum(_cost(out / p.slug, p.cfg.teacher) for p in points if p is not point)
                 if allowance <= 0:
                     console.print(f"{point.slug}: not run, the budget is spent", markup=False)
                     continue
@@ -239,9 +239,10 @@ def _ended(run_dir: Path, point: Point) -> bool:
     return log is not None and log.events > 0 and log.all_ended(point.problems, point.cfg.search.samples)
 
 
-def _cost(run_dir: Path) -> float:
-    summary = run_dir / SUMMARY
-    return (read_summary(summary).teacher.cost or 0.0) if summary.is_file() else 0.0
+def _cost(run_dir: Path, teacher: TeacherConfig) -> float:
+    """What a point's run directory has spent, from its log (the truth also after a session that
+    ended before writing its summary: a kill, a second Ctrl-C)."""
+    return (scan_events(run_dir, teacher).spent or 0.0) if run_dir.is_dir() else 0.0
 
 
 def wilson_share(k: int, n: int) -> list[float] | None:
@@ -293,8 +294,12 @@ def measure(run_dir: Path, point: Point) -> dict[str, Any]:
         "diversity": _round(statistics.fmean(shares)) if shares else None,
         "requests": len(responses),
         "cache_hits": sum(1 for e in responses if e.cached),
-        "cost": read_summary(run_dir / SUMMARY).teacher.cost if (run_dir / SUMMARY).is_file() else None,
+        "cost": _round6(spent(responses, point.cfg.teacher)),  # the pilot problems', as the other columns
     }
+
+
+def _round6(x: float | None) -> float | None:
+    return round(x, 6) if x is not None else None
 
 
 def _round(x: float) -> float:
@@ -303,7 +308,9 @@ def _round(x: float) -> float:
 
 def recommend(points: list[Point]) -> Point | None:
     """RECOMMENDATION_RULE; the first in the table's order on a full tie."""
-    measured = [p for p in points if p.status == RAN and p.numbers]
+    # Only points that ended every pilot trajectory: one with failures was measured on other problems.
+    measured = [p for p in points
+                if p.status == RAN and p.numbers and not (p.numbers["failed"] or p.numbers["pending"])]  # fmt: skip
     if not measured:
         return None
     most = max(p.numbers["correct"] for p in measured)
@@ -328,7 +335,7 @@ def _record(config_path: Path, grid: dict[str, list[str]], pilot: int, out: Path
         "cache": points[0].cfg.teacher.cache,  # the config's, else the one tune set
         "order": ORDER_RULE,
         "max_cost": max_cost,
-        "spent": round(sum(_cost(out / p.slug) for p in points), 6) if priced else None,
+        "spent": round(sum(_cost(out / p.slug, p.cfg.teacher) for p in points), 6) if priced else None,
         "points": [
             {
                 "slug": p.slug,
