@@ -166,8 +166,11 @@ def share_limits(cfg: RunConfig, count: int) -> RunConfig:
         })
         for e in teacher.endpoints
     ]  # fmt: skip
+    # The teacher-wide concurrency is used by endpoints without their own (all, without a pool).
+    used = not teacher.endpoints or any(e.max_concurrency is None for e in teacher.endpoints)
     shared = teacher.model_copy(update={
-        "max_concurrency": concurrency(teacher.max_concurrency, "teacher.max_concurrency"),
+        "max_concurrency": concurrency(teacher.max_concurrency, "teacher.max_concurrency")
+        if used else teacher.max_concurrency,
         "requests_per_minute": rate(teacher.requests_per_minute), "tokens_per_minute": rate(teacher.tokens_per_minute),
         "endpoints": endpoints,
     })  # fmt: skip

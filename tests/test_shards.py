@@ -68,6 +68,11 @@ def test_endpoint_limits_are_shared_out():
         2, 15, 2250)  # fmt: skip
     with pytest.raises(UsageError, match="cannot be shared by 16 shards"):
         share_limits(cfg, 16)
+    # A pool whose every server has its own concurrency: the teacher-wide one is unused.
+    pool = RunConfig.model_validate(run_config(None, teacher={"base_url": None, "max_concurrency": 1, "endpoints": [
+        {"base_url": "http://127.0.0.1:9/v1", "max_concurrency": 8},
+        {"base_url": "http://127.0.0.1:10/v1", "max_concurrency": 4}]}))  # fmt: skip
+    assert [e.max_concurrency for e in share_limits(pool, 4).teacher.endpoints] == [2, 1]
 
 
 def test_a_launched_teacher_is_each_shards_own_and_its_limits_are_not_shared():
