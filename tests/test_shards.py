@@ -112,12 +112,20 @@ def test_a_shard_of_another_split_started_together_stops_before_its_log(tmp_path
     check_plan(tmp_path, 4, "h2", force=False)
 
 
-def test_a_stop_is_passed_on_and_no_shard_starts_again(tmp_path):
+def test_a_stop_is_passed_on_and_no_shard_starts_again(tmp_path, monkeypatch):
     """A shard still starting up dies of the SIGTERM it cannot catch yet: that is a stop, not a
     death to recover from."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
     commands = [ShardCommand(k, sleeper, tmp_path / f"shard-{k}.log") for k in range(2)]
-    threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+
+    def stop_once_started() -> None:  # the logs are opened after the stop relay is in place
+        while not all(c.log.exists() for c in commands):
+            time.sleep(0.05)
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop_once_started, daemon=True).start()
     started = time.monotonic()
     run_local(commands, max_restarts=3, console=Console(file=io.StringIO()))
     assert time.monotonic() - started < 30
