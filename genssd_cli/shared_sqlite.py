@@ -1,5 +1,6 @@
-"""Opening an sqlite file that several processes share (the response cache, a sharded run's
-budget): WAL, so readers never wait on the one writer, and a busy wait for every lock.
+"""Opening an sqlite file that several processes share (the response cache, used by concurrent
+runs): WAL, so readers never wait on the one writer, and a busy wait for every lock. WAL needs
+every process on one host (its index is shared memory), not a network filesystem.
 
 sqlite's busy timeout does not cover switching a file to WAL: when processes open a new file at
 the same moment, all but one can get "database is locked" at once (measured: 2 of 450 openings

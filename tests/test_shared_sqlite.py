@@ -1,5 +1,5 @@
-"""Many openers of one new sqlite file at once (runs sharing a response cache, shards sharing a
-budget): every one gets a WAL connection with the schema, none a "database is locked"."""
+"""Many openers of one new sqlite file at once (runs sharing a response cache): every one gets a
+WAL connection with the schema, none a "database is locked"."""
 
 import sqlite3
 import threading
