@@ -321,7 +321,8 @@ class CacheTotals(Record):
     saved_completion_tokens: int
     """The hits' completion tokens: not generated again."""
     saved_cost: float | None = None
-    """What the hits would have cost, at today's prices (null: no price set)."""
+    """What the hits would have cost, at today's prices (null: no price set, or a hit answered by a
+    server of another pool, whose price is not known here)."""
 
 
 class TeacherTotals(Record):

@@ -206,8 +206,11 @@ class RunLog:
         if e.cached:  # answered from teacher.cache: no server answered it in this run
             self.hits += 1
             self.saved_completion_tokens += e.completion_tokens
-            if self.saved_cost is not None:
-                self.saved_cost += cost
+            if self.saved_cost is not None and self.teacher is not None:
+                # Priced as this run's answerer would be: the price of an endpoint of another run's
+                # pool is not known here (unless the teacher has one price): unknown, not 0.
+                known = self.teacher.price is not None or any(x.label == e.endpoint for x in self.teacher.endpoints)
+                self.saved_cost = self.saved_cost + cost if known else None
             return
         if self.spent is not None:
             self.spent += cost

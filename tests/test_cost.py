@@ -7,8 +7,10 @@ import json
 import pytest
 from conftest import genssd, run_config, write_config
 
-from genssd_cli.config import load_run_config
+from genssd_cli.config import TeacherConfig, load_run_config
 from genssd_cli.errors import UsageError
+from genssd_cli.records import Response
+from genssd_cli.results import RunLog
 from genssd_cli.store import read_events
 
 PRICE = {"input": 100.0, "output": 400.0}  # per million tokens: big, so that small runs cost something
@@ -66,3 +68,17 @@ def test_max_cost_needs_prices(tmp_path):
         load_run_config(None, ["max_cost=5"])
     cfg = load_run_config(None, ["max_cost=5", "teacher.price={input: 0.5, output: 2}"])
     assert cfg.teacher.price.cost(2_000_000, 1_000_000) == pytest.approx(3.0)
+
+
+def test_a_cache_hit_answered_in_another_pool_has_no_price_here():
+    """saved_cost prices a hit at the price of the server that answered it; a server of another
+    run's pool has none here (each server has its own price): unknown, not 0."""
+    teacher = TeacherConfig.model_validate({"model": "m", "endpoints": [
+        {"base_url": "http://127.0.0.1:9/v1", "name": "a", "price": {"input": 1.0, "output": 2.0}}]})  # fmt: skip
+
+    def hit(endpoint: str) -> Response:
+        return Response(problem_id="p", sample=0, step=0, attempt=0, start=0, seed=1, n=1, prompt_tokens=10,
+                        completion_tokens=5, endpoint=endpoint, candidates=[], cached=True)  # fmt: skip
+
+    assert RunLog.of([hit("a")], teacher).saved_cost == pytest.approx((10 * 1.0 + 5 * 2.0) / 1e6)
+    assert RunLog.of([hit("a"), hit("elsewhere")], teacher).saved_cost is None
