@@ -23,7 +23,7 @@ import anyio
 from rich.console import Console
 
 from genssd_cli import __version__
-from genssd_cli.config import RunConfig, load_run_config
+from genssd_cli.config import RunConfig, TeacherConfig, load_run_config
 from genssd_cli.control import RunControl
 from genssd_cli.data import Problem, load_problems, load_prompt, teacher_template, teacher_token_counter
 from genssd_cli.engine import Engine
@@ -128,6 +128,8 @@ def run_command(
             _stop_leftover(log, console)
             server = LocalServer(cfg.teacher.launch, cfg.teacher.model, run_dir / "teacher-server.log")
             stack.enter_context(launched(server))  # boots while the student loads
+        else:  # an endpoint that cannot serve the run is said before the student loads (minutes, for a big one)
+            anyio.run(_check_teacher, cfg.teacher)
         console.print(f"loading student {cfg.student.model} …")
         scorer = StudentScorer.load(cfg.student, student_template)
         too_long = _too_long_for_the_student(scorer, problems, cfg)  # refused here: no log opened yet
@@ -241,6 +243,16 @@ def _stop_leftover(log: RunLog, console: Console) -> None:
 def _over_budget(cost: float, limit: float) -> str:
     return (f"the teacher cost reached max_cost ({cost:.4f} of {limit:g}); the run stopped cleanly: "
             "raise max_cost (--set max_cost=N) and run the same command to resume")  # fmt: skip
+
+
+async def _check_teacher(cfg: TeacherConfig) -> None:
+    """The endpoints' model lists (no tokens): a refused key, a model not served, no endpoint
+    reachable are one line now; the session checks again and warns of what it sidelines."""
+    teacher = TeacherClient(cfg)
+    try:
+        await teacher.check()
+    finally:
+        await teacher.aclose()
 
 
 async def _session(

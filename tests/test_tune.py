@@ -193,11 +193,14 @@ def test_the_budget_is_the_whole_sweeps_and_ends_it_cleanly(tmp_path, fake_teach
 
 def test_the_recommendation_rule_where_the_correctness_bar_decides():
     """The rule on points made by hand: the bar (half the best point's correct count) leaves out the
-    easiest point; a PPL tie goes to fewer teacher tokens per kept token; a partial point never wins."""
+    easiest point; a PPL tie goes to fewer teacher tokens per kept token; a partial point (stopped by
+    the budget, or with trajectories that failed or did not end) never wins."""
     cfg = load_run_config(None)
 
-    def point(name: str, correct: int, ppl: float | None, tokens: float | None, status: str = RAN) -> Point:
-        numbers = {"correct": correct, "student_ppl": {"mean": ppl}, "teacher_tokens_per_kept_token": tokens}
+    def point(name: str, correct: int, ppl: float | None, tokens: float | None, status: str = RAN,
+              failed: int = 0, pending: int = 0) -> Point:  # fmt: skip
+        numbers = {"correct": correct, "student_ppl": {"mean": ppl}, "teacher_tokens_per_kept_token": tokens,
+                   "failed": failed, "pending": pending}  # fmt: skip
         return Point({"x": name}, name, cfg, [], status=status, numbers=numbers)
 
     most = point("most-correct", 6, 12.0, 2.0)
@@ -210,6 +213,8 @@ def test_the_recommendation_rule_where_the_correctness_bar_decides():
     assert recommend([most, easy_but_wrong]) is most
     assert recommend([easy_but_wrong, point("none-correct", 0, 3.0, 1.0)]) is easy_but_wrong  # 2 >= 2 / 2; 0 < 1
     assert recommend([partial, unscored]) is None
+    failures = [point("failed", 6, 1.0, 1.0, failed=1), point("pending", 6, 1.0, 1.0, pending=2)]
+    assert recommend([most, *failures]) is most
 
 
 def test_bad_inputs_are_one_line_and_create_nothing(tmp_path, fake_teacher):
