@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 from rich.console import Console
 
@@ -28,11 +29,13 @@ NO_SHARED_DIRECTORY = 3  # an exit status no shard process gives
 
 class ShardWorker:
     """Runs one shard's process at a time; `stop` may arrive while `run` waits (two threads), or
-    before it starts one (then it starts none)."""
+    before it starts one (then it starts none). A process gets one SIGTERM, however many stops come
+    (a second signal would make the shard stop at once, without draining)."""
 
     def __init__(self) -> None:
         self.process: subprocess.Popen | None = None
         self.stopped = False
+        self.lock = threading.Lock()
 
     def pid(self) -> int:
         return os.getpid()
@@ -46,22 +49,23 @@ class ShardWorker:
             env["OMP_NUM_THREADS"] = threads
         if not os.path.isdir(cwd):  # the caller's paths are relative to its directory: RUN's filesystem
             return NO_SHARED_DIRECTORY
-        if self.stopped:
-            return STOPPED
-        with open(os.path.join(cwd, log), "ab") as out:
+        with self.lock, open(os.path.join(cwd, log), "ab") as out:
+            if self.stopped:
+                return STOPPED
             # This node's Python (Ray runs every node on the same environment), in the caller's directory.
             self.process = subprocess.Popen(die_with_parent([sys.executable, *argv[1:]]), stdout=out,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd,
                                             start_new_session=True, env=env)  # fmt: skip
-        if self.stopped:  # a stop that came while it started
-            self.stop()
         return self.process.wait()
 
     def stop(self) -> None:
-        self.stopped = True
-        if self.process is not None and self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGTERM)
+        with self.lock:
+            if self.stopped:
+                return
+            self.stopped = True
+            if self.process is not None and self.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self.process.send_signal(signal.SIGTERM)
 
 
 def run_on_ray(commands: list[ShardCommand], address: str | None, gpus_per_shard: float | None, max_restarts: int,
@@ -104,6 +108,8 @@ def run_on_ray(commands: list[ShardCommand], address: str | None, gpus_per_shard
         with relay_stop(stop_all):
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
+                if stopping:  # again: an actor Ray restarted since is a new one, with a shard it may start
+                    stop_all(signal.SIGTERM)
                 for ref in done:
                     command = pending.pop(ref)
                     try:

@@ -260,3 +260,34 @@ def _response_costs(run: Path) -> list[float]:
         for e in read_events(shard_dir(run, k))
         if e.type == "response"
     ]
+
+
+def test_a_ray_shard_worker_signals_its_process_once_and_starts_none_once_stopped(tmp_path):
+    """The driver sends its stop again while stopping (an actor Ray restarted is a new one); the
+    shard process must still get one SIGTERM: a second makes a shard stop without draining."""
+    from genssd_cli.ray_executor import STOPPED, ShardWorker
+
+    script = ("import signal, sys, time\n"
+              "def term(*_):\n"
+              "    open(sys.argv[1], 'a').write('TERM\\n')\n"
+              "signal.signal(signal.SIGTERM, term)\n"
+              "open(sys.argv[1] + '.up', 'w').close()\n"
+              "deadline = time.monotonic() + 30\n"
+              "while time.monotonic() < deadline and not open(sys.argv[1], 'a+').tell():\n"
+              "    time.sleep(0.05)\n"
+              "time.sleep(0.5)\n"
+              "sys.exit(130)\n")  # fmt: skip
+    signals = tmp_path / "signals"
+    argv = [sys.executable, "-c", script, str(signals)]
+    worker = ShardWorker()
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(worker.run(argv, "shard-0.log", None, str(tmp_path))))
+    thread.start()
+    while not (tmp_path / "signals.up").exists():
+        time.sleep(0.05)
+    for _ in range(3):
+        worker.stop()
+    thread.join(timeout=60)
+    assert codes == [130] and signals.read_text() == "TERM\n"
+    assert worker.run(argv, "shard-0.log", None, str(tmp_path)) == STOPPED  # stopped: starts nothing
+    assert signals.read_text() == "TERM\n"
