@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from genssd_cli.serving import free_port, local_base_url, start_fake_teacher
-from genssd_cli.teacher import Prompt, TeacherClient, TeacherPart
+from genssd_cli.teacher.pool import Prompt, TeacherClient, TeacherPart
+from genssd_cli.teacher.servers.local import free_port, local_base_url, start_fake_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,7 +122,7 @@ def bench_file(path: Path) -> Path:
 def trajectory_row(problem_id: str, question: str, completion: str, correct: bool) -> dict:
     """A whole trajectories.jsonl row (records.TrajectoryRow), as `genssd run` writes it."""
     from genssd_cli.answers import extract_answer
-    from genssd_cli.records import TrajectoryRow
+    from genssd_cli.rundir.records import TrajectoryRow
 
     return TrajectoryRow(
         problem_id=problem_id, sample=0, method="genssd",
@@ -134,7 +134,7 @@ def trajectory_row(problem_id: str, question: str, completion: str, correct: boo
 
 def train_adapter_on_questions(tmp: Path) -> Path:
     """`genssd train` on QUESTIONS answered right: an adapter that changes what the student writes."""
-    from genssd_cli.store import CONFIG, TRAJECTORIES
+    from genssd_cli.rundir.store import CONFIG, TRAJECTORIES
 
     run = tmp / "run"
     run.mkdir()

@@ -1,4 +1,4 @@
-"""A scripted teacher and a scoring student for driving `genssd_cli.engine.Engine` in process.
+"""A scripted teacher and a scoring student for driving `genssd_cli.run.engine.Engine` in process.
 
 `StubTeacher` has what the engine uses of `TeacherClient` (`sample`), `StubScorer` what the
 engine and `ScoringQueue` use of `StudentScorer`. Both are deterministic and record what they
@@ -14,10 +14,10 @@ from typing import Any
 
 import anyio
 
-from genssd_cli.control import RunControl
 from genssd_cli.errors import StopRequested, TeacherUnavailable
-from genssd_cli.student import Score, ScoreRequest
-from genssd_cli.teacher import Candidate, Prompt, TeacherPart
+from genssd_cli.run.control import RunControl
+from genssd_cli.student.scorer import Score, ScoreRequest
+from genssd_cli.teacher.pool import Candidate, Prompt, TeacherPart
 
 
 @dataclass(frozen=True)

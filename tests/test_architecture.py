@@ -1,13 +1,13 @@
 """The package's shape, checked: no import cycles, no command module importing another (the
 pipeline, which runs the other commands as its stages, excepted), heavy libraries imported only
-inside the functions that use them, and docs/records.md generated from genssd_cli/records.py."""
+inside the functions that use them, and docs/records.md generated from genssd_cli/rundir/records.py."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-from genssd_cli import records, records_doc
+from genssd_cli.rundir import records, records_doc
 
 PACKAGE = Path(__file__).resolve().parent.parent / "genssd_cli"
 # The modules that implement a `genssd` command (cli.py dispatches to them).
@@ -106,7 +106,7 @@ def test_the_module_map_names_every_module():
 def test_records_doc_is_generated_from_the_code():
     doc = PACKAGE.parent / "docs" / "records.md"
     assert doc.read_text(encoding="utf-8") == records_doc.markdown(), (
-        "docs/records.md is out of date: python -m genssd_cli.records_doc > docs/records.md"
+        "docs/records.md is out of date: python -m genssd_cli.rundir.records_doc > docs/records.md"
     )
 
 

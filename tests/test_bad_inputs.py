@@ -25,7 +25,7 @@ from conftest import (
     write_config,
 )
 
-from genssd_cli.store import EVENTS
+from genssd_cli.rundir.store import EVENTS
 
 pytestmark = pytest.mark.slow
 
@@ -351,7 +351,7 @@ def test_read_only_run_directory(prepared, tmp_path):
 
 
 def test_second_run_on_the_same_directory_is_refused(prepared):
-    from genssd_cli.store import RunStore
+    from genssd_cli.rundir.store import RunStore
 
     tmp, server, *_ = prepared
     config = write_config(tmp / "lock.yaml", run_config(server.base_url, data={"count": 1}))

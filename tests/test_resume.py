@@ -1,6 +1,6 @@
 """The resume promise, proven on the real CLI: SIGKILL at random moments, signals, faults, secrets.
 
-A deterministic local teacher process (genssd_cli/fake_teacher.py) logs every request it receives, so
+A deterministic local teacher process (genssd_cli/teacher/servers/test_teacher.py) logs every request it receives, so
 "no received response is ever paid for twice" is checked against the server's own count.
 """
 
@@ -17,8 +17,8 @@ import pytest
 from conftest import ROOT, genssd, run_config, write_config
 from test_run import check_run_is_consistent, load_jsonl
 
-from genssd_cli.fake_teacher import FAULTS
-from genssd_cli.store import EVENTS, read_events
+from genssd_cli.rundir.store import EVENTS, read_events
+from genssd_cli.teacher.servers.test_teacher import FAULTS
 
 pytestmark = pytest.mark.slow
 

@@ -30,10 +30,10 @@ import httpx
 import yaml
 
 from genssd_cli.errors import RuntimeFailure, UsageError
-from genssd_cli.launch import die_with_parent
-from genssd_cli.records import Response
-from genssd_cli.serving import NotServing, free_port, local_base_url, wait_until_serving
-from genssd_cli.store import SUMMARY, read_events
+from genssd_cli.procs import die_with_parent
+from genssd_cli.rundir.records import Response
+from genssd_cli.rundir.store import SUMMARY, read_events
+from genssd_cli.teacher.servers.local import NotServing, free_port, local_base_url, wait_until_serving
 
 ROUTINGS = ("affinity", "least-loaded")
 QUERIES, HITS = "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total"

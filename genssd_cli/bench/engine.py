@@ -14,8 +14,8 @@ from pathlib import Path
 import yaml
 
 from genssd_cli.errors import RuntimeFailure
-from genssd_cli.serving import free_port, local_base_url, start_fake_teacher
-from genssd_cli.store import SUMMARY
+from genssd_cli.rundir.store import SUMMARY
+from genssd_cli.teacher.servers.local import free_port, local_base_url, start_fake_teacher
 
 STDERR_TAIL_LINES = 10
 

@@ -18,9 +18,9 @@ def bench_eval(
     import torch
 
     from genssd_cli.config import DataConfig, EvalConfig
-    from genssd_cli.data import load_problems, load_prompt, render_prompt
-    from genssd_cli.generation import generate_batch
+    from genssd_cli.eval.generation import generate_batch
     from genssd_cli.models import chat_prompt, pick_device
+    from genssd_cli.problems import load_problems, load_prompt, render_prompt
 
     device = pick_device("auto")
     lm, tokenizer = load_bench_model(model, random_init, device)
@@ -67,7 +67,7 @@ class _VllmLoop:
     """The vLLM generator over the bench's batches, warmed up like the HF loops."""
 
     def __init__(self, source: str, batches: list[list[str]], cfg):
-        from genssd_cli.vllm_generate import VllmGenerator, use_vllm
+        from genssd_cli.eval.vllm_backend import VllmGenerator, use_vllm
 
         use_vllm(cfg)  # one line when vLLM is not installed
         self.generate, self.cfg = VllmGenerator(source, None, cfg), cfg

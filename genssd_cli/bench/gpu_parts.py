@@ -163,7 +163,7 @@ def _part_agreement(spec: dict, result: _Result) -> None:
     from genssd_cli.bench.models import load_bench_model
     from genssd_cli.methods import METHODS
     from genssd_cli.models import pick_device
-    from genssd_cli.student import Step, StudentScorer, Tokenized, default_batch_tokens
+    from genssd_cli.student.scorer import Step, StudentScorer, Tokenized, default_batch_tokens
 
     w = spec["workload"]
     device = pick_device("auto")
@@ -220,11 +220,11 @@ def _part_engine(spec: dict, result: _Result) -> None:
 def _part_train(spec: dict, result: _Result) -> None:
     """`bench train` on rows longer than max_length (TRL cuts them there), so every row is
     max_length tokens: the bench's own rows are short arithmetic traces."""
-    import genssd_cli.data
+    import genssd_cli.problems
     from genssd_cli.bench.train import bench_train
 
     w = spec["workload"]
-    short = genssd_cli.data.generate_arith
+    short = genssd_cli.problems.generate_arith
 
     def long_rows(count: int, seed: int, steps: int | None = None) -> list[dict]:
         rows = short(count, seed, steps)
@@ -232,7 +232,7 @@ def _part_train(spec: dict, result: _Result) -> None:
             row["answer"] = "\n".join([row["answer"]] * (1 + 8 * w["max_length"] // len(row["answer"])))
         return rows
 
-    genssd_cli.data.generate_arith = long_rows
+    genssd_cli.problems.generate_arith = long_rows
     lines = bench_train(_tokenizer_dir(spec, w["shape"]), w["shape"], w["steps"] * w["batch_size"], w["steps"],
                         w["batch_size"], w["max_length"], w["lora_r"])  # fmt: skip
     ours, plain, ratio = lines
@@ -261,7 +261,7 @@ def _part_smoke(spec: dict, result: _Result) -> None:
     missing package shows as `No module named …`) and the ones that need its output are not run."""
     import yaml
 
-    from genssd_cli.serving import free_port, local_base_url, start_fake_teacher
+    from genssd_cli.teacher.servers.local import free_port, local_base_url, start_fake_teacher
 
     w = spec["workload"]
     folder = _student_folder(spec, w["shape"], "smoke")

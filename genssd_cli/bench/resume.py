@@ -34,9 +34,9 @@ import yaml
 
 import genssd_cli
 from genssd_cli.config import load_run_config
-from genssd_cli.data import load_prompt, teacher_template
 from genssd_cli.errors import RuntimeFailure, UsageError
-from genssd_cli.records import (
+from genssd_cli.problems import load_prompt, teacher_template
+from genssd_cli.rundir.records import (
     CandidateRecord,
     Choice,
     EndpointUse,
@@ -50,8 +50,8 @@ from genssd_cli.records import (
     TrajectoryError,
     TrajectoryRow,
 )
-from genssd_cli.results_hash import results_settings, settings_hash
-from genssd_cli.store import EVENTS
+from genssd_cli.rundir.results_hash import results_settings, settings_hash
+from genssd_cli.rundir.store import EVENTS
 
 RUN = "run"  # the run directory, under --out
 CHARS_PER_TOKEN = 4.4  # English reasoning text, as a BPE tokenizer splits it
@@ -255,9 +255,14 @@ import hashlib, json, resource, sys, time
 from pathlib import Path
 
 import genssd_cli
-from genssd_cli import results, runner, store
 from genssd_cli.config import load_run_config
-from genssd_cli.data import load_problems
+try:  # this checkout's layout, or a baseline's from before the families
+    from genssd_cli.problems import load_problems
+    from genssd_cli.rundir import replay as results, store
+    from genssd_cli.run import command as runner
+except ImportError:
+    from genssd_cli import results, runner, store
+    from genssd_cli.data import load_problems
 
 run_dir, config = Path(sys.argv[1]), Path(sys.argv[2])
 cfg = load_run_config(config)
@@ -350,8 +355,9 @@ def bench_resume(
 ) -> list[dict]:  # fmt: skip
     """Write the synthetic run (kept under `out` when given, else removed), measure this checkout
     and the baseline's on it; each line goes to `emit` as it is measured."""
-    if baseline is not None and not (baseline / "genssd_cli" / "results.py").is_file():
-        raise UsageError(f"--baseline {baseline} is not a genssd checkout (no genssd_cli/results.py)")
+    layouts = ("rundir/replay.py", "results.py")  # the families, or the flat package before them
+    if baseline is not None and not any((baseline / "genssd_cli" / f).is_file() for f in layouts):
+        raise UsageError(f"--baseline {baseline} is not a genssd checkout (no genssd_cli/rundir/replay.py)")
     if out is not None:
         return _bench(shape, out, baseline, memory_limit_gb, emit)
     with tempfile.TemporaryDirectory(prefix="genssd-bench-resume-") as tmp:

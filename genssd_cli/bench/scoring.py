@@ -29,7 +29,7 @@ def bench_scoring(
 
     from genssd_cli.methods import METHODS
     from genssd_cli.models import pick_device
-    from genssd_cli.student import Step, StudentScorer, Tokenized, default_batch_tokens
+    from genssd_cli.student.scorer import Step, StudentScorer, Tokenized, default_batch_tokens
 
     device = pick_device(device)
     lm, tokenizer = load_bench_model(model, random_init, device, dtype, text=False)

@@ -18,9 +18,9 @@ def bench_train(model: str, random_init: str | None, rows: int, steps: int, batc
     from rich.console import Console
 
     from genssd_cli.config import LoraSettings, StudentConfig, TrainConfig, TrainingSettings
-    from genssd_cli.data import generate_arith
     from genssd_cli.models import pick_device
-    from genssd_cli.trainer import make_trainer
+    from genssd_cli.problems import generate_arith
+    from genssd_cli.train.trainer import make_trainer
 
     device = pick_device("auto")
     examples = [

@@ -1,0 +1,373 @@
+"""The Gen-SSD search loop. Per trajectory, per step: the teacher proposes `n` chunks continuing
+the accepted prefix; the student scores each by perplexity; the lowest-PPL chunk is kept. If even
+the best is too hard (PPL above `prune_ppl`) the step is re-sampled up to `retries` times, then the
+trajectory is pruned.
+
+The loop is deterministic given the teacher's responses and the student's scores, and both are
+logged before they are used. Resuming walks the same loop with the log as a cache: nothing that
+was received is asked for again, nothing that was scored is scored again.
+
+A stop request (first Ctrl-C / SIGTERM, or max_cost reached: `RunControl`) lets requests in
+flight finish and be recorded, drops scoring in progress, and each trajectory returns at its next
+teacher request or score, leaving no record: it is simply resumed.
+
+The method's selection rule (methods.py) is the only place a candidate is chosen: the engine asks
+it, and hands it to the scorer with each step so the scorer keeps the chosen candidate's cache.
+Every record goes to the log as a typed record (records.py).
+
+The baselines (methods.py) run through the same engine as one step of whole trajectories, so
+they share the teacher client, the log, resume and the records.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import anyio
+
+from genssd_cli.answers import answer_statement_start, answers_match, extract_answer
+from genssd_cli.config import RunConfig
+from genssd_cli.errors import ContextTooLong, StopRequested, TeacherUnavailable
+from genssd_cli.methods import METHODS, morsd_keep
+from genssd_cli.problems import Problem, render_prompt
+from genssd_cli.run.control import RunControl
+from genssd_cli.run.counters import RunStats
+from genssd_cli.rundir.records import (
+    CandidateRecord,
+    Choice,
+    Finish,
+    Message,
+    Prune,
+    Response,
+    TrajectoryError,
+    TrajectoryRow,
+)
+from genssd_cli.rundir.replay import Ended, Replay
+from genssd_cli.rundir.store import RunStore
+from genssd_cli.student.scorer import Score, ScoreRequest
+from genssd_cli.student.scoring_queue import ScoringQueue
+from genssd_cli.teacher.pool import Candidate, Prompt, TeacherClient, TeacherPart, request_seed
+
+
+@dataclass
+class Trajectory:
+    problem: Problem
+    sample: int
+    text: str = ""
+    steps: int = 0
+    kept_tokens: int = 0  # teacher tokens of the kept chunks
+    teacher_tokens: int = 0  # teacher tokens of every candidate received (what it cost; cache hits too)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.problem.id, self.sample)
+
+    @property
+    def ids(self) -> dict[str, str | int]:
+        """The fields every record of this trajectory starts with."""
+        return {"problem_id": self.problem.id, "sample": self.sample}
+
+
+class Engine:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        teacher: TeacherClient,
+        scoring: ScoringQueue,
+        store: RunStore,
+        stats: RunStats,
+        teacher_template: str,
+        replay: Replay,
+        control: RunControl,
+    ):
+        self.cfg = cfg
+        self.search = cfg.search
+        self.teacher = teacher
+        self.scoring = scoring
+        self.scorer = scoring.scorer
+        self.store = store
+        self.stats = stats
+        self.teacher_template = teacher_template
+        self.replay = replay
+        self.control = control
+        self.stop = control.stop
+        self.method = METHODS[cfg.method]
+
+    async def run(self, problems: list[Problem]) -> None:
+        limiter = anyio.CapacityLimiter(self.cfg.engine.max_active_problems)
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(self.scoring.serve)
+            outer.start_soon(self._drop_scoring_on_stop)
+            async with anyio.create_task_group() as work:
+                for problem in problems:
+                    work.start_soon(self._problem, problem, limiter)
+            outer.cancel_scope.cancel()
+
+    async def _drop_scoring_on_stop(self) -> None:
+        """A stop is a stop within seconds, even mid-batch: scoring in progress is dropped (the
+        responses it scores are logged; a resume scores them again)."""
+        await self.scoring.stop.wait()
+        self.scoring.interrupt()
+
+    async def _problem(self, problem: Problem, limiter: anyio.CapacityLimiter) -> None:
+        async with limiter:
+            if self.stop.is_set():
+                return
+            self.stats.problems_active += 1
+            try:
+                async with anyio.create_task_group() as group:
+                    for sample in range(self.search.samples):
+                        group.start_soon(self._trajectory, Trajectory(problem, sample))
+            finally:
+                self.stats.problems_active -= 1
+            if not self.stop.is_set():
+                self.stats.problems_done += 1
+
+    async def _trajectory(self, t: Trajectory) -> None:
+        ended = self.replay.ended.get(t.key)
+        if ended is not None:
+            self._count_end(ended)
+            return
+        search = self.search
+        teacher_prompt = render_prompt(self.teacher_template, t.problem.question)
+        student_prompt = self.scorer.prompt_text(t.problem.question)
+        try:
+            if self.method.whole:
+                return await self._whole(t, teacher_prompt, student_prompt)
+            while True:
+                if t.steps >= search.max_steps or t.kept_tokens >= search.max_new_tokens:
+                    return await self._finish(t, "truncated")
+                max_tokens = min(search.chunk_tokens, search.max_new_tokens - t.kept_tokens)
+                for attempt in range(search.retries + 1):
+                    prompt = Prompt(teacher_prompt, t.text, t.key)  # the key routes it (affinity)
+                    candidates = await self._candidates(t, attempt, prompt, max_tokens, search.n)
+                    scores, best = await self._choose(t, attempt, student_prompt + t.text, candidates)
+                    if not self._too_hard(scores[best].ppl):
+                        break
+                else:
+                    self.store.append(Prune(**t.ids, step=t.steps, best_ppl=scores[best].ppl))
+                    self.stats.pruned += 1
+                    return
+                if self._accept(t, candidates[best], scores[best].ppl):
+                    return await self._finish(t, "stop")
+        except StopRequested:
+            return
+        except ContextTooLong:
+            return await self._finish(t, "truncated")
+        except TeacherUnavailable as exc:
+            self.store.append(TrajectoryError(**t.ids, step=t.steps, error_class=exc.error_class, message=str(exc)))
+            self.stats.failed += 1
+            self.stats.failures.update([exc.error_class])
+        finally:
+            self.scorer.forget(t.key)
+
+    async def _whole(self, t: Trajectory, teacher_prompt: str, student_prompt: str) -> None:
+        """A baseline: one request for whole trajectories (step 0), the method keeps one (MoRSD
+        possibly several: one row each, best first)."""
+        n = self.method.candidates(self.search.n)
+        candidates = await self._candidates(t, 0, Prompt(teacher_prompt, "", t.key), self.search.max_new_tokens, n)
+        kept = await self._choose_whole(t, student_prompt, candidates)
+        rows = []
+        for rank, index in enumerate(kept):
+            copy = Trajectory(t.problem, t.sample, teacher_tokens=t.teacher_tokens if rank == 0 else 0)
+            complete = self._accept(copy, candidates[index], math.inf)  # its PPL counts at the finish, scored whole
+            rows.append(await self._row(copy, "stop" if complete else "truncated", rank))
+        self._end(Finish(**t.ids, row=rows[0], more=rows[1:]))
+
+    async def _choose_whole(self, t: Trajectory, context: str, candidates: list[Candidate]) -> list[int]:
+        """The kept candidates, best first (one, except for MoRSD with morsd.keep > 1)."""
+        recorded = self.replay.choices.get((*t.key, 0, 0))
+        if recorded is not None:
+            return recorded.kept or [recorded.chosen]
+        texts = [self._until_stop(c.text) for c in candidates]
+        correct = []
+        if self.method.correct_first:
+            for text, c in zip(texts, candidates, strict=True):
+                correct.append((await self._verdict(t, text, self._complete(c)))[1])
+        if self.method.rationale_difficulty:
+            return await self._choose_morsd(t, context, texts, correct)
+        if self.method.uses_n:
+            scores = await self.scoring.score(ScoreRequest(context, texts))
+        else:  # a single candidate: nothing to choose, its PPL is computed once, at the finish
+            scores = [Score(math.inf, 0)]
+        best = self.method.select([s.ppl for s in scores], correct)
+        self.store.append(_choice(t, 0, 0, best, scores, correct or None))
+        return [best]
+
+    async def _choose_morsd(self, t: Trajectory, context: str, texts: list[str], correct: list[bool]) -> list[int]:
+        """Rationale Difficulty of each correct candidate: the student's PPL of the answer after
+        its rationale, over the PPL of the answer after the prompt alone; then MoRSD's pick."""
+        answer = f"The answer is {t.problem.reference}."
+        ranked = [i for i, ok in enumerate(correct) if ok]
+        rationales = [texts[i][: answer_statement_start(texts[i])] for i in ranked]  # correct: it states one
+        scored = await self.scoring.score_all(
+            [ScoreRequest(context, [answer]), *(ScoreRequest(context + r, [answer]) for r in rationales)]
+        )
+        base = scored[0][0].ppl
+        answer_ppl: list[float | None] = [None] * len(texts)
+        rd: list[float | None] = [None] * len(texts)
+        for i, [score] in zip(ranked, scored[1:], strict=True):
+            answer_ppl[i], rd[i] = score.ppl, score.ppl / base
+        morsd = self.cfg.morsd
+        compared = dict(zip(ranked, rationales, strict=True))  # redundancy is between rationales
+        kept = morsd_keep(rd, [compared.get(i, "") for i in range(len(texts))], morsd.keep,
+                          morsd.duplicate_threshold, morsd.duplicate_ngram) or [0]  # fmt: skip
+        self.store.append(Choice(
+            **t.ids, step=0, attempt=0, chosen=kept[0], correct=correct, ppl=[None] * len(texts),
+            tokens=[0] * len(texts), rd=rd, answer_ppl=answer_ppl, base_ppl=base, kept=kept,
+        ))  # fmt: skip
+        return kept
+
+    def _until_stop(self, text: str) -> str:
+        cut = _find_stop(text, self.cfg.teacher.stop, 0)
+        return text if cut is None else text[:cut]
+
+    def _complete(self, candidate: Candidate) -> bool:
+        """A whole trajectory that ended (the model stopped, or a stop string came), not one cut
+        at max_tokens."""
+        return candidate.finish_reason == "stop" or _find_stop(candidate.text, self.cfg.teacher.stop, 0) is not None
+
+    async def _verdict(self, t: Trajectory, text: str, complete: bool) -> tuple[str | None, bool]:
+        """The answer a trace states, and whether it is right. Only a trace that ended and stated
+        its answer (the prompt's answer line, \\boxed{}, ####) can be right: an unfinished one
+        is not a solution, whatever number it last wrote."""
+        answer = extract_answer(text, explicit=True)
+        if not complete or answer is None:
+            return answer, False
+        return answer, await anyio.to_thread.run_sync(answers_match, t.problem.reference, answer)
+
+    def _too_hard(self, ppl: float) -> bool:
+        # inf means no candidate had tokens of its own (the teacher just stopped): not "hard".
+        return self.search.prune_ppl is not None and math.isfinite(ppl) and ppl > self.search.prune_ppl
+
+    async def _candidates(
+        self, t: Trajectory, attempt: int, prompt: Prompt, max_tokens: int, n: int
+    ) -> list[Candidate]:
+        """The step's n candidates: those already received (from the log), then the rest from
+        the teacher, each response logged the moment it arrives."""
+        key = (*t.key, t.steps, attempt)
+        have: dict[int, Candidate] = {}
+
+        def absorb(part: TeacherPart) -> None:
+            for offset, candidate in enumerate(part.candidates):
+                have[part.start + offset] = candidate
+            t.teacher_tokens += part.completion_tokens
+
+        def receive(part: TeacherPart) -> None:
+            self.store.append(Response(
+                **t.ids, step=t.steps, attempt=attempt, start=part.start, seed=part.seed, n=part.n,
+                prompt_tokens=part.prompt_tokens, completion_tokens=part.completion_tokens,
+                endpoint=part.endpoint, token_source=part.token_source, cached=part.cached,
+                candidates=[
+                    CandidateRecord(text=c.text, finish_reason=c.finish_reason, tokens=c.completion_tokens)
+                    for c in part.candidates
+                ],
+            ))  # fmt: skip
+            absorb(part)
+            # This session's counts: what was received now, not what a resume replays.
+            self.stats.candidates += len(part.candidates)
+            self.stats.teacher_tokens += part.completion_tokens
+            self._pay(part)
+
+        for event in self.replay.responses.get(key, []):
+            absorb(TeacherPart(
+                event.start, event.seed, event.n,
+                [Candidate(c.text, c.finish_reason, c.tokens) for c in event.candidates],
+                event.prompt_tokens, event.completion_tokens,
+            ))  # fmt: skip
+        if len(have) < n:
+            if self.stop.is_set():
+                raise StopRequested
+            seed = request_seed(self.cfg.teacher.seed, *key)
+            await self.teacher.sample(prompt, n, max_tokens, seed, have, receive)
+        return [have[i] for i in range(n)]
+
+    async def _choose(
+        self, t: Trajectory, attempt: int, context: str, candidates: list[Candidate]
+    ) -> tuple[list[Score], int]:
+        """The step's scores and the kept candidate: recorded, or scored now and recorded."""
+        recorded = self.replay.choices.get((*t.key, t.steps, attempt))
+        if recorded is not None:
+            ppls = [math.inf if p is None else p for p in recorded.ppl]
+            return [Score(p, n) for p, n in zip(ppls, recorded.tokens, strict=True)], recorded.chosen
+        texts = [c.text for c in candidates]
+        scores = await self.scoring.score(ScoreRequest(context, texts, key=t.key, keep=self.method.select))
+        best = self.method.select([s.ppl for s in scores])
+        self.store.append(_choice(t, t.steps, attempt, best, scores))
+        return scores, best
+
+    def _pay(self, part: TeacherPart) -> None:
+        price = self.cfg.teacher.price_of(part.endpoint)
+        if price is not None and not part.cached:
+            self.control.pay(price.cost(part.prompt_tokens, part.completion_tokens))
+
+    def _accept(self, t: Trajectory, chosen: Candidate, ppl: float) -> bool:
+        """Append the chosen chunk; True when the trajectory is complete."""
+        before = len(t.text)
+        t.text += chosen.text
+        t.steps += 1
+        t.kept_tokens += chosen.completion_tokens
+        if math.isfinite(ppl):
+            self.stats.add_ppl(ppl)
+        self.stats.steps += 1
+        # A stop string can straddle two chunks, where the server cannot see it.
+        cut = _find_stop(t.text, self.cfg.teacher.stop, max(0, before - _longest(self.cfg.teacher.stop)))
+        if cut is not None:
+            t.text = t.text[:cut]
+            return True
+        return chosen.finish_reason == "stop"
+
+    async def _finish(self, t: Trajectory, finish: str) -> None:
+        self._end(Finish(**t.ids, row=await self._row(t, finish)))
+
+    async def _row(self, t: Trajectory, finish: str, rank: int = 0) -> TrajectoryRow:
+        # The kept trajectory's PPL, scored whole and alone: a pure function of its text.
+        student_prompt = self.scorer.prompt_text(t.problem.question)
+        [whole] = await self.scoring.score(ScoreRequest(student_prompt, [t.text]), solo=True)
+        if self.method.whole and math.isfinite(whole.ppl):
+            self.stats.add_ppl(whole.ppl)
+        answer, correct = await self._verdict(t, t.text, finish == "stop")
+        row = TrajectoryRow(
+            **t.ids,
+            method=self.cfg.method,
+            prompt=[Message(role="user", content=self.scorer.user_message(t.problem.question))],
+            completion=[Message(role="assistant", content=t.text)],
+            reference=t.problem.reference,
+            answer=answer,
+            correct=correct,
+            finish=finish,
+            steps=t.steps,
+            rank=rank,
+            student_ppl=round(whole.ppl, 6) if math.isfinite(whole.ppl) else None,
+            teacher_tokens=t.teacher_tokens,
+            completion_tokens=t.kept_tokens,
+        )
+        return row
+
+    def _end(self, event: Finish) -> None:
+        self.store.append(event)
+        self._count_end(Ended.of(event))
+
+    def _count_end(self, ended: Ended) -> None:
+        self.stats.pruned += ended.pruned
+        self.stats.finished += ended.finished
+        self.stats.truncated += ended.truncated
+        self.stats.correct += ended.correct
+
+
+def _choice(
+    t: Trajectory, step: int, attempt: int, chosen: int, scores: list[Score], correct: list[bool] | None = None
+) -> Choice:
+    return Choice(**t.ids, step=step, attempt=attempt, chosen=chosen, correct=correct,
+                  ppl=[s.ppl if math.isfinite(s.ppl) else None for s in scores],
+                  tokens=[s.tokens for s in scores])  # fmt: skip
+
+
+def _longest(stops: list[str]) -> int:
+    return max((len(s) for s in stops), default=0)
+
+
+def _find_stop(text: str, stops: list[str], start: int) -> int | None:
+    hits = [i for i in (text.find(s, start) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None

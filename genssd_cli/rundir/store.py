@@ -1,0 +1,190 @@
+"""The run directory. `events.jsonl` is the append-only source of truth; trajectories.jsonl,
+failures.jsonl and summary.json are materialised from it (atomically), so a crash can never leave
+them disagreeing with the log.
+
+Only the event-loop thread writes, so one `RunStore` owns the log file alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import anyio
+
+from genssd_cli.config import TeacherConfig
+from genssd_cli.errors import RuntimeFailure, UsageError
+from genssd_cli.files import LineFile, WriteFailed, write_atomic, write_failed
+from genssd_cli.rundir.records import Event, Record, iter_log, read_log
+from genssd_cli.rundir.replay import RunLog, scan
+
+EVENTS = "events.jsonl"
+TRAJECTORIES = "trajectories.jsonl"
+FAILURES = "failures.jsonl"
+SUMMARY = "summary.json"
+CONFIG = "config.yaml"
+LOCK = ".lock"
+TAIL_BLOCK = 1 << 16
+
+
+def read_events(run_dir: Path) -> list[Event]:
+    """The whole log in memory: for small logs and tests (a run reads it with `scan_events`)."""
+    return read_log(run_dir / EVENTS)
+
+
+def iter_events(run_dir: Path) -> Iterator[Event]:
+    """The log's events one at a time (records.iter_log)."""
+    return iter_log(run_dir / EVENTS)
+
+
+def scan_events(
+    run_dir: Path, teacher: TeacherConfig | None = None, rows: bool = False, previous: RunLog | None = None
+) -> RunLog:
+    """The log in one streaming pass (results.scan); with `rows`, ready to write trajectories.jsonl."""
+    return scan(run_dir / EVENTS, teacher, run_dir / TRAJECTORIES if rows else None, previous)
+
+
+def torn_tail(run_dir: Path) -> bytes:
+    """Bytes after the last newline: a record whose write was cut short."""
+    path = run_dir / EVENTS
+    if not path.exists():
+        return b""
+    with open(path, "rb") as f:  # read backwards from the end: the log may be larger than memory
+        end = f.seek(0, os.SEEK_END)
+        tail = b""
+        while end > 0:
+            start = max(0, end - TAIL_BLOCK)
+            f.seek(start)
+            tail = f.read(end - start) + tail
+            cut = tail.rfind(b"\n")
+            if cut >= 0:
+                return tail[cut + 1 :]
+            end = start
+        return tail
+
+
+class RunStore:
+    """Holds the directory's advisory lock for the whole run (the OS releases it on crash)."""
+
+    def __init__(self, run_dir: Path, fsync: str = "interval", fsync_interval_ms: int = 1000):
+        self.dir = run_dir
+        self._fsync = fsync
+        self._fsync_interval_s = fsync_interval_ms / 1000
+        self._last_sync = time.monotonic()
+        self._unsynced = False
+        self._lock_file = None
+        self._events: LineFile | None = None
+        self.write_failed = False  # the log refused a record (disk full, …): write nothing more
+        self._created = False  # this session made the directory (so it may take it back)
+
+    def __enter__(self) -> RunStore:
+        try:
+            self._created = not self.dir.exists()
+            self.dir.mkdir(parents=True, exist_ok=True)
+            lock = open(self.dir / LOCK, "a+")
+        except OSError as exc:
+            raise UsageError(f"cannot write to run directory {self.dir}: {exc.strerror}") from None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            lock.close()
+            raise RuntimeFailure(f"run directory {self.dir} is in use by another genssd run (pid {holder})") from None
+        with contextlib.suppress(OSError):  # the holder's pid is for the message only; a full disk may refuse it
+            lock.seek(0)
+            lock.truncate()
+            lock.write(str(os.getpid()))
+            lock.flush()
+        self._lock_file = lock
+        return self
+
+    def __exit__(self, exc_type, *exc: object) -> None:
+        if self._events is not None:
+            try:
+                if not self.write_failed:
+                    self.sync()
+            except WriteFailed:
+                if exc_type is None:  # else the error on its way out says more
+                    raise
+            finally:
+                self._events.close()
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing releases the flock
+            if self._created and self._events is None:
+                self._take_back()
+
+    def _take_back(self) -> None:
+        """A start refused before the log was opened (the teacher unreachable, no API there)
+        leaves no empty run directory behind. Anything else written there (a launched server's
+        log, to read) keeps it."""
+        (self.dir / LOCK).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not empty: it stays
+            self.dir.rmdir()
+
+    def open_log(self) -> None:
+        """Set a torn tail aside (kept in events.jsonl.torn for inspection) and open for append."""
+        path = self.dir / EVENTS
+        tail = torn_tail(self.dir)
+        if tail:
+            torn = path.with_suffix(".jsonl.torn")
+            try:
+                with open(torn, "ab") as f:
+                    f.write(tail + b"\n")
+            except OSError as exc:
+                raise write_failed(torn, exc) from None
+            with open(path, "r+b") as log:
+                log.truncate(path.stat().st_size - len(tail))
+        self._events = LineFile(path)
+
+    @property
+    def log_open(self) -> bool:
+        return self._events is not None
+
+    def append(self, event: Event) -> None:
+        # One write of one whole line: a crash leaves at most a torn last line, an OS refusal none.
+        try:
+            self._events.append(event.line())
+        except WriteFailed:
+            self.write_failed = True
+            raise
+        self._unsynced = True
+        if self._fsync == "record":
+            self.sync()
+        elif self._fsync == "interval":
+            self.sync_if_due()
+
+    def sync(self) -> None:
+        """Make every appended record durable against a machine crash, not just a process one."""
+        if self._events is not None and self._unsynced and self._fsync != "never":
+            self._events.sync()
+        self._unsynced = False
+        self._last_sync = time.monotonic()
+
+    def sync_if_due(self) -> None:
+        if self._unsynced and time.monotonic() - self._last_sync >= self._fsync_interval_s:
+            self.sync()
+
+    async def sync_every_interval(self) -> None:
+        """Run as a task: records written just before a quiet spell get synced too."""
+        while True:
+            await anyio.sleep(self._fsync_interval_s)
+            self.sync_if_due()
+
+    def write_text(self, name: str, text: str) -> None:
+        write_atomic(self.dir / name, text)
+
+    def write_jsonl(self, name: str, rows: Sequence[Record]) -> None:
+        self.write_text(name, "".join(row.line() for row in rows))
+
+    def write_lines(self, name: str, lines: Iterable[bytes]) -> None:
+        """A .jsonl file written as its lines come (atomically all the same)."""
+        write_atomic(self.dir / name, lines)
+
+    def write_json(self, name: str, record: Record) -> None:
+        self.write_text(name, json.dumps(record.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n")
