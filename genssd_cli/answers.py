@@ -10,13 +10,24 @@ from __future__ import annotations
 
 import multiprocessing
 import re
+import threading
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
 from fractions import Fraction
+from typing import Any
 
 _BOXED = "\\boxed{"
-_ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*:?\s*([^\n]+)", re.IGNORECASE)
+# `\s*:?\s*` would split a long run of blank lines between two `\s*` in every way (quadratic);
+# `(?:\s*:)?\s*` reads the same texts, splitting only at a colon.
+_ANSWER_IS = re.compile(r"answer\s*(?:is|:)(?:\s*:)?\s*([^\n]+)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+# A number (thousands separators, decimals, a fraction) and trailing units: the same strings as
+# `-?[\d,]*\.?\d+`, but that form backtracked over every split of a long run of digits between
+# `[\d,]*` and `\d+` (16,000 digits that then failed took 34 s); with the dot or the last digit
+# fixed, a failure is found in linear time.
+_PLAIN_NUMBER = re.compile(r"(-?(?:[\d,]*\.\d+|[\d,]*\d)(?:/\d+)?)\s*[A-Za-z ]*")
 
 
 def extract_answer(text: str, explicit: bool = False) -> str | None:
@@ -79,7 +90,7 @@ def to_number(text: str) -> Fraction | None:
     s = re.sub(r"^\\text\{(.*)\}$", r"\1", s).strip().rstrip(".").strip()
     percent = s.endswith("%")
     s = s.rstrip("%").strip()
-    match = re.fullmatch(r"(-?[\d,]*\.?\d+(?:/\d+)?)\s*[A-Za-z ]*", s)
+    match = _PLAIN_NUMBER.fullmatch(s)
     if not match:
         frac = re.fullmatch(r"(-?)\\d?frac\{(-?\d+)\}\{(\d+)\}", s)
         if not frac or int(frac.group(3)) == 0:
@@ -108,23 +119,50 @@ def _readings(text: str, value: Fraction) -> set[Fraction]:
     return {value, value * 100} if text.strip().rstrip(".").endswith("%") else {value}
 
 
+# One worker process shared by every thread's checks. A check that times out kills it (it may be
+# stuck for good); the checks queued behind it then see a broken pool and are asked again on a fresh
+# one, so one pathological answer never fails another thread's check.
 _pool: ProcessPoolExecutor | None = None
+_pool_lock = threading.Lock()
+_ATTEMPTS = 3  # a check asked again at most this often when other checks' timeouts broke its pool
 
 
 def _math_verify(reference: str, predicted: str, timeout_s: float) -> bool:
+    return bool(run_isolated(_verify_worker, (reference, predicted), timeout_s, default=False))
+
+
+def run_isolated(function: Callable[..., Any], args: tuple, timeout_s: float, default: Any) -> Any:
+    """`function(*args)` in the shared worker process, or `default` when it takes over `timeout_s`."""
+    for _ in range(_ATTEMPTS):
+        pool = _shared_pool()
+        try:
+            return pool.submit(function, *args).result(timeout=timeout_s)
+        except FutureTimeout:
+            _discard(pool)
+            return default
+        except (BrokenProcessPool, RuntimeError):  # killed for another check's timeout, or shut down
+            _discard(pool)
+    return default
+
+
+def _shared_pool() -> ProcessPoolExecutor:
     global _pool
-    if _pool is None:
-        _pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-    future = _pool.submit(_verify_worker, reference, predicted)
-    try:
-        return future.result(timeout=timeout_s)
-    except FutureTimeout:
-        # The worker may be stuck for good: kill it, a fresh pool starts next time.
-        for process in list(getattr(_pool, "_processes", {}).values()):
-            process.kill()
-        _pool.shutdown(wait=False, cancel_futures=True)
+    with _pool_lock:
+        if _pool is None:
+            _pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        return _pool
+
+
+def _discard(pool: ProcessPoolExecutor) -> None:
+    """Kill `pool`'s worker (once, whoever asks first); the next check starts a fresh pool."""
+    global _pool
+    with _pool_lock:
+        if _pool is not pool:
+            return
         _pool = None
-        return False
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _verify_worker(reference: str, predicted: str) -> bool:

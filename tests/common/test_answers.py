@@ -1,3 +1,8 @@
+"""Answer extraction and matching (genssd_cli/answers.py), in process on literal texts: the answer
+taken from \\boxed{}, "####", "the answer is" or the last equation (and, explicit, only from a stated
+one); gold and predicted answers equal or not across number formats, money, percent, units and
+LaTeX, the symbolic ones through math-verify in a worker process."""
+
 import pytest
 
 from genssd_cli.answers import answers_match, extract_answer
@@ -82,3 +87,57 @@ def test_match(gold, pred, same):
 def test_explicit_answers_skip_the_last_number_fallback(text, lenient, explicit):
     assert extract_answer(text) == lenient
     assert extract_answer(text, explicit=True) == explicit
+
+
+# Hostile texts: a reply is untrusted. Each input below took seconds to minutes with the quadratic
+# regexes the code had before (16,000 digits: 34 s; 16,000 blank lines after "answer:": 4 s); at
+# 100,000 characters a quadratic reading would take far beyond the bound, a linear one milliseconds.
+@pytest.mark.parametrize(
+    "text",
+    ["1" * 100_000 + "!", "1," * 50_000 + "!", "answer:" + "\n" * 100_000, "answer is" + " " * 100_000,
+     "\\boxed{" * 20_000],
+)  # fmt: skip
+def test_answer_parsing_is_linear_on_hostile_texts(text):
+    import time
+
+    from genssd_cli.answers import answer_statement_start, to_number
+
+    began = time.perf_counter()
+    extract_answer(text)
+    extract_answer(text, explicit=True)
+    answer_statement_start(text)
+    to_number(text)
+    assert time.perf_counter() - began < 5.0
+
+
+def test_plain_numbers_read_as_before():
+    """The linear number pattern accepts exactly what the earlier one did (its text: `-?[\\d,]*\\.?\\d+`)."""
+    import itertools
+    import re
+
+    from genssd_cli.answers import _PLAIN_NUMBER
+
+    earlier = re.compile(r"(-?[\d,]*\.?\d+(?:/\d+)?)\s*[A-Za-z ]*")
+    for n in range(1, 7):
+        for chars in itertools.product("12,.-/ a", repeat=n):
+            text = "".join(chars)
+            before, now = earlier.fullmatch(text), _PLAIN_NUMBER.fullmatch(text)
+            assert (before and before.group(1)) == (now and now.group(1)), text
+
+
+def test_a_check_that_times_out_does_not_fail_another_threads_check():
+    """One worker process serves every thread's math-verify checks; a check that hangs is killed at
+    its timeout, which breaks the pool under the check queued behind it: that one is asked again on
+    a fresh worker and returns its own result instead of raising."""
+    import operator
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from genssd_cli.answers import run_isolated
+
+    with ThreadPoolExecutor(2) as threads:
+        hung = threads.submit(run_isolated, time.sleep, (60,), 3.0, "timed out")
+        time.sleep(0.5)  # the hanging call holds the only worker; the next one queues behind it
+        queued = threads.submit(run_isolated, operator.add, (2, 3), 30.0, "timed out")
+        assert hung.result() == "timed out"
+        assert queued.result() == 5
