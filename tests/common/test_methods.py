@@ -1,4 +1,6 @@
-"""The selection rules alone (the engine's use of them is in test_engine.py)."""
+"""The methods' selection rules alone (genssd_cli/methods.py), in process on literal PPLs and
+correctness: which candidate genssd, posthoc-ppl and standard-kd keep, ties and empty candidates, and
+MoRSD's keep-lowest-difficulty with near-duplicates dropped. The engine's use of them is in tests/run/."""
 
 import math
 

@@ -1,3 +1,7 @@
+"""Problem sets (genssd_cli/problems.py), in process: the arithmetic generator deterministic with
+solutions that add up, the held-out eval sets in no training set, the bundled GSM8K rows, JSONL with
+field mapping and its bad rows as one line each, and prompt files."""
+
 import json
 import re
 from pathlib import Path

@@ -20,7 +20,8 @@ from test_resume import steps_cut_half_way
 from genssd_cli.config import LaunchConfig, TeacherConfig
 from genssd_cli.errors import RuntimeFailure, UsageError
 from genssd_cli.problems import load_prompt, render_prompt
-from genssd_cli.rundir.store import TRAJECTORIES, read_events
+from genssd_cli.rundir.layout import TRAJECTORIES
+from genssd_cli.rundir.log import read_events
 from genssd_cli.teacher.pool import TeacherClient
 from genssd_cli.teacher.servers.llama_cpp import LocalServer, launched
 
@@ -82,7 +83,7 @@ def test_steps_through_the_real_client(llama_server):
     assert len({c.text for c in first}) > 1
     for candidate in first + continued:
         assert candidate.finish_reason in ("stop", "length")
-        assert 0 < candidate.completion_tokens <= 12
+        assert 0 < candidate.tokens <= 12
         assert "\nQuestion:" not in candidate.text
     assert teacher.prompt_tokens > 0 and teacher.completion_tokens > 0
 
@@ -124,7 +125,7 @@ def test_baselines_on_the_demo_limit_2(tmp_path, method, candidates):
 
 def test_doctor_on_the_demo_teacher():
     need_llama_cpp()
-    from test_doctor import rows
+    from doctor_table import rows
 
     result = genssd("doctor")  # launches llama.cpp's server for the probes, then stops it
     assert result.returncode == 0, result.stderr
@@ -141,7 +142,7 @@ def test_chat_continue_on_llama_cpp_is_caught_by_doctor_and_refused_by_run(tmp_p
     """llama.cpp's chat API ignores continue_final_message and answers in a new turn: doctor says
     so and `genssd run` refuses to start in that mode."""
     need_llama_cpp()
-    from test_doctor import rows
+    from doctor_table import rows
 
     chat = ["--set", "teacher.mode=chat-continue", "--set", "prompts.teacher=teacher_user"]
     result = genssd("doctor", *chat)

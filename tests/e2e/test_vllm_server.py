@@ -19,13 +19,14 @@ import httpx
 import pytest
 import yaml
 from conftest import QUESTIONS, ROOT, STUDENT, genssd, write_config
-from test_doctor import rows
+from doctor_table import rows
 from test_eval_vllm import vllm_python
 
 from genssd_cli.config import DataConfig, RunConfig, load_run_config
 from genssd_cli.problems import Problem, load_problems, render_prompt, teacher_template
+from genssd_cli.rundir.layout import TRAJECTORIES
+from genssd_cli.rundir.log import read_events
 from genssd_cli.rundir.records import Choice, Response
-from genssd_cli.rundir.store import TRAJECTORIES, read_events
 from genssd_cli.teacher.endpoint import Prompt, chat_messages
 from genssd_cli.teacher.servers.local import NotServing, free_port, local_base_url, wait_until_serving
 

@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, genssd, run_config, write_config
 from test_resume import start_run, wait_for_lines
 
-from genssd_cli.rundir.store import read_events
+from genssd_cli.rundir.log import read_events
 
 pytestmark = pytest.mark.slow
 
