@@ -1,8 +1,9 @@
 """A scripted teacher and a scoring student for driving `genssd_cli.run.engine.Engine` in process.
 
-`StubTeacher` has what the engine uses of `TeacherClient` (`sample`), `StubScorer` what the
-engine and `ScoringQueue` use of `StudentScorer`. Both are deterministic and record what they
-were asked, so a test can check the engine's rules in milliseconds, without a model or a server.
+`StubTeacher` implements the engine's `Teacher` protocol (teacher/protocol.py), as `TeacherClient`
+does; `StubScorer` has what the engine and `ScoringQueue` use of `StudentScorer`. Both are
+deterministic and record what they were asked, so a test can check the engine's rules in
+milliseconds, without a model or a server.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import anyio
 
 from genssd_cli.errors import StopRequested, TeacherUnavailable
 from genssd_cli.run.control import RunControl
+from genssd_cli.rundir.records import Candidate, TeacherReply
 from genssd_cli.student.scorer import Score, ScoreRequest
-from genssd_cli.teacher.pool import Candidate, Prompt, TeacherPart
+from genssd_cli.teacher.endpoint import Request
+from genssd_cli.teacher.protocol import OnReply
 
 
 @dataclass(frozen=True)
-class Request:
+class Call:
     """One call of `sample` as the engine made it."""
 
     head: str  # the rendered teacher prompt
@@ -34,29 +37,29 @@ class Request:
     spent: float | None  # control.spent when it was sent
 
 
-Script = Callable[[Request, int], Candidate]  # (request, candidate index) -> the candidate
-Failure = Callable[[Request], "tuple[int, Exception] | None"]  # None, or (parts reported first, error)
+Script = Callable[[Call, int], Candidate]  # (call, candidate index) -> the candidate
+Failure = Callable[[Call], "tuple[int, Exception] | None"]  # None, or (replies reported first, error)
 
 
 def chunk(text: str, finish: str = "length", tokens: int | None = None) -> Candidate:
     """A candidate; its tokens default to its words."""
-    return Candidate(text, finish, len(text.split()) if tokens is None else tokens)
+    return Candidate(text=text, finish_reason=finish, tokens=len(text.split()) if tokens is None else tokens)
 
 
 def timeout(after: int = 0) -> tuple[int, Exception]:
-    """For `fail`: report `after` parts, then run out of retries as a timing-out server does."""
+    """For `fail`: report `after` replies, then run out of retries as a timing-out server does."""
     return after, TeacherUnavailable("teacher failed after 4 attempts: timeout", "timeout")
 
 
 class StubTeacher:
-    """Answers from `script`, a pure function of (request, index), so a candidate is the same
-    whichever way it is asked for. A step with every candidate missing is one response of n
-    (start 0, the step's seed); otherwise, or with `per_candidate`, one response per missing
+    """Answers from `script`, a pure function of (call, index), so a candidate is the same
+    whichever way it is asked for. A step with every candidate missing is one reply of n
+    (start 0, the step's seed); otherwise, or with `per_candidate`, one reply per missing
     candidate i (start i, seed + i), as the real client tops up or talks to a server ignoring n.
 
-    Each response goes to `on_response` as it arrives. Nothing is sent once control.stop is set
-    (StopRequested, as the real client). `fail(request)` may make a request report some parts
-    then raise; `on_request(request, control)` runs when a request is sent (it is in flight)."""
+    Each reply goes to `on_reply` as it arrives. Nothing is sent once control.stop is set
+    (StopRequested, as the real client). `fail(call)` may make a call report some replies
+    then raise; `on_request(call, control)` runs when a call is sent (it is in flight)."""
 
     def __init__(
         self,
@@ -64,7 +67,7 @@ class StubTeacher:
         *,
         per_candidate: bool = False,
         fail: Failure | None = None,
-        on_request: Callable[[Request, RunControl], None] | None = None,
+        on_request: Callable[[Call, RunControl], None] | None = None,
         endpoint: str = "stub",
     ):
         self.script = script
@@ -73,41 +76,35 @@ class StubTeacher:
         self.on_request = on_request
         self.endpoint = endpoint
         self.control: RunControl | None = None  # set by the test helper inside the event loop
-        self.requests: list[Request] = []  # every call, including refused ones (stopping=True)
+        self.requests: list[Call] = []  # every call, including refused ones (stopping=True)
 
-    async def sample(
-        self,
-        prompt: Prompt,
-        n: int,
-        max_tokens: int,
-        seed: int,
-        have: Mapping[int, Candidate],
-        on_response: Callable[[TeacherPart], None],
-    ) -> None:
-        if max_tokens < 1:
+    async def sample(self, step: Request, have: Mapping[int, Candidate], on_reply: OnReply) -> None:
+        n, seed, prompt = step.n, step.seed, step.prompt
+        if step.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
         missing = tuple(i for i in range(n) if i not in have)
         if not missing:
             return
-        request = Request(prompt.head, prompt.trace, n, max_tokens, seed, missing, self.control.stopping,
-                          self.control.spent)  # fmt: skip
-        self.requests.append(request)
-        if request.stopping:
+        call = Call(prompt.head, prompt.trace, n, step.max_tokens, seed, missing, self.control.stopping,
+                    self.control.spent)  # fmt: skip
+        self.requests.append(call)
+        if call.stopping:
             raise StopRequested
         if self.on_request is not None:
-            self.on_request(request, self.control)
+            self.on_request(call, self.control)
         await anyio.sleep(0)  # in flight: the other trajectories run meanwhile
         whole = len(missing) == n and not self.per_candidate
-        parts = [(0, n, seed)] if whole else [(i, 1, seed + i) for i in missing]
-        failure = self.fail(request) if self.fail is not None else None
-        for number, (start, count, part_seed) in enumerate(parts):
+        replies = [(0, n, seed)] if whole else [(i, 1, seed + i) for i in missing]
+        failure = self.fail(call) if self.fail is not None else None
+        for number, (start, count, reply_seed) in enumerate(replies):
             if failure is not None and number == failure[0]:
                 raise failure[1]
-            candidates = [self.script(request, start + j) for j in range(count)]
-            prompt_tokens = len((prompt.head + prompt.trace).split())
-            completion_tokens = sum(c.completion_tokens for c in candidates)
-            on_response(TeacherPart(start, part_seed, count, candidates, prompt_tokens, completion_tokens,
-                                    self.endpoint))  # fmt: skip
+            candidates = [self.script(call, start + j) for j in range(count)]
+            on_reply(TeacherReply(
+                start=start, seed=reply_seed, n=count, prompt_tokens=len((prompt.head + prompt.trace).split()),
+                completion_tokens=sum(c.tokens for c in candidates), endpoint=self.endpoint, token_source="usage",
+                candidates=candidates,
+            ))  # fmt: skip
             await anyio.sleep(0)
         if failure is not None:
             raise failure[1]

@@ -22,7 +22,7 @@ from rich.table import Table
 from genssd_cli.config import RunConfig, load_run_config
 from genssd_cli.errors import RuntimeFailure
 from genssd_cli.problems import load_problems, render_prompt, teacher_template
-from genssd_cli.teacher.endpoint import Endpoint, ForeignAnswer, Prompt, ShortResponse
+from genssd_cli.teacher.endpoint import Endpoint, ForeignAnswer, Prompt, Request, ShortResponse
 from genssd_cli.teacher.pool import TeacherClient, check_api_keys, error_class
 from genssd_cli.teacher.probes import continues_verdict, n_honoured, seed_honoured, stops_honoured
 
@@ -61,7 +61,7 @@ async def diagnose(cfg: RunConfig, endpoint: Endpoint, context: int | None) -> l
     problem = load_problems(cfg.data, 1)[0]
     prompt = Prompt(render_prompt(teacher_template(cfg.prompts, cfg.teacher), problem.question))
     try:
-        first = await endpoint.create(prompt, 1, 4, teacher.seed)
+        first = await endpoint.create(Request(prompt, 1, 4, teacher.seed))
     except (openai.APIConnectionError, openai.APIStatusError) as exc:
         refused = f"the run's first prompt was refused ({error_class(exc)})"
         out.append(Finding("completion", False, refused, f"teacher.mode {teacher.mode} uses {api}: the endpoint "

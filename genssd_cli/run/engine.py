@@ -17,10 +17,15 @@ Every record goes to the log as a typed record (records.py).
 
 The baselines (methods.py) run through the same engine as one step of whole trajectories, so
 they share the teacher client, the log, resume and the records.
+
+The engine knows the teacher only as the `Teacher` protocol (teacher/protocol.py): the pool in a
+run, a scripted stub in the tests. A teacher reply is one type (`records.TeacherReply`) from the
+endpoint to the log's `response` event and back at replay.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -34,12 +39,13 @@ from genssd_cli.problems import Problem, render_prompt
 from genssd_cli.run.control import RunControl
 from genssd_cli.run.counters import RunStats
 from genssd_cli.rundir.records import (
-    CandidateRecord,
+    Candidate,
     Choice,
     Finish,
     Message,
     Prune,
     Response,
+    TeacherReply,
     TrajectoryError,
     TrajectoryRow,
 )
@@ -47,7 +53,28 @@ from genssd_cli.rundir.replay import Ended, Replay
 from genssd_cli.rundir.store import RunStore
 from genssd_cli.student.scorer import Score, ScoreRequest
 from genssd_cli.student.scoring_queue import ScoringQueue
-from genssd_cli.teacher.pool import Candidate, Prompt, TeacherClient, TeacherPart, request_seed
+from genssd_cli.teacher.endpoint import Prompt, Request
+from genssd_cli.teacher.protocol import Teacher
+
+
+def request_seed(base: int, *key: object) -> int:
+    """A stable per-step seed: the same (problem, sample, step, attempt) always asks the same."""
+    digest = hashlib.blake2b(repr((base, *key)).encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big") % (2**31 - 1024)
+
+
+@dataclass(frozen=True)
+class Collaborators:
+    """What the engine works with, made by the run's session: the teacher, the student's scoring
+    queue, the run directory's store, the replay of its log, the stop and budget control and the
+    counters the progress display reads."""
+
+    teacher: Teacher
+    scoring: ScoringQueue
+    store: RunStore
+    replay: Replay
+    control: RunControl
+    stats: RunStats
 
 
 @dataclass
@@ -70,28 +97,18 @@ class Trajectory:
 
 
 class Engine:
-    def __init__(
-        self,
-        cfg: RunConfig,
-        teacher: TeacherClient,
-        scoring: ScoringQueue,
-        store: RunStore,
-        stats: RunStats,
-        teacher_template: str,
-        replay: Replay,
-        control: RunControl,
-    ):
+    def __init__(self, cfg: RunConfig, teacher_template: str, parts: Collaborators):
         self.cfg = cfg
         self.search = cfg.search
-        self.teacher = teacher
-        self.scoring = scoring
-        self.scorer = scoring.scorer
-        self.store = store
-        self.stats = stats
         self.teacher_template = teacher_template
-        self.replay = replay
-        self.control = control
-        self.stop = control.stop
+        self.teacher = parts.teacher
+        self.scoring = parts.scoring
+        self.scorer = parts.scoring.scorer
+        self.store = parts.store
+        self.replay = parts.replay
+        self.control = parts.control
+        self.stop = parts.control.stop
+        self.stats = parts.stats
         self.method = METHODS[cfg.method]
 
     async def run(self, problems: list[Problem]) -> None:
@@ -249,38 +266,26 @@ class Engine:
         key = (*t.key, t.steps, attempt)
         have: dict[int, Candidate] = {}
 
-        def absorb(part: TeacherPart) -> None:
-            for offset, candidate in enumerate(part.candidates):
-                have[part.start + offset] = candidate
-            t.teacher_tokens += part.completion_tokens
+        def absorb(reply: TeacherReply) -> None:
+            for offset, candidate in enumerate(reply.candidates):
+                have[reply.start + offset] = candidate
+            t.teacher_tokens += reply.completion_tokens
 
-        def receive(part: TeacherPart) -> None:
-            self.store.append(Response(
-                **t.ids, step=t.steps, attempt=attempt, start=part.start, seed=part.seed, n=part.n,
-                prompt_tokens=part.prompt_tokens, completion_tokens=part.completion_tokens,
-                endpoint=part.endpoint, token_source=part.token_source, cached=part.cached,
-                candidates=[
-                    CandidateRecord(text=c.text, finish_reason=c.finish_reason, tokens=c.completion_tokens)
-                    for c in part.candidates
-                ],
-            ))  # fmt: skip
-            absorb(part)
+        def receive(reply: TeacherReply) -> None:
+            self.store.append(Response.of(reply, **t.ids, step=t.steps, attempt=attempt))
+            absorb(reply)
             # This session's counts: what was received now, not what a resume replays.
-            self.stats.candidates += len(part.candidates)
-            self.stats.teacher_tokens += part.completion_tokens
-            self._pay(part)
+            self.stats.candidates += len(reply.candidates)
+            self.stats.teacher_tokens += reply.completion_tokens
+            self._pay(reply)
 
-        for event in self.replay.responses.get(key, []):
-            absorb(TeacherPart(
-                event.start, event.seed, event.n,
-                [Candidate(c.text, c.finish_reason, c.tokens) for c in event.candidates],
-                event.prompt_tokens, event.completion_tokens,
-            ))  # fmt: skip
+        for event in self.replay.responses.get(key, []):  # a logged response is the reply it logged
+            absorb(event)
         if len(have) < n:
             if self.stop.is_set():
                 raise StopRequested
-            seed = request_seed(self.cfg.teacher.seed, *key)
-            await self.teacher.sample(prompt, n, max_tokens, seed, have, receive)
+            step = Request(prompt, n, max_tokens, request_seed(self.cfg.teacher.seed, *key))
+            await self.teacher.sample(step, have, receive)
         return [have[i] for i in range(n)]
 
     async def _choose(
@@ -297,17 +302,17 @@ class Engine:
         self.store.append(_choice(t, t.steps, attempt, best, scores))
         return scores, best
 
-    def _pay(self, part: TeacherPart) -> None:
-        price = self.cfg.teacher.price_of(part.endpoint)
-        if price is not None and not part.cached:
-            self.control.pay(price.cost(part.prompt_tokens, part.completion_tokens))
+    def _pay(self, reply: TeacherReply) -> None:
+        price = self.cfg.teacher.price_of(reply.endpoint)
+        if price is not None and not reply.cached:
+            self.control.pay(price.cost(reply.prompt_tokens, reply.completion_tokens))
 
     def _accept(self, t: Trajectory, chosen: Candidate, ppl: float) -> bool:
         """Append the chosen chunk; True when the trajectory is complete."""
         before = len(t.text)
         t.text += chosen.text
         t.steps += 1
-        t.kept_tokens += chosen.completion_tokens
+        t.kept_tokens += chosen.tokens
         if math.isfinite(ppl):
             self.stats.add_ppl(ppl)
         self.stats.steps += 1

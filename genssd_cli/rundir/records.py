@@ -7,20 +7,16 @@ materialisation, report, train, pipeline, bench). docs/records.md is generated f
 
 Readers ignore fields they do not know (a newer genssd may add some) and default the fields an
 older genssd of the same format version did not write yet; a log of another format version is
-refused in one line.
+refused in one line (rundir/log.py reads the log; rundir/layout.py names the files).
 """
 
 from __future__ import annotations
 
 import json
 import typing
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
-
-from genssd_cli.errors import RuntimeFailure, UsageError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter
 
 SCHEMA_VERSION = 2  # 2: one `response` event per received teacher response
 Ending = Literal["stop", "truncated"]
@@ -81,7 +77,9 @@ class TrajectoryEvent(Event):
     """Which of the problem's `search.samples` trajectories (0-based)."""
 
 
-class CandidateRecord(Record):
+class Candidate(Record):
+    """One continuation the teacher wrote."""
+
     text: str
     """What the teacher wrote."""
     finish_reason: str
@@ -90,14 +88,10 @@ class CandidateRecord(Record):
     """Its own completion tokens; the response's `token_source` says how they were counted."""
 
 
-class Response(TrajectoryEvent):
-    """One teacher response, logged the moment it arrives (before it is used)."""
+class TeacherReply(Record):
+    """One teacher reply, in one shape from the endpoint that built it, through the pool and the
+    response cache, to the `response` event that logs it (and extends it) and back at replay."""
 
-    type: Literal["response"] = "response"
-    step: int
-    """The trajectory's step (0 for whole-trajectory methods)."""
-    attempt: int
-    """0, then 1, 2, … for each re-sample of a step whose best candidate was too hard."""
     start: int
     """Index of the first candidate this response holds within the step's n."""
     seed: int
@@ -115,10 +109,29 @@ class Response(TrajectoryEvent):
     (the tokens the server listed per choice, adding up to the bill), `tokenizer` (the teacher's
     tokenizer on each text: close, not exact) or `split` (the bill shared evenly); null in logs
     written before genssd recorded it."""
-    candidates: list[CandidateRecord]
+    candidates: list[Candidate]
     """Candidates start, start + 1, …"""
     cached: bool = False
     """Answered from `teacher.cache` (an earlier run sent this request): not paid for here."""
+
+
+class StepEvent(TrajectoryEvent):
+    step: int
+    """The trajectory's step (0 for whole-trajectory methods)."""
+    attempt: int
+    """0, then 1, 2, … for each re-sample of a step whose best candidate was too hard."""
+
+
+class Response(TeacherReply, StepEvent):
+    """One teacher response, logged the moment it arrives (before it is used)."""
+
+    # The reply's fields follow the step's on disk: pydantic orders fields by reversed MRO.
+    type: Literal["response"] = "response"
+
+    @classmethod
+    def of(cls, reply: TeacherReply, **step: Any) -> Response:
+        """The event logging `reply` at a trajectory's step (problem_id, sample, step, attempt)."""
+        return cls(**step, **dict(reply))
 
 
 class Choice(TrajectoryEvent):
@@ -260,7 +273,8 @@ class SessionEnd(Event):
 
 
 EVENTS: tuple[type[Event], ...] = (RunStart, Response, Choice, Prune, Finish, TrajectoryError, SessionEnd)
-_EVENT = TypeAdapter(Annotated[typing.Union[EVENTS], Field(discriminator="type")])  # noqa: UP007 -- built from a tuple
+# Any event, told apart by its `type` (rundir/log.py parses the log with it).
+EVENT = TypeAdapter(Annotated[typing.Union[EVENTS], Field(discriminator="type")])  # noqa: UP007 -- built from a tuple
 
 
 # ---- failures.jsonl -------------------------------------------------------------------------
@@ -404,97 +418,3 @@ class Summary(Record):
     """Shards the run was split into (`genssd run --shards N`)."""
     config_hash: str | None = None
     """The results hash of the latest session."""
-
-
-# ---- reading --------------------------------------------------------------------------------
-
-
-def iter_jsonl(path: Path, if_corrupt: str) -> Iterator[tuple[int, Any]]:
-    """(line number, JSON value) of each line of an append-only JSONL file, read as a stream. A
-    torn last line (crash mid-write: no newline) is dropped, never fatal; a corrupt line anywhere
-    else means the file was edited or damaged, and we stop rather than guess (`if_corrupt` tells
-    the user what to do)."""
-    for number, line in _whole_lines(path):
-        try:
-            yield number, json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise RuntimeFailure(f"{path} line {number} is corrupt; {if_corrupt}") from None
-
-
-def _whole_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """Each line of an append-only file with its number, the torn last line (no newline) left out."""
-    if not path.exists():
-        return
-    with open(path, "rb") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.endswith(b"\n"):
-                return  # the torn tail
-            yield number, line
-
-
-def parse_jsonl(path: Path, if_corrupt: str) -> list[dict[str, Any]]:
-    """Every JSON value of an append-only JSONL file (see `iter_jsonl`), checked before any is used."""
-    return [value for _, value in iter_jsonl(path, if_corrupt)]
-
-
-def iter_log(path: Path) -> Iterator[Event]:
-    """events.jsonl as typed events, one at a time: a reader holds what it keeps, never the log.
-    A log of another format version is refused in one line, at its first line of that version."""
-    for number, line in _whole_lines(path):
-        try:  # the common case in one step (about twice as fast as json.loads, then validation)
-            event = _EVENT.validate_json(line)
-        except ValidationError:
-            event = None
-        if event is None or event.v != SCHEMA_VERSION or "v" not in event.model_fields_set:
-            event = _checked_event(path, number, line)  # the exact refusal, or what JSON alone accepts
-        yield event
-
-
-def _checked_event(path: Path, number: int, line: bytes) -> Event:
-    try:
-        raw = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise RuntimeFailure(f"{path} line {number} is corrupt; the log cannot be replayed") from None
-    version = raw.get("v") if isinstance(raw, dict) else None
-    if version != SCHEMA_VERSION:
-        raise UsageError(
-            f"this run directory was written by another genssd version (log format {version}, "
-            f"this one reads {SCHEMA_VERSION}); use another --out"
-        )
-    try:
-        return _EVENT.validate_python(raw)
-    except ValidationError as exc:
-        raise RuntimeFailure(f"{path} line {number} is not a genssd record: {_first_error(exc)}") from None
-
-
-def read_log(path: Path) -> list[Event]:
-    """events.jsonl as a list of typed events: for small logs and tests; resume and
-    materialisation stream it (`iter_log`, results.RunLog)."""
-    return list(iter_log(path))
-
-
-def read_rows(path: Path, record: type[Record], if_bad: str) -> list[Any]:
-    """A materialised .jsonl file (trajectories, failures) as typed rows."""
-    rows = []
-    for number, raw in enumerate(parse_jsonl(path, if_bad), start=1):
-        try:
-            rows.append(record.model_validate(raw))
-        except ValidationError as exc:
-            raise RuntimeFailure(
-                f"{path} line {number}: not a {record.__name__} ({_first_error(exc)}); {if_bad}"
-            ) from None
-    return rows
-
-
-def read_summary(path: Path) -> Summary:
-    try:
-        return Summary.model_validate_json(path.read_bytes())
-    except (OSError, ValidationError) as exc:
-        reason = _first_error(exc) if isinstance(exc, ValidationError) else exc.strerror
-        raise RuntimeFailure(f"{path}: unreadable summary ({reason}); run `genssd run` on it again") from None
-
-
-def _first_error(exc: ValidationError) -> str:
-    error = exc.errors()[0]
-    where = ".".join(str(p) for p in error["loc"])
-    return f"{where}: {error['msg']}" if where else error["msg"]

@@ -12,7 +12,7 @@ from genssd_cli.rundir.records import (
     EVENTS,
     SCHEMA_VERSION,
     CacheTotals,
-    CandidateRecord,
+    Candidate,
     Centre,
     EndpointTotals,
     EndpointUse,
@@ -79,7 +79,7 @@ def markdown() -> str:
         ("## Failure rows (failures.jsonl)", [FailureRow]),
         ("## Summary (summary.json)", [Summary, TrajectoryCounts, TeacherTotals, CacheTotals, EndpointTotals, Price,
                                        KeptStats, Centre, EngineUse]),
-        ("## Nested records of events", [CandidateRecord, TeacherServer, EndpointUse]),
+        ("## Nested records of events", [Candidate, TeacherServer, EndpointUse]),
         ("## Shard plan (shards.json of a sharded run)", [ShardPlan]),
     ]  # fmt: skip
     for title, models in parts:

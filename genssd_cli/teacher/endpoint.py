@@ -3,7 +3,7 @@ partial assistant message continued through the chat API), its concurrency and r
 health, its rendezvous score for a trajectory (the pool's affinity routing), and what it was
 asked and paid.
 
-One `create` is one HTTP request, no retries: the pool (teacher.py) decides where a retry goes.
+One `create` is one HTTP request, no retries: the pool (pool.py) decides where a retry goes.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from aiolimiter import AsyncLimiter
 
 from genssd_cli.config import EndpointConfig, TeacherConfig, endpoint_label
 from genssd_cli.errors import UsageError
-from genssd_cli.rundir.records import TokenSource
+from genssd_cli.rundir.records import Candidate, TeacherReply, TokenSource
 
 # A server that failed this many times in a row is sidelined: its work goes to the others.
 SIDELINE_AFTER = 3
@@ -45,18 +45,16 @@ class Prompt:
 
 
 @dataclass(frozen=True)
-class Candidate:
-    text: str
-    finish_reason: str  # "stop" or "length"
-    completion_tokens: int
+class Request:
+    """One request: `n` choices continuing the prompt's trace, at most `max_tokens` each, sampled
+    with `seed`; `start` is where its candidates sit among the step's (a step asked one choice at
+    a time sends candidate i as its own request, with seed + i)."""
 
-
-@dataclass(frozen=True)
-class Answer:
-    candidates: list[Candidate]
-    prompt_tokens: int
-    completion_tokens: int
-    token_source: TokenSource  # where the candidates' own token counts came from (see per_choice_tokens)
+    prompt: Prompt
+    n: int
+    max_tokens: int
+    seed: int
+    start: int = 0
 
 
 class ShortResponse(Exception):
@@ -216,17 +214,11 @@ class Endpoint:
                 waits.cancel_scope.cancel()  # the caller sees the stop and sends nothing
 
     async def create(
-        self,
-        prompt: Prompt,
-        n: int,
-        max_tokens: int,
-        seed: int | None,
-        *,
-        temperature: float | None = None,
-        stop: list[str] | None = None,
-    ) -> Answer:
-        """One request: n choices continuing the prompt's trace."""
+        self, request: Request, *, temperature: float | None = None, stop: list[str] | None = None
+    ) -> TeacherReply:
+        """One request, answered by this endpoint (temperature and stop: the config's unless given)."""
         t = self.teacher
+        prompt, n, max_tokens, seed = request.prompt, request.n, request.max_tokens, request.seed
         options = {
             "model": t.model, "max_tokens": max_tokens, "n": n, "seed": seed, "top_p": t.top_p,
             "temperature": t.temperature if temperature is None else temperature,
@@ -268,9 +260,11 @@ class Endpoint:
         self.prompt_tokens += prompt_tokens
         self.completion_tokens += completion_tokens
         counts, source = per_choice_tokens(completion_tokens, listed, [text for text, _ in texts], self.count_tokens)
-        candidates = [Candidate(text, finish or "length", count)
+        candidates = [Candidate(text=text, finish_reason=finish or "length", tokens=count)
                       for (text, finish), count in zip(texts, counts, strict=True)]  # fmt: skip
-        return Answer(candidates, prompt_tokens, completion_tokens, source)
+        return TeacherReply(start=request.start, seed=seed, n=n, prompt_tokens=prompt_tokens,
+                            completion_tokens=completion_tokens, endpoint=self.name, token_source=source,
+                            candidates=candidates)  # fmt: skip
 
 
 def per_choice_tokens(

@@ -1,15 +1,15 @@
 """The teacher side: a pool of OpenAI-compatible endpoints (one, or several servers of one
 model) asked for `n` candidate continuations of a trace, with routing (each trajectory kept on
 one server, for its prefix cache), retries, failover and usage accounting. How one request is
-made (completions or chat-continue, limits, health) is endpoint.py's."""
+made (completions or chat-continue, limits, health) is endpoint.py's; with `teacher.cache`, the
+response cache wraps sending (response_cache.py). The pool is the engine's `Teacher` (protocol.py)."""
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import replace
 
 import anyio
 import openai
@@ -24,21 +24,10 @@ from genssd_cli.errors import (
     TeacherFatalError,
     TeacherUnavailable,
 )
-from genssd_cli.files import WriteFailed
-from genssd_cli.teacher.endpoint import (
-    SIDELINE_AFTER,
-    Answer,
-    Candidate,
-    Endpoint,
-    ForeignAnswer,
-    Prompt,
-    ShortResponse,
-    TokenSource,
-    api_key,
-)
-from genssd_cli.teacher.response_cache import CachedResponse, ResponseCache, model_identity, request_identity
-
-__all__ = ["Candidate", "Prompt", "TeacherClient", "TeacherPart", "check_api_keys", "request_seed"]
+from genssd_cli.rundir.records import Candidate, TeacherReply
+from genssd_cli.teacher.endpoint import SIDELINE_AFTER, Endpoint, ForeignAnswer, Request, ShortResponse, api_key
+from genssd_cli.teacher.protocol import OnReply
+from genssd_cli.teacher.response_cache import ResponseCache, model_identity
 
 # Affinity routing's load bound (our choice, after "consistent hashing with bounded loads",
 # Mirrokni et al. 2018): a request leaves its trajectory's home endpoint only when the home has
@@ -46,27 +35,6 @@ __all__ = ["Candidate", "Prompt", "TeacherClient", "TeacherPart", "check_api_key
 # the pool holds (this one included). A free slot at home is used at once; a full home's queue
 # stays within 25 % of its even share, which bounds the imbalance (and the throughput it costs).
 AFFINITY_LOAD_BOUND = 1.25
-
-
-@dataclass(frozen=True)
-class TeacherPart:
-    """One received response: candidates `start, start+1, …` of a step (logged on arrival)."""
-
-    start: int
-    seed: int
-    n: int  # choices asked for
-    candidates: list[Candidate]
-    prompt_tokens: int
-    completion_tokens: int
-    endpoint: str | None = None  # which server answered
-    token_source: TokenSource = "usage"  # where each candidate's own token count came from
-    cached: bool = False  # answered from the response cache, not by a server
-
-
-def request_seed(base: int, *key: object) -> int:
-    """A stable per-step seed: the same (problem, sample, step, attempt) always asks the same."""
-    digest = hashlib.blake2b(repr((base, *key)).encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "big") % (2**31 - 1024)
 
 
 def error_class(exc: BaseException) -> str:
@@ -122,7 +90,7 @@ class TeacherClient:
     on the first step and from then on asked once per candidate with seeds seed+i, which gives
     the same candidates as the top-up path, so the switch never changes results.
 
-    Every received response goes to the caller's `on_response` as soon as it arrives, so a
+    Every received reply goes to the caller's `on_reply` as soon as it arrives, so a
     step interrupted half-way (a sibling failed, the process was killed) keeps what it got and
     a resumed run asks only for the missing candidates. Once `stop` is set no request is sent
     (requests already in flight finish and are reported)."""
@@ -136,8 +104,7 @@ class TeacherClient:
         cache: ResponseCache | None = None,
     ):
         self.cfg = cfg
-        self.cache = cache
-        self.cache_failure: str | None = None
+        self.cache = cache  # wraps sending: a request it has answered before is not sent
         if cfg.endpoints:
             self.endpoints = [Endpoint(cfg, own.base_url, own, count_tokens) for own in cfg.endpoints]
         else:
@@ -151,6 +118,11 @@ class TeacherClient:
         self._busy_since = time.monotonic()
         self.retries: Counter[str] = Counter()
         self.stop: anyio.Event | None = None  # set by the runner inside the event loop
+
+    @property
+    def cache_failure(self) -> str | None:
+        """Why the response cache stopped during the run (the run did not), for a warning."""
+        return self.cache.failure if self.cache is not None else None
 
     @property
     def prompt_tokens(self) -> int:
@@ -203,24 +175,17 @@ class TeacherClient:
             for e in self.endpoints
         }
 
-    async def sample(
-        self,
-        prompt: Prompt,
-        n: int,
-        max_tokens: int,
-        seed: int,
-        have: Mapping[int, Candidate],
-        on_response: Callable[[TeacherPart], None],
-    ) -> None:
+    async def sample(self, step: Request, have: Mapping[int, Candidate], on_reply: OnReply) -> None:
         """Ask for the candidates of a step that are not in `have` (index → candidate)."""
-        if max_tokens < 1:  # 0 or None makes some servers generate to the end of the context
+        n = step.n
+        if step.max_tokens < 1:  # 0 or None makes some servers generate to the end of the context
             raise ValueError("max_tokens must be at least 1")
         missing = [i for i in range(n) if i not in have]
         if not missing:
             return
         if len(missing) == n and n > 1 and self.honours_n is not False:
             try:
-                first = await self._request(prompt, n, max_tokens, seed, start=0)
+                first = await self._request(replace(step, start=0))
             except RequestRefused:
                 if self.honours_n and self.n_seen:
                     raise  # this run's servers accepted n before: this refusal is about something else
@@ -229,7 +194,7 @@ class TeacherClient:
                 self._learn_honours_n(False)
                 self.retries.update(["n_refused"])
             else:
-                on_response(first)
+                on_reply(first)
                 got = len(first.candidates)
                 if got == n:
                     self._learn_honours_n(True)
@@ -239,7 +204,7 @@ class TeacherClient:
                 else:
                     self.retries.update(["fewer_choices"])  # topped up below, never asked again
                 missing = missing[got:]
-        await self._fan_out(prompt, missing, max_tokens, seed, on_response)
+        await self._fan_out(step, missing, on_reply)
 
     def _learn_honours_n(self, value: bool) -> None:
         self.n_seen = True
@@ -247,19 +212,16 @@ class TeacherClient:
             return
         self.honours_n = value
         if self.cache is not None:
-            try:
-                self.cache.learn(model_identity(self.cfg), "honours_n", value)
-            except WriteFailed as exc:
-                self.cache_failure, self.cache = str(exc), None
+            self.cache.learn(model_identity(self.cfg), "honours_n", value)
 
-    async def _fan_out(self, prompt: Prompt, indices: list[int], max_tokens: int, seed: int, on_response) -> None:
+    async def _fan_out(self, step: Request, indices: list[int], on_reply: OnReply) -> None:
         """One request per candidate (seed+i). A failing request does not cancel its siblings:
         what they receive is reported, then the most serious error is raised."""
         errors: list[Exception] = []
 
         async def one(index: int) -> None:
             try:
-                on_response(await self._request(prompt, 1, max_tokens, seed + index, start=index))
+                on_reply(await self._request(replace(step, n=1, seed=step.seed + index, start=index)))
             except Exception as exc:  # collected, the worst re-raised below
                 errors.append(exc)
 
@@ -269,25 +231,12 @@ class TeacherClient:
         if errors:
             raise min(errors, key=_severity)
 
-    async def _request(self, prompt: Prompt, n: int, max_tokens: int, seed: int, start: int) -> TeacherPart:
+    async def _request(self, request: Request) -> TeacherReply:
         if self.cache is None:
-            return await self._send(prompt, n, max_tokens, seed, start)
-        identity = request_identity(self.cfg, prompt, n, max_tokens, seed)
-        hit = self.cache.get(identity)
-        if hit is not None:
-            return TeacherPart(start, seed, n, hit.candidates, hit.prompt_tokens, hit.completion_tokens, hit.endpoint,
-                               hit.token_source, cached=True)  # fmt: skip
-        part = await self._send(prompt, n, max_tokens, seed, start)
-        if n > 1 and len(part.candidates) == 1:  # n ignored: the answer a single request of this seed gets
-            identity = request_identity(self.cfg, prompt, 1, max_tokens, seed)
-        try:
-            self.cache.put(identity, CachedResponse(part.candidates, part.prompt_tokens, part.completion_tokens,
-                                                    part.endpoint, part.token_source))  # fmt: skip
-        except WriteFailed as exc:  # the response is still the run's (logged by the caller); the cache stops here
-            self.cache_failure, self.cache = str(exc), None
-        return part
+            return await self._send(request)
+        return await self.cache.reply(self.cfg, request, self._send)
 
-    async def _send(self, prompt: Prompt, n: int, max_tokens: int, seed: int, start: int) -> TeacherPart:
+    async def _send(self, request: Request) -> TeacherReply:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.cfg.retries + 1),
             wait=_WaitRetryAfter(self._backoff_s, 30.0),
@@ -299,17 +248,15 @@ class TeacherClient:
         failed_on: set[Endpoint] = set()
         endpoint = self.endpoints[0]
         # A rough count for tokens-per-minute limits: ~4 characters a token, plus all it may write.
-        tokens = len(prompt.head + prompt.trace) // 4 + n * max_tokens
+        tokens = len(request.prompt.head + request.prompt.trace) // 4 + request.n * request.max_tokens
         try:
             async for attempt in retrying:
                 with attempt:
                     self._check_stop()
-                    endpoint = await self._pick(failed_on, prompt.trajectory)
+                    endpoint = await self._pick(failed_on, request.prompt.trajectory)
                     async with endpoint.slot(tokens, self.stop):
                         self._check_stop()
-                        answer = await self._ask(endpoint, failed_on, prompt, n, max_tokens, seed)
-                    return TeacherPart(start, seed, n, answer.candidates, answer.prompt_tokens,
-                                       answer.completion_tokens, endpoint.name, answer.token_source)  # fmt: skip
+                        return await self._ask(endpoint, failed_on, request)
         except openai.BadRequestError as exc:
             if "context" in str(exc).lower():
                 raise ContextTooLong(str(exc)) from None
@@ -333,11 +280,10 @@ class TeacherClient:
             raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _ask(self, endpoint: Endpoint, failed_on: set[Endpoint], prompt: Prompt, n: int, max_tokens: int,
-                   seed: int) -> Answer:  # fmt: skip
+    async def _ask(self, endpoint: Endpoint, failed_on: set[Endpoint], request: Request) -> TeacherReply:
         self._in_flight_changes(+1)
         try:
-            answer = await endpoint.create(prompt, n, max_tokens, seed)
+            reply = await endpoint.create(request)
         except Exception as exc:
             if _server_fault(exc):
                 endpoint.failed(error_class(exc))
@@ -346,7 +292,7 @@ class TeacherClient:
         finally:
             self._in_flight_changes(-1)
         endpoint.succeeded()
-        return answer
+        return reply
 
     async def _pick(self, avoid: set[Endpoint], trajectory: tuple[str, int] | None) -> Endpoint:
         """The endpoint for an attempt; with every endpoint sidelined, the wait for the first back."""

@@ -11,7 +11,7 @@ import openai
 
 from genssd_cli.config import TeacherConfig
 from genssd_cli.errors import RuntimeFailure
-from genssd_cli.teacher.endpoint import Endpoint, Prompt
+from genssd_cli.teacher.endpoint import Endpoint, Prompt, Request
 from genssd_cli.teacher.pool import TeacherClient
 
 # A model that continues the text completes "10"; one that starts a new answer does not. (Ending
@@ -32,8 +32,9 @@ def probe_prompt(teacher: TeacherConfig, ask: str, text: str) -> Prompt:
 
 
 async def n_honoured(endpoint: Endpoint) -> Verdict:
+    story = Request(probe_prompt(endpoint.teacher, STORY_ASK, STORY), 3, 4, 1)
     try:
-        answer = await endpoint.create(probe_prompt(endpoint.teacher, STORY_ASK, STORY), 3, 4, 1, temperature=1.0)
+        answer = await endpoint.create(story, temperature=1.0)
     except openai.BadRequestError as exc:
         return (False, f"asked 3 choices: refused (400: {str(exc)[:80]})",
                 "asked once per candidate (seeds seed+i): same results, n times the requests")  # fmt: skip
@@ -45,7 +46,7 @@ async def n_honoured(endpoint: Endpoint) -> Verdict:
 
 async def seed_honoured(endpoint: Endpoint) -> Verdict:
     prompt = probe_prompt(endpoint.teacher, STORY_ASK, STORY)
-    texts = [(await endpoint.create(prompt, 1, 8, s, temperature=1.0)).candidates[0].text for s in (7, 7, 8)]
+    texts = [(await endpoint.create(Request(prompt, 1, 8, s), temperature=1.0)).candidates[0].text for s in (7, 7, 8)]
     same, varies = texts[0] == texts[1], texts[0] != texts[2]
     found = ("same seed, same text; another seed, another" if same and varies else
              "same seed, same text, but another seed too: sampling looks off" if same else "same seed, other text")
@@ -55,7 +56,8 @@ async def seed_honoured(endpoint: Endpoint) -> Verdict:
 
 async def continues_verdict(endpoint: Endpoint) -> Verdict:
     teacher = endpoint.teacher
-    answer = await endpoint.create(probe_prompt(teacher, COUNT_ASK, COUNTING), 1, 4, 0, temperature=0.0, stop=[])
+    counting = Request(probe_prompt(teacher, COUNT_ASK, COUNTING), 1, 4, 0)
+    answer = await endpoint.create(counting, temperature=0.0, stop=[])
     counted = answer.candidates[0].text
     continues = counted.startswith("0")
     if teacher.mode == "completions":
@@ -70,7 +72,7 @@ async def continues_verdict(endpoint: Endpoint) -> Verdict:
 
 async def stops_honoured(endpoint: Endpoint) -> Verdict:
     prompt = probe_prompt(endpoint.teacher, LINES_ASK, LINES)
-    lines = (await endpoint.create(prompt, 1, 12, 0, temperature=0.0, stop=["\n"])).candidates[0].text
+    lines = (await endpoint.create(Request(prompt, 1, 12, 0), temperature=0.0, stop=["\n"])).candidates[0].text
     stops = "\n" not in lines
     return (stops, f"stop ['\\n'] -> {lines!r}",
             "" if stops else "genssd cuts at teacher.stop itself; the tokens past it are still paid for")

@@ -14,6 +14,10 @@ the same seed gets: that answer is stored as the single request's, and the fact 
 servers ignore `n` is kept too, so a later run asks one choice at a time from its first step and
 finds every answer, whatever order its requests came in.
 
+The cache wraps sending (`ResponseCache.reply`): one identity per request, then a hit, or the
+server's reply stored on its way up. A write that fails (a full disk, a read-only file) ends the
+cache's part in the run, never the run: `failure` says why, for a warning.
+
 The store is sqlite (WAL): one row per request key, written once (`INSERT OR IGNORE`), each write
 its own transaction, so concurrent runs share it and a `kill -9` leaves it consistent.
 """
@@ -24,13 +28,14 @@ import hashlib
 import json
 import sqlite3
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from genssd_cli.config import TeacherConfig
 from genssd_cli.errors import UsageError
 from genssd_cli.files import WriteFailed, write_failed
-from genssd_cli.teacher.endpoint import Candidate, Prompt
+from genssd_cli.rundir.records import Candidate, TeacherReply
+from genssd_cli.teacher.endpoint import Request
 from genssd_cli.teacher.shared_sqlite import open_shared
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS responses (
@@ -46,14 +51,7 @@ CREATE TABLE IF NOT EXISTS facts (  -- what was learnt about a model's servers, 
     PRIMARY KEY (model, name)
 )"""
 
-
-@dataclass(frozen=True)
-class CachedResponse:
-    candidates: list[Candidate]
-    prompt_tokens: int
-    completion_tokens: int
-    endpoint: str | None
-    token_source: str
+Send = Callable[[Request], Awaitable[TeacherReply]]
 
 
 def model_identity(cfg: TeacherConfig) -> str:
@@ -64,13 +62,14 @@ def model_identity(cfg: TeacherConfig) -> str:
     return f"{cfg.model} (launched: {cfg.launch.gguf}, n_ctx {cfg.launch.n_ctx})"
 
 
-def request_identity(cfg: TeacherConfig, prompt: Prompt, n: int, max_tokens: int, seed: int) -> dict:
+def request_identity(cfg: TeacherConfig, request: Request) -> dict:
+    prompt = request.prompt
     return {
         "model": model_identity(cfg), "mode": cfg.mode,
         "prefill": cfg.prefill if cfg.mode == "chat-continue" else None, "system": cfg.system,
         "assistant_prefix": cfg.assistant_prefix, "temperature": cfg.temperature, "top_p": cfg.top_p,
-        "stop": cfg.stop, "logprobs": cfg.logprobs, "head": prompt.head, "trace": prompt.trace, "n": n,
-        "max_tokens": max_tokens, "seed": seed,
+        "stop": cfg.stop, "logprobs": cfg.logprobs, "head": prompt.head, "trace": prompt.trace, "n": request.n,
+        "max_tokens": request.max_tokens, "seed": request.seed,
     }  # fmt: skip
 
 
@@ -79,6 +78,7 @@ class ResponseCache:
 
     def __init__(self, path: Path):
         self.path = path
+        self.failure: str | None = None  # why the cache stopped (a failed write); None while it works
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = open_shared(path, SCHEMA, timeout=60)
@@ -87,34 +87,67 @@ class ResponseCache:
         except OSError as exc:
             raise write_failed(path, exc) from None
 
-    def get(self, identity: dict) -> CachedResponse | None:
+    async def reply(self, cfg: TeacherConfig, request: Request, send: Send) -> TeacherReply:
+        """The reply to `request`: the stored one (marked cached), else `send`'s, stored. A reply
+        of one choice to an n-choice request (n ignored) is stored as the single request's of its
+        seed, which is the answer it is."""
+        if self.failure is not None:
+            return await send(request)
+        identity = request_identity(cfg, request)
+        hit = self.get(identity, request)
+        if hit is not None:
+            return hit
+        reply = await send(request)
+        if request.n > 1 and len(reply.candidates) == 1:
+            identity = {**identity, "n": 1}
+        self.put(identity, reply)
+        return reply
+
+    def get(self, identity: dict, request: Request) -> TeacherReply | None:
+        """The stored reply to `identity`, placed where `request` puts its candidates."""
         row = self._db.execute("SELECT response FROM responses WHERE key = ?", (_key(identity),)).fetchone()
         if row is None:
             return None
-        data = json.loads(row[0])
-        return CachedResponse(
-            [Candidate(**c) for c in data["candidates"]], data["prompt_tokens"], data["completion_tokens"],
-            data["endpoint"], data["token_source"],
+        stored = json.loads(row[0])
+        return TeacherReply(
+            start=request.start, seed=request.seed, n=request.n, prompt_tokens=stored["prompt_tokens"],
+            completion_tokens=stored["completion_tokens"], endpoint=stored["endpoint"],
+            token_source=stored["token_source"], cached=True,
+            candidates=[Candidate(text=c["text"], finish_reason=c["finish_reason"], tokens=c["completion_tokens"])
+                        for c in stored["candidates"]],
         )  # fmt: skip
 
-    def put(self, identity: dict, response: CachedResponse) -> None:
-        blob = json.dumps({**asdict(response), "candidates": [asdict(c) for c in response.candidates]})
-        try:
-            self._db.execute("INSERT OR IGNORE INTO responses (key, request, response, created) VALUES (?, ?, ?, ?)",
-                             (_key(identity), json.dumps(identity, sort_keys=True), blob, time.time()))  # fmt: skip
-        except sqlite3.OperationalError as exc:  # a full disk, a read-only file
-            raise WriteFailed(self.path, str(exc)) from None
+    def put(self, identity: dict, reply: TeacherReply) -> None:
+        # The stored JSON keeps the shape earlier genssd versions wrote (and read): caches are shared.
+        stored = {
+            "candidates": [{"text": c.text, "finish_reason": c.finish_reason, "completion_tokens": c.tokens}
+                           for c in reply.candidates],
+            "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+            "endpoint": reply.endpoint, "token_source": reply.token_source,
+        }  # fmt: skip
+        row = (_key(identity), json.dumps(identity, sort_keys=True), json.dumps(stored), time.time())
+        self._write("INSERT OR IGNORE INTO responses (key, request, response, created) VALUES (?, ?, ?, ?)", row)
 
     def fact(self, model: str, name: str) -> object:
+        """What was learnt about a model's servers (a hint: this run may learn otherwise); None
+        once the cache stopped."""
+        if self.failure is not None:
+            return None
         row = self._db.execute("SELECT value FROM facts WHERE model = ? AND name = ?", (model, name)).fetchone()
         return None if row is None else json.loads(row[0])
 
     def learn(self, model: str, name: str, value: object) -> None:
+        self._write("INSERT OR REPLACE INTO facts (model, name, value) VALUES (?, ?, ?)",
+                    (model, name, json.dumps(value)))  # fmt: skip
+
+    def _write(self, statement: str, values: tuple) -> None:
+        """One write; a failed one (a full disk, a read-only file) stops the cache, not the run."""
+        if self.failure is not None:
+            return
         try:
-            self._db.execute("INSERT OR REPLACE INTO facts (model, name, value) VALUES (?, ?, ?)",
-                             (model, name, json.dumps(value)))  # fmt: skip
+            self._db.execute(statement, values)
         except sqlite3.OperationalError as exc:
-            raise WriteFailed(self.path, str(exc)) from None
+            self.failure = str(WriteFailed(self.path, str(exc)))
 
     def close(self) -> None:
         self._db.close()

@@ -10,8 +10,9 @@ from conftest import collect
 
 from genssd_cli.config import TeacherConfig
 from genssd_cli.errors import RuntimeFailure, StopRequested, TeacherFatalError, TeacherUnavailable, UsageError
-from genssd_cli.teacher.endpoint import per_choice_tokens
-from genssd_cli.teacher.pool import Prompt, TeacherClient, TeacherPart, request_seed
+from genssd_cli.rundir.records import TeacherReply
+from genssd_cli.teacher.endpoint import Prompt, Request, per_choice_tokens
+from genssd_cli.teacher.pool import TeacherClient
 from genssd_cli.teacher.response_cache import ResponseCache, model_identity, request_identity
 from genssd_cli.teacher.servers.test_teacher import continuation
 
@@ -48,8 +49,8 @@ def test_each_candidate_counts_its_own_tokens_from_the_logprobs(fake_teacher, mo
     counts, sources, prompt, stop = [], set(), "Q: 5-2?\nA:", ["\nQuestion:"]
     for seed in range(6):
         candidates, [part] = sample(client(server.base_url, mode=mode, stop=stop), prompt, 4, 12, seed)
-        assert sum(c.completion_tokens for c in candidates) == part.completion_tokens
-        counts += [c.completion_tokens for c in candidates]
+        assert sum(c.tokens for c in candidates) == part.completion_tokens
+        counts += [c.tokens for c in candidates]
         sources.add(part.token_source)
     assert sources == {"logprobs"}
     assert len(set(counts)) > 1  # an even split would have hidden this
@@ -63,7 +64,7 @@ def test_without_logprobs_the_bill_is_split_and_said_so(fake_teacher, flag, sett
     server = fake_teacher(*([flag] if flag else []))
     candidates, [part] = sample(client(server.base_url, logprobs=setting), "Q: 5-2?\nA:", 4, 12, 3)
     assert part.token_source == source
-    assert {c.completion_tokens for c in candidates} == {part.completion_tokens // 4}
+    assert {c.tokens for c in candidates} == {part.completion_tokens // 4}
 
 
 def test_per_choice_token_counts_prefer_exact_sources():
@@ -105,7 +106,7 @@ def test_same_seed_same_candidates_and_usage(fake_teacher):
     second = sample(client(server.base_url), "prompt", 3, 16, 7)
     assert first == second
     candidates, parts = first
-    assert sum(p.completion_tokens for p in parts) == sum(c.completion_tokens for c in candidates) > 0
+    assert sum(p.completion_tokens for p in parts) == sum(c.tokens for c in candidates) > 0
 
 
 def test_retryable_faults_are_retried(fake_teacher):
@@ -138,11 +139,11 @@ def test_a_failing_sibling_does_not_lose_the_others(fake_teacher):
     server = fake_teacher("--ignore-n", "--fault-rate", "0.35", "--fault-seed", "1", "--hang-s", "2")
     teacher = client(server.base_url, retries=0, timeout_s=0.5)
     teacher.honours_n = False
-    reported: list[TeacherPart] = []
+    reported: list[TeacherReply] = []
 
     async def go():
         with pytest.raises(TeacherUnavailable):
-            await teacher.sample(Prompt("p"), 6, 8, 10, {}, reported.append)
+            await teacher.sample(Request(Prompt("p"), 6, 8, 10), {}, reported.append)
 
     anyio.run(go)
     answered = sorted(r["seed"] - 10 for r in server.requests() if not r["fault"])
@@ -178,7 +179,7 @@ def test_stop_sends_nothing_more_and_cuts_backoff_short(fake_teacher):
 
             group.start_soon(stop_soon)
             with pytest.raises(StopRequested), anyio.fail_after(20):
-                await teacher.sample(Prompt("p"), 1, 8, 0, {}, lambda part: None)
+                await teacher.sample(Request(Prompt("p"), 1, 8, 0), {}, lambda part: None)
 
     anyio.run(go)
     assert len(server.requests()) == 1
@@ -209,12 +210,6 @@ def test_api_key_comes_from_the_named_variable(fake_teacher, monkeypatch):
 def test_never_zero_max_tokens(fake_teacher):
     with pytest.raises(ValueError):
         sample(client("http://127.0.0.1:9/v1"), "p", 1, 0, 0)
-
-
-def test_request_seed_is_stable_and_spread():
-    assert request_seed(0, "p1", 0, 2, 0) == request_seed(0, "p1", 0, 2, 0)
-    seeds = {request_seed(0, f"p{i}", 0, s, a) for i in range(20) for s in range(5) for a in range(2)}
-    assert len(seeds) == 200
 
 
 def pool(*endpoints: dict, **kw) -> TeacherClient:
@@ -337,6 +332,6 @@ def test_a_launched_model_is_known_by_its_file_not_its_alias():
         return TeacherConfig(model="teacher", launch={"gguf": gguf, "n_ctx": n_ctx})
 
     configs = (launched("gemma-3-270m"), launched("/m/other.gguf"), launched("gemma-3-270m", 2048))
-    identities = {json.dumps(request_identity(cfg, Prompt("p"), 2, 8, 0), sort_keys=True) for cfg in configs}
+    identities = {json.dumps(request_identity(cfg, Request(Prompt("p"), 2, 8, 0)), sort_keys=True) for cfg in configs}
     assert len(identities) == 3
     assert len({model_identity(launched("a.gguf")), model_identity(launched("b.gguf"))}) == 2
