@@ -3,6 +3,10 @@ nothing already written: a whole file is written beside its place and renamed in
 file gets whole lines only, and the error is one line naming the file (`WriteFailed`, exit 1).
 Running the same command once the cause is fixed picks up from what is on disk.
 
+Reading such a file back lives here too, beside its writer: whole lines only, a torn last line (a
+crash mid-write) dropped, a corrupt line anywhere else refused in one line. And the output folder
+of a command: a file in its place refused, the folder made or the reason given, in one line each.
+
 Written here rather than taken from a library: the atomic-write packages neither cut an append
 back to its last whole line nor name the file in the error the CLI prints.
 """
@@ -11,13 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from genssd_cli.errors import RuntimeFailure
+from pydantic import BaseModel, ValidationError
+
+from genssd_cli.errors import RuntimeFailure, UsageError
+
+Row = TypeVar("Row", bound=BaseModel)
 
 # The errors a fix outside genssd cures (free space, a writable place); anything else is a bug.
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO})
@@ -133,3 +142,71 @@ class LineFile:
 
     def close(self) -> None:
         self._file.close()  # unbuffered: nothing left to flush, so closing cannot fail on a full disk
+
+
+# ---- output folders -------------------------------------------------------------------------
+
+
+def check_out_dir(path: Path, flag: str = "--out") -> None:
+    """Refuse a file where a command's output folder goes, before any work is done."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path} exists and is not a directory")
+
+
+def make_out_dir(path: Path) -> None:
+    """A command's output folder, made (with its parents) or the reason it cannot be, in one line."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot write to {path}: {exc.strerror}") from None
+
+
+# ---- reading what was appended --------------------------------------------------------------
+
+
+def whole_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """Each line of an append-only file with its number, the torn last line (no newline) left out."""
+    if not path.exists():
+        return
+    with open(path, "rb") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.endswith(b"\n"):
+                return  # the torn tail
+            yield number, line
+
+
+def iter_jsonl(path: Path, if_corrupt: str) -> Iterator[tuple[int, Any]]:
+    """(line number, JSON value) of each line of an append-only JSONL file, read as a stream. A
+    torn last line (crash mid-write: no newline) is dropped, never fatal; a corrupt line anywhere
+    else means the file was edited or damaged, and we stop rather than guess (`if_corrupt` tells
+    the user what to do)."""
+    for number, line in whole_lines(path):
+        try:
+            yield number, json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RuntimeFailure(f"{path} line {number} is corrupt; {if_corrupt}") from None
+
+
+def parse_jsonl(path: Path, if_corrupt: str) -> list[dict[str, Any]]:
+    """Every JSON value of an append-only JSONL file (see `iter_jsonl`), checked before any is used."""
+    return [value for _, value in iter_jsonl(path, if_corrupt)]
+
+
+def read_rows(path: Path, record: type[Row], if_bad: str) -> list[Row]:
+    """A .jsonl file of records (trajectories, failures) as typed rows."""
+    rows = []
+    for number, raw in enumerate(parse_jsonl(path, if_bad), start=1):
+        try:
+            rows.append(record.model_validate(raw))
+        except ValidationError as exc:
+            raise RuntimeFailure(
+                f"{path} line {number}: not a {record.__name__} ({first_error(exc)}); {if_bad}"
+            ) from None
+    return rows
+
+
+def first_error(exc: ValidationError) -> str:
+    """A validation error's first complaint, for a one-line message."""
+    error = exc.errors()[0]
+    where = ".".join(str(p) for p in error["loc"])
+    return f"{where}: {error['msg']}" if where else error["msg"]

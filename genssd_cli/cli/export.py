@@ -13,7 +13,8 @@ def export(
     only_correct: bool = typer.Option(False, "--only-correct", help="only the rows marked correct"),
 ) -> None:
     """The kept trajectories as a Hugging Face dataset folder (parquet + dataset card), ready to push."""
-    from genssd_cli.export.command import CARD, DATA_FILE, export_command
+    from genssd_cli.export.command import export_command
+    from genssd_cli.export.folder import CARD, DATA_FILE
 
     result = export_command(run_dirs, out, only_correct)
     print(f"exported {result['rows']} rows ({result['correct']} correct) of {result['runs']} runs -> "

@@ -1,6 +1,6 @@
 """`genssd report`: runs (and the evals of what was trained on them) side by side. This module
 reads them into columns and works out their numbers, the warnings that say what is not comparable
-and the differences; report_view.py shows them (the rich tables, report.md, report.json and PNG
+and the differences; report/view.py shows them (the rich tables, report.md, report.json and PNG
 plots), given them as data by `report_command`.
 
 Everything is read back from what the commands wrote: a run's trajectories.jsonl (the kept
@@ -29,7 +29,7 @@ from rich.console import Console
 
 from genssd_cli.errors import RuntimeFailure, UsageError
 from genssd_cli.eval.outdir import METRICS, SAMPLES, SETTINGS, read_eval_settings
-from genssd_cli.files import write_atomic
+from genssd_cli.files import make_out_dir, parse_jsonl, write_atomic
 from genssd_cli.report.view import (
     RUN_DIFFERENCES,
     accuracy_key,
@@ -40,8 +40,9 @@ from genssd_cli.report.view import (
     to_rich,
     write_plots,
 )
-from genssd_cli.rundir.records import Response, TrajectoryRow, iter_log, parse_jsonl, read_rows, read_summary
-from genssd_cli.rundir.store import CONFIG, SUMMARY, TRAJECTORIES
+from genssd_cli.rundir.layout import CONFIG, SUMMARY, open_finished, read_summary
+from genssd_cli.rundir.log import iter_log
+from genssd_cli.rundir.records import Response, TrajectoryRow
 from genssd_cli.shards.plan import log_paths
 from genssd_cli.stats import MIN_PAIRS, RESAMPLES, Difference, paired_bootstrap, ratio_difference
 from genssd_cli.stats import mean as mean_difference
@@ -77,11 +78,8 @@ def read_run(run_dir: Path) -> Column:
     numbers for the differences."""
     import yaml
 
-    for name in (TRAJECTORIES, SUMMARY, CONFIG):
-        if not (run_dir / name).is_file():
-            raise UsageError(f"{run_dir} has no {name}: not a genssd run directory, or no session ended")
-    rows = read_rows(run_dir / TRAJECTORIES, TrajectoryRow, "run `genssd run` on it again to rewrite it")
-    summary = read_summary(run_dir / SUMMARY)
+    run = open_finished(run_dir, needs=(SUMMARY, CONFIG))
+    rows, summary = run.rows, read_summary(run_dir / SUMMARY)
     try:
         config = yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8"))
         method, student = config["method"], config["student"]
@@ -364,10 +362,7 @@ def report_command(paths: list[Path], eval_dirs: list[Path], out: Path | None, c
     warnings += notes
     if out is None:
         out = paths[0] / "report" if len(paths) == 1 and (paths[0] / PIPELINE).is_file() else Path("runs") / "report"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot write to {out}: {exc.strerror}") from None
+    make_out_dir(out)
     write_atomic(out / "report.md", to_markdown(columns, warnings, diffs))
     write_atomic(out / "report.json", to_json(columns, warnings, diffs))
     plots = write_plots(columns, out)

@@ -26,6 +26,8 @@ from genssd_cli.config import TeacherConfig
 from genssd_cli.errors import UsageError
 from genssd_cli.files import SortedSpool
 from genssd_cli.problems import Problem
+from genssd_cli.rundir.layout import EVENTS, TRAJECTORIES
+from genssd_cli.rundir.log import iter_log
 from genssd_cli.rundir.records import (
     CacheTotals,
     Centre,
@@ -46,7 +48,6 @@ from genssd_cli.rundir.records import (
     TrajectoryCounts,
     TrajectoryError,
     TrajectoryRow,
-    iter_log,
 )
 from genssd_cli.rundir.results_hash import changed_keys
 
@@ -120,7 +121,7 @@ def row_order(problems: list[Problem]) -> Callable[[RowKey], tuple]:
 
 
 class RunLog:
-    """What resume and materialisation need of a run's log, taken in one pass (`scan`, or `add`
+    """What resume and materialisation need of a run's log, taken in one pass (`scan_events`, or `add`
     event by event). `teacher` prices the responses (costs are summed in log order, as they
     were paid); `rows`, when given, receives every finished row (materialisation)."""
 
@@ -321,19 +322,20 @@ class RunLog:
         )
 
 
-def scan(
-    path: Path, teacher: TeacherConfig | None = None, rows: Path | None = None, previous: RunLog | None = None
+def scan_events(
+    run_dir: Path, teacher: TeacherConfig | None = None, rows: bool = False, previous: RunLog | None = None
 ) -> RunLog:
-    """events.jsonl in one streaming pass. With `rows` (the trajectories file they will go to),
-    the finished rows are spooled beside it for `trajectory_lines`: close the RunLog after (it is
-    a context manager). `previous`, a RunLog of the same file read the same way without rows, is
-    returned as is when the file has not changed since (an append-only file that kept its inode,
-    size and mtime): the second read of a resume costs nothing."""
+    """The run directory's events.jsonl in one streaming pass. With `rows`, the finished rows are
+    spooled beside trajectories.jsonl for `trajectory_lines`: close the RunLog after (it is a
+    context manager). `previous`, a RunLog of the same directory read the same way without rows,
+    is returned as is when the log has not changed since (an append-only file that kept its
+    inode, size and mtime): the second read of a resume costs nothing."""
+    path = run_dir / EVENTS
     stat = _stat(path)
     unchanged = previous is not None and stat is not None and previous.stat == stat
-    if unchanged and rows is None and previous.rows is None and previous.teacher is teacher:
+    if unchanged and not rows and previous.rows is None and previous.teacher is teacher:
         return previous
-    log = RunLog(teacher, SortedSpool(rows) if rows is not None else None)
+    log = RunLog(teacher, SortedSpool(run_dir / TRAJECTORIES) if rows else None)
     log.stat = stat
     try:
         log.read(path)

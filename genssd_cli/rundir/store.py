@@ -1,6 +1,6 @@
-"""The run directory. `events.jsonl` is the append-only source of truth; trajectories.jsonl,
+"""Writing the run directory. `events.jsonl` is the append-only source of truth; trajectories.jsonl,
 failures.jsonl and summary.json are materialised from it (atomically), so a crash can never leave
-them disagreeing with the log.
+them disagreeing with the log. (layout.py names the files; log.py reads the log back.)
 
 Only the event-loop thread writes, so one `RunStore` owns the log file alone.
 """
@@ -12,41 +12,17 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import anyio
 
-from genssd_cli.config import TeacherConfig
 from genssd_cli.errors import RuntimeFailure, UsageError
 from genssd_cli.files import LineFile, WriteFailed, write_atomic, write_failed
-from genssd_cli.rundir.records import Event, Record, iter_log, read_log
-from genssd_cli.rundir.replay import RunLog, scan
+from genssd_cli.rundir.layout import EVENTS, LOCK
+from genssd_cli.rundir.records import Event, Record
 
-EVENTS = "events.jsonl"
-TRAJECTORIES = "trajectories.jsonl"
-FAILURES = "failures.jsonl"
-SUMMARY = "summary.json"
-CONFIG = "config.yaml"
-LOCK = ".lock"
 TAIL_BLOCK = 1 << 16
-
-
-def read_events(run_dir: Path) -> list[Event]:
-    """The whole log in memory: for small logs and tests (a run reads it with `scan_events`)."""
-    return read_log(run_dir / EVENTS)
-
-
-def iter_events(run_dir: Path) -> Iterator[Event]:
-    """The log's events one at a time (records.iter_log)."""
-    return iter_log(run_dir / EVENTS)
-
-
-def scan_events(
-    run_dir: Path, teacher: TeacherConfig | None = None, rows: bool = False, previous: RunLog | None = None
-) -> RunLog:
-    """The log in one streaming pass (results.scan); with `rows`, ready to write trajectories.jsonl."""
-    return scan(run_dir / EVENTS, teacher, run_dir / TRAJECTORIES if rows else None, previous)
 
 
 def torn_tail(run_dir: Path) -> bytes:

@@ -11,10 +11,11 @@ import yaml
 from conftest import STUDENT, genssd, trajectory_row, write_config
 
 from genssd_cli.config import load_run_config
-from genssd_cli.export.command import CARD, COLUMNS, DATA_FILE
+from genssd_cli.export.folder import CARD, DATA_FILE
+from genssd_cli.export.rows import COLUMNS
+from genssd_cli.rundir.layout import CONFIG, EVENTS, SUMMARY, TRAJECTORIES
 from genssd_cli.rundir.records import Centre, KeptStats, Price, RunStart, Summary, TeacherTotals, TrajectoryCounts
 from genssd_cli.rundir.results_hash import results_settings, settings_hash
-from genssd_cli.rundir.store import CONFIG, EVENTS, SUMMARY, TRAJECTORIES
 
 SECRETS = ("/home/alice", "10.1.2.3", "://", "SECRET_ENV")  # what the runs' config holds and no card may
 

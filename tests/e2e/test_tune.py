@@ -19,7 +19,8 @@ import yaml
 from conftest import ROOT, genssd, run_config, write_config
 
 from genssd_cli.config import load_run_config
-from genssd_cli.tune.command import BUDGET, RAN, Point, recommend
+from genssd_cli.tune.measure import recommend
+from genssd_cli.tune.plan import BUDGET, RAN, Point
 
 PRICE = {"input": 100.0, "output": 400.0}  # per million tokens: big, so that a pilot costs something
 # Between the student PPLs of the test teacher's first chunks (about 30 for two pilot problems, 60-90 for the

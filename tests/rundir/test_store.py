@@ -1,10 +1,17 @@
+"""The run directory's log in process (genssd_cli/rundir/store.py and the log reader), on real files:
+records appended and read back equal, a torn last line set aside and never a read failure, a
+corrupt or foreign line or another format version refused in one line naming it, one genssd run
+per directory at a time, and the fsync policies' syncs counted."""
+
 import json
 
 import pytest
 
 from genssd_cli.errors import RuntimeFailure, UsageError
+from genssd_cli.rundir.layout import EVENTS
+from genssd_cli.rundir.log import read_events
 from genssd_cli.rundir.records import SCHEMA_VERSION, Prune, TrajectoryError
-from genssd_cli.rundir.store import EVENTS, RunStore, read_events
+from genssd_cli.rundir.store import RunStore
 
 
 def prune(problem: str) -> Prune:

@@ -19,10 +19,12 @@ from conftest import ROOT, genssd
 from genssd_cli.config import TeacherConfig, load_run_config
 from genssd_cli.files import SortedSpool, write_atomic
 from genssd_cli.problems import Problem, load_problems
-from genssd_cli.run.command import _materialise
+from genssd_cli.run.materialise import materialise as materialise_store
+from genssd_cli.rundir.layout import EVENTS, FAILURES, SUMMARY, TRAJECTORIES
+from genssd_cli.rundir.log import iter_log, read_events
 from genssd_cli.rundir.records import (
     CacheTotals,
-    CandidateRecord,
+    Candidate,
     Centre,
     Choice,
     EndpointTotals,
@@ -42,10 +44,9 @@ from genssd_cli.rundir.records import (
     TrajectoryCounts,
     TrajectoryError,
     TrajectoryRow,
-    read_log,
 )
-from genssd_cli.rundir.replay import Replay, RunLog
-from genssd_cli.rundir.store import EVENTS, FAILURES, SUMMARY, TRAJECTORIES, RunStore, scan_events, torn_tail
+from genssd_cli.rundir.replay import Replay, RunLog, scan_events
+from genssd_cli.rundir.store import RunStore, torn_tail
 
 RECORDED = ROOT / "tests" / "data" / "compare-recorded"
 
@@ -158,9 +159,9 @@ def materialised(run_dir: Path) -> dict[str, bytes]:
 
 
 def materialise(run_dir: Path, problems: list[Problem], cfg) -> dict[str, bytes]:
-    """What `genssd run` writes at the end of a session (runner._materialise: one streaming pass)."""
+    """What `genssd run` writes at the end of a session (run/materialise.py: one streaming pass)."""
     with RunStore(run_dir) as store:
-        _materialise(store, problems, cfg)
+        materialise_store(store, problems, cfg)
     return materialised(run_dir)
 
 
@@ -176,7 +177,7 @@ def test_recorded_runs_materialise_as_the_list_reading_and_as_recorded(method, t
     shutil.copytree(RECORDED / method / "run", run)
     recorded = materialised(run)
     cfg = load_run_config(run / "config.yaml")
-    events = read_log(run / EVENTS)
+    events = read_events(run)
     start = [e for e in events if isinstance(e, RunStart)][-1]
     problems = load_problems(cfg.data, start.limit)
     ours = materialise(run, problems, cfg)
@@ -192,7 +193,7 @@ def test_recorded_runs_materialise_as_the_list_reading_and_as_recorded(method, t
 
 def response(pid: str, sample: int, step: int, attempt: int = 0, *, start: int = 0, n: int = 2, endpoint=None,
              cached: bool = False, source=None) -> Response:  # fmt: skip
-    candidates = [CandidateRecord(text=f"{pid}/{sample}/{step}/{attempt}/{start + i} é", finish_reason="length",
+    candidates = [Candidate(text=f"{pid}/{sample}/{step}/{attempt}/{start + i} é", finish_reason="length",
                                   tokens=7 + i) for i in range(n)]  # fmt: skip
     return Response(problem_id=pid, sample=sample, step=step, attempt=attempt, start=start, seed=step, n=n,
                     prompt_tokens=101 + step, completion_tokens=sum(c.tokens for c in candidates), endpoint=endpoint,
@@ -282,7 +283,7 @@ def test_every_kind_of_record_materialises_as_the_list_reading(tmp_path, priced,
             SUMMARY: json.dumps(log.summary(PROBLEMS, 2).model_dump(mode="json"), indent=2, ensure_ascii=False),
         }
     ours[SUMMARY] = (ours[SUMMARY] + "\n").encode()
-    reference = ref_files(read_log(log_path), PROBLEMS, 2, teacher)
+    reference = ref_files(list(iter_log(log_path)), PROBLEMS, 2, teacher)
     assert ours == reference
     summary = json.loads(ours[SUMMARY])
     # The log really has what the reference is meant to check (not vacuously equal).
@@ -369,7 +370,7 @@ def test_bench_resume_measures_both_checkouts_and_the_files_are_the_list_reading
     written, ours, theirs, ratio = lines
     run = out / "run"
     assert written["log_bytes"] == (run / EVENTS).stat().st_size > 0 and written["problems"] == 200
-    events = read_log(run / EVENTS)
+    events = read_events(run)
     assert written["events"] == len(events)
     for line in (ours, theirs):
         assert line["checkout"] in {"this", "baseline"} and line["code"] == "streaming"
