@@ -1,6 +1,12 @@
+"""What the tests of every folder share (importable as `conftest`: pyproject puts tests/ on the path):
+the `fake_teacher` fixture (real test-teacher server processes on 127.0.0.1), `genssd(...)` (the
+real CLI as a subprocess), small run configs, and hand-made trajectories and adapters for train and
+eval. No subfolder has a conftest.py of its own: it would shadow this one for `from conftest import`."""
+
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -9,7 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from genssd_cli.teacher.pool import Prompt, TeacherClient, TeacherPart
+from genssd_cli.rundir.log import read_events
+from genssd_cli.rundir.records import TeacherReply
+from genssd_cli.teacher.endpoint import Prompt, Request
+from genssd_cli.teacher.pool import TeacherClient
 from genssd_cli.teacher.servers.local import free_port, local_base_url, start_fake_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,15 +92,15 @@ def genssd(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict 
 async def collect(teacher: TeacherClient, prompt, n, max_tokens, seed, have=None):
     """The step's candidates in index order, and the responses as they were reported."""
     have = dict(have or {})
-    parts: list[TeacherPart] = []
+    parts: list[TeacherReply] = []
     prompt = Prompt(prompt) if isinstance(prompt, str) else prompt
 
-    def on_response(part: TeacherPart) -> None:
+    def on_response(part: TeacherReply) -> None:
         parts.append(part)
         for offset, candidate in enumerate(part.candidates):
             have[part.start + offset] = candidate
 
-    await teacher.sample(prompt, n, max_tokens, seed, have, on_response)
+    await teacher.sample(Request(prompt, n, max_tokens, seed), have, on_response)
     return [have[i] for i in sorted(have)], parts
 
 
@@ -134,7 +143,7 @@ def trajectory_row(problem_id: str, question: str, completion: str, correct: boo
 
 def train_adapter_on_questions(tmp: Path) -> Path:
     """`genssd train` on QUESTIONS answered right: an adapter that changes what the student writes."""
-    from genssd_cli.rundir.store import CONFIG, TRAJECTORIES
+    from genssd_cli.rundir.layout import CONFIG, TRAJECTORIES
 
     run = tmp / "run"
     run.mkdir()
@@ -146,3 +155,44 @@ def train_adapter_on_questions(tmp: Path) -> Path:
                      "--set", "training.learning_rate=0.003", "--set", "training.batch_size=2")  # fmt: skip
     assert trained.returncode == 0, trained.stderr
     return tmp / "train" / "adapter"
+
+
+def load_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def check_run_is_consistent(run: Path, problems: int, n: int) -> dict:
+    events = read_events(run)
+    summary = json.loads((run / "summary.json").read_text())
+    t = summary["trajectories"]
+    assert t["finished"] + t["truncated"] + t["pruned"] + t["failed"] == problems
+    assert t["pending"] == 0
+    received: dict[tuple, list[int]] = {}
+    for event in events:
+        if event.type == "response":
+            key = (event.problem_id, event.sample, event.step, event.attempt)
+            received.setdefault(key, []).extend(range(event.start, event.start + len(event.candidates)))
+        if event.type == "choice":
+            ppl = [math.inf if p is None else p for p in event.ppl]
+            assert event.chosen == ppl.index(min(ppl))
+    # Every scored step got its n candidates, each received exactly once: nothing asked for twice.
+    # Only the step a trajectory failed at (listed in failures.jsonl, never scored) may lack some.
+    failed = {(f["problem_id"], f["sample"], f["step"]) for f in load_jsonl(run / "failures.jsonl")}
+    chosen = {(e.problem_id, e.sample, e.step, e.attempt) for e in events if e.type == "choice"}
+    for key, indices in received.items():
+        if key[:3] in failed and key not in chosen:
+            assert len(set(indices)) == len(indices) and set(indices) < set(range(n)), key
+        else:
+            assert sorted(indices) == list(range(n)), key
+    rows = load_jsonl(run / "trajectories.jsonl")
+    assert len(rows) == t["finished"] + t["truncated"]
+    for row in rows:
+        assert row["prompt"][0]["role"] == "user" and row["completion"][0]["role"] == "assistant"
+        assert row["method"] == "genssd" and row["steps"] >= 1
+        assert row["teacher_tokens"] >= row["completion_tokens"] > 0
+    assert yaml_has_no_secret(run / "config.yaml")
+    return summary
+
+
+def yaml_has_no_secret(path: Path) -> bool:
+    return "sk-" not in path.read_text()

@@ -25,7 +25,7 @@ from conftest import (
     write_config,
 )
 
-from genssd_cli.rundir.store import EVENTS
+from genssd_cli.rundir.layout import EVENTS
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run_config, write_config
 
-from genssd_cli.rundir.store import EVENTS, read_events
+from genssd_cli.rundir.layout import EVENTS
+from genssd_cli.rundir.log import read_events
 
 pytestmark = pytest.mark.slow
 
@@ -201,7 +202,7 @@ def test_report_on_a_full_disk(tmp_path, fake_teacher, small_disk):
 def test_train_on_a_full_disk_resumes(tmp_path, small_disk):
     from conftest import QUESTIONS, STUDENT, trajectory_row
 
-    from genssd_cli.rundir.store import CONFIG, TRAJECTORIES
+    from genssd_cli.rundir.layout import CONFIG, TRAJECTORIES
 
     source = tmp_path / "rows"
     source.mkdir()

@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, genssd, run_config, write_config
-from test_run import check_run_is_consistent, load_jsonl
+from conftest import ROOT, check_run_is_consistent, genssd, load_jsonl, run_config, write_config
 
-from genssd_cli.rundir.store import EVENTS, read_events
+from genssd_cli.rundir.layout import EVENTS
+from genssd_cli.rundir.log import read_events
 from genssd_cli.teacher.servers.test_teacher import FAULTS
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ import pytest
 from conftest import run_config, write_config
 from test_resume import start_run
 
-from genssd_cli.rundir.store import read_events
+from genssd_cli.rundir.log import read_events
 
 pytestmark = pytest.mark.slow
 

@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 
@@ -31,8 +32,9 @@ import yaml
 
 from genssd_cli.errors import RuntimeFailure, UsageError
 from genssd_cli.procs import die_with_parent
+from genssd_cli.rundir.layout import SUMMARY
+from genssd_cli.rundir.log import read_events
 from genssd_cli.rundir.records import Response
-from genssd_cli.rundir.store import SUMMARY, read_events
 from genssd_cli.teacher.servers.local import NotServing, free_port, local_base_url, wait_until_serving
 
 ROUTINGS = ("affinity", "least-loaded")
@@ -44,10 +46,27 @@ STOP_S = 30.0
 TAIL_LINES = 10
 
 
-def bench_affinity(
-    endpoints: list[str], servers: int, teacher: str, student: str, problems: int, samples: int, n: int, chunk: int,
-    steps: int, concurrency: int, vllm_python: str | None, vllm_args: list[str], startup_timeout_s: float,
-) -> list[dict]:  # fmt: skip
+@dataclass(frozen=True)
+class AffinityBench:
+    """`genssd bench affinity`'s flags: the pool of servers, and the run each routing gets."""
+
+    endpoints: list[str]  # running vLLM servers' base URLs; none: start `servers`
+    servers: int
+    teacher: str  # the model they serve: shipped name, HF id or folder
+    student: str
+    problems: int
+    samples: int  # trajectories per problem
+    n: int
+    chunk: int
+    steps: int  # steps per trajectory
+    concurrency: int  # requests in flight per server
+    vllm_python: str | None = None  # a Python with vLLM
+    vllm_args: list[str] = field(default_factory=list)  # extra server arguments
+    startup_timeout_s: float = 900.0
+
+
+def bench_affinity(bench: AffinityBench) -> list[dict]:
+    endpoints = bench.endpoints
     if endpoints and len(endpoints) < 2:
         raise UsageError("--endpoint: give at least two servers of one model (a pool), or none to start them")
     with ExitStack() as stack:
@@ -55,16 +74,17 @@ def bench_affinity(
         if endpoints:
             urls, model = endpoints, _served_model(endpoints[0])
         else:
-            python = _vllm_python(vllm_python)
-            urls = stack.enter_context(vllm_servers(servers, python, teacher, vllm_args, startup_timeout_s, tmp))
-            model = teacher
+            python = _vllm_python(bench.vllm_python)
+            urls = stack.enter_context(vllm_servers(bench.servers, python, bench.teacher, bench.vllm_args,
+                                                    bench.startup_timeout_s, tmp))  # fmt: skip
+            model = bench.teacher
         lines = []
         for routing in ROUTINGS:
             for url in urls:
                 _reset_prefix_cache(url)
             before = [_prefix_counters(url) for url in urls]
             print(f"genssd run with teacher.routing {routing}", file=sys.stderr, flush=True)
-            config = _config(urls, model, routing, student, problems, samples, n, chunk, steps, concurrency)
+            config = _config(urls, model, routing, bench)
             summary, hops = _run(config, tmp / routing)
             after = [_prefix_counters(url) for url in urls]
             per_server = {}
@@ -74,8 +94,9 @@ def bench_affinity(
             queries = sum(s["queries"] for s in per_server.values())
             hits = sum(s["hits"] for s in per_server.values())
             lines.append({
-                "bench": "affinity", "routing": routing, "model": model, "student": student, "problems": problems,
-                "samples": samples, "n": n, "chunk": chunk, "max_steps": steps, "concurrency": concurrency,
+                "bench": "affinity", "routing": routing, "model": model, "student": bench.student,
+                "problems": bench.problems, "samples": bench.samples, "n": bench.n, "chunk": bench.chunk,
+                "max_steps": bench.steps, "concurrency": bench.concurrency,
                 "requests": summary["teacher"]["requests"], "wall_s": summary["wall_s"], **hops,
                 **_rate(queries, hits), "servers": per_server,
             })  # fmt: skip
@@ -92,10 +113,11 @@ def _rate(queries: float, hits: float) -> dict:
             "prefilled": int(queries - hits)}  # fmt: skip
 
 
-def _config(urls: list[str], model: str, routing: str, student: str, problems: int, samples: int, n: int, chunk: int,
-            steps: int, concurrency: int) -> dict:  # fmt: skip
-    """A run whose every trajectory grows for `steps` steps (no stop string ends one early, only the
-    model's end of text), all problems in flight at once."""
+def _config(urls: list[str], model: str, routing: str, bench: AffinityBench) -> dict:
+    """A run whose every trajectory grows for `bench.steps` steps (no stop string ends one early, only
+    the model's end of text), all problems in flight at once."""
+    student, problems, samples, n, chunk = bench.student, bench.problems, bench.samples, bench.n, bench.chunk
+    steps, concurrency = bench.steps, bench.concurrency
     return {
         "teacher": {"model": model, "endpoints": [{"base_url": u, "name": f"s{i}"} for i, u in enumerate(urls)],
                     "routing": routing, "max_concurrency": concurrency, "stop": [], "timeout_s": 600},

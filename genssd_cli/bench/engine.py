@@ -9,20 +9,34 @@ import json
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from genssd_cli.errors import RuntimeFailure
-from genssd_cli.rundir.store import SUMMARY
+from genssd_cli.rundir.layout import SUMMARY
 from genssd_cli.teacher.servers.local import free_port, local_base_url, start_fake_teacher
 
 STDERR_TAIL_LINES = 10
 
 
-def bench_engine(
-    model: str, problems: int, n: int, chunk: int, steps: int, concurrency: int, latency_per_token: float,
-) -> list[dict]:  # fmt: skip
+@dataclass(frozen=True)
+class EngineBench:
+    """`genssd bench engine`'s flags."""
+
+    model: str  # the student: shipped name, HF id or folder
+    problems: int
+    n: int
+    chunk: int
+    steps: int  # max steps per trajectory
+    concurrency: int  # teacher requests allowed in flight
+    latency_per_token: float  # teacher seconds per token
+
+
+def bench_engine(bench: EngineBench) -> list[dict]:
+    model, problems, n, chunk, steps = bench.model, bench.problems, bench.n, bench.chunk, bench.steps
+    concurrency, latency_per_token = bench.concurrency, bench.latency_per_token
     port = free_port()
     server = start_fake_teacher(port, "--ignore-n", "--latency-per-token", str(latency_per_token))
     try:

@@ -41,6 +41,7 @@ from typing import Any
 
 from genssd_cli.bench.models import RANDOM_INIT_SHAPES
 from genssd_cli.errors import UsageError
+from genssd_cli.files import make_out_dir
 
 JSONL, SUMMARY_MD, PARTS_LOG = "gpu-check.jsonl", "summary.md", "parts.log"
 FULL_BUDGET_S = 480.0  # the parts' budgets below add up to this; --budget-s scales them
@@ -178,10 +179,7 @@ def gpu_check(out: Path, tiny: bool, budget_s: float, tokenizer: str | None, onl
     if tokenizer is None:
         tokenizer = str(DEFAULT_TOKENIZER_DIR) if (DEFAULT_TOKENIZER_DIR / "tokenizer.json").is_file() \
             else SHIPPED_TOKENIZER  # fmt: skip
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot write to {out}: {exc.strerror}") from None
+    make_out_dir(out)
     for name in (JSONL, SUMMARY_MD, PARTS_LOG):
         (out / name).unlink(missing_ok=True)
     scale = budget_s / FULL_BUDGET_S

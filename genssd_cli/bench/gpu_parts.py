@@ -138,11 +138,11 @@ def _student_folder(spec: dict, shape: str, name: str) -> str:
 
 
 def _part_scoring(spec: dict, result: _Result) -> None:
-    from genssd_cli.bench.scoring import bench_scoring
+    from genssd_cli.bench.scoring import ScoringBench, bench_scoring
 
     w = spec["workload"]
-    lines = bench_scoring(SHIPPED_TOKENIZER, w["shape"], w["prefix"], w["n"], w["chunk"], w["trajectories"],
-                          w["steps"], "auto", "auto")  # fmt: skip
+    lines = bench_scoring(ScoringBench(SHIPPED_TOKENIZER, w["shape"], w["prefix"], w["n"], w["chunk"],
+                                       w["trajectories"], w["steps"]))  # fmt: skip
     naive, cached, ratio = lines
     result.emit({"cached_tokens_per_s": cached["candidate_tokens_per_s"],
                  "naive_tokens_per_s": naive["candidate_tokens_per_s"], "speedup": ratio["speedup"],
@@ -205,12 +205,12 @@ def _part_agreement(spec: dict, result: _Result) -> None:
 
 
 def _part_engine(spec: dict, result: _Result) -> None:
-    from genssd_cli.bench.engine import bench_engine
+    from genssd_cli.bench.engine import EngineBench, bench_engine
 
     w = spec["workload"]
     folder = _student_folder(spec, w["shape"], "engine")
-    lines = bench_engine(folder, w["problems"], w["n"], w["chunk"], w["steps"], w["concurrency"],
-                         w["latency_per_token"])  # fmt: skip
+    lines = bench_engine(EngineBench(folder, w["problems"], w["n"], w["chunk"], w["steps"], w["concurrency"],
+                                     w["latency_per_token"]))  # fmt: skip
     [line] = lines
     line["model"] = f"random-init {w['shape']}"
     result.emit({k: line.get(k) for k in ("teacher_busy_fraction", "loop_cpu_ms_per_candidate",
@@ -221,7 +221,7 @@ def _part_train(spec: dict, result: _Result) -> None:
     """`bench train` on rows longer than max_length (TRL cuts them there), so every row is
     max_length tokens: the bench's own rows are short arithmetic traces."""
     import genssd_cli.problems
-    from genssd_cli.bench.train import bench_train
+    from genssd_cli.bench.train import TrainBench, bench_train
 
     w = spec["workload"]
     short = genssd_cli.problems.generate_arith
@@ -233,8 +233,8 @@ def _part_train(spec: dict, result: _Result) -> None:
         return rows
 
     genssd_cli.problems.generate_arith = long_rows
-    lines = bench_train(_tokenizer_dir(spec, w["shape"]), w["shape"], w["steps"] * w["batch_size"], w["steps"],
-                        w["batch_size"], w["max_length"], w["lora_r"])  # fmt: skip
+    lines = bench_train(TrainBench(_tokenizer_dir(spec, w["shape"]), w["shape"], w["steps"] * w["batch_size"],
+                                   w["steps"], w["batch_size"], w["max_length"], w["lora_r"]))  # fmt: skip
     ours, plain, ratio = lines
     for line in (ours, plain):
         line["model"], line["max_length"] = f"random-init {w['shape']}", w["max_length"]

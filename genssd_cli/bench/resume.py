@@ -8,8 +8,8 @@ resume has replay work.
 
 Then a child process does what `genssd run` does with that log before it contacts the teacher
 (read it, refuse other settings, every trajectory ended?, the cost so far, read it again under
-the lock, the replay) and at the end (`runner._materialise`: trajectories.jsonl, failures.jsonl,
-summary.json), and reports its time and peak RSS. The child imports genssd from a checkout named
+the lock, the replay) and at the end (genssd_cli/run/materialise.py: trajectories.jsonl,
+failures.jsonl, summary.json), and reports its time and peak RSS. The child imports genssd from a checkout named
 by PYTHONPATH: this one, and with `--baseline DIR` another (`git worktree add DIR c083b59`: the
 code before the log was streamed), run on the same log; it takes the streaming path when the
 checkout has one (results.RunLog), else the list path of the code before. One JSON line each,
@@ -36,8 +36,9 @@ import genssd_cli
 from genssd_cli.config import load_run_config
 from genssd_cli.errors import RuntimeFailure, UsageError
 from genssd_cli.problems import load_prompt, teacher_template
+from genssd_cli.rundir.layout import EVENTS
 from genssd_cli.rundir.records import (
-    CandidateRecord,
+    Candidate,
     Choice,
     EndpointUse,
     Event,
@@ -51,7 +52,6 @@ from genssd_cli.rundir.records import (
     TrajectoryRow,
 )
 from genssd_cli.rundir.results_hash import results_settings, settings_hash
-from genssd_cli.rundir.store import EVENTS
 
 RUN = "run"  # the run directory, under --out
 CHARS_PER_TOKEN = 4.4  # English reasoning text, as a BPE tokenizer splits it
@@ -213,10 +213,10 @@ class _LogWriter:
         t["chosen"].append(candidates[best].text)
         t["kept"] += candidates[best].tokens
 
-    def _candidate(self, step: int) -> CandidateRecord:
+    def _candidate(self, step: int) -> Candidate:
         text = self.texts[self.rng.randrange(len(self.texts))]
         last = step == self.shape.steps - 1
-        return CandidateRecord(text=text, finish_reason="stop" if last else "length", tokens=self.shape.chunk_tokens)
+        return Candidate(text=text, finish_reason="stop" if last else "length", tokens=self.shape.chunk_tokens)
 
     def _finish(self, t: dict) -> None:
         rng = self.rng
@@ -259,10 +259,13 @@ from genssd_cli.config import load_run_config
 try:  # this checkout's layout, or a baseline's from before the families
     from genssd_cli.problems import load_problems
     from genssd_cli.rundir import replay as results, store
-    from genssd_cli.run import command as runner
+    from genssd_cli.run.materialise import materialise
+    from genssd_cli.rundir.replay import scan_events
 except ImportError:
     from genssd_cli import results, runner, store
     from genssd_cli.data import load_problems
+    materialise = runner._materialise
+    scan_events, read_events = getattr(store, "scan_events", None), store.read_events
 
 run_dir, config = Path(sys.argv[1]), Path(sys.argv[2])
 cfg = load_run_config(config)
@@ -273,25 +276,25 @@ with open(run_dir / "events.jsonl", "rb") as f:
 began = time.perf_counter()
 if hasattr(results, "RunLog"):  # the streaming code
     code = "streaming"
-    log = store.scan_events(run_dir, cfg.teacher)
+    log = scan_events(run_dir, cfg.teacher)
     log.check_resume(settings, False)
     ended = bool(log.events) and log.all_ended(problems, samples)
     already = log.spent
-    log = store.scan_events(run_dir, cfg.teacher, previous=log)  # again under the lock
+    log = scan_events(run_dir, cfg.teacher, previous=log)  # again under the lock
     log.check_resume(settings, False)
     replay = log.replay
 else:  # the code before: the log as a list of events, read as often as runner.py read it
     code = "list"
-    log = store.read_events(run_dir)
+    log = read_events(run_dir)
     results.check_resume(log, settings, False)
     ended = bool(log) and results.all_ended(log, problems, samples)
     already = results.spent(log, cfg.teacher)
-    log = store.read_events(run_dir)
+    log = read_events(run_dir)
     results.check_resume(log, settings, False)
     replay = results.Replay(log)
 resumed = time.perf_counter()
 with store.RunStore(run_dir) as files:
-    summary = runner._materialise(files, problems, cfg)  # `log` still held, as in run_command
+    summary = materialise(files, problems, cfg)  # `log` still held, as in a session
 done = time.perf_counter()
 rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 hwm_mb = None

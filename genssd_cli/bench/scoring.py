@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import dataclass
 
 from genssd_cli.bench import device_name, peak_memory_mb, ratio_line, synchronize
 from genssd_cli.bench.models import load_bench_model, model_label
@@ -21,19 +22,34 @@ from genssd_cli.bench.models import load_bench_model, model_label
 NAIVE_BATCH_TOKENS = 8192  # the naive scorer batches across trajectories, this many padded tokens a forward
 
 
-def bench_scoring(
-    model: str, random_init: str | None, prefix: int, n: int, chunk: int, trajectories: int, steps: int,
-    device: str, dtype: str, batch_tokens: int | None = None,
-) -> list[dict]:  # fmt: skip
+@dataclass(frozen=True)
+class ScoringBench:
+    """`genssd bench scoring`'s flags."""
+
+    model: str  # shipped name, HF id or folder
+    random_init: str | None  # a config-only shape, e.g. qwen2.5-1.5b
+    prefix: int  # prefix tokens per trajectory
+    n: int  # candidates per step
+    chunk: int  # tokens per candidate
+    trajectories: int
+    steps: int  # steps per trajectory
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_tokens: int | None = None  # as student.batch_tokens
+
+
+def bench_scoring(bench: ScoringBench) -> list[dict]:
     import torch
 
     from genssd_cli.methods import METHODS
     from genssd_cli.models import pick_device
     from genssd_cli.student.scorer import Step, StudentScorer, Tokenized, default_batch_tokens
 
-    device = pick_device(device)
-    lm, tokenizer = load_bench_model(model, random_init, device, dtype, text=False)
-    engine_batch_tokens = default_batch_tokens(device, batch_tokens)  # what `genssd run` would use
+    model, random_init, prefix, n, chunk = bench.model, bench.random_init, bench.prefix, bench.n, bench.chunk
+    trajectories, steps = bench.trajectories, bench.steps
+    device = pick_device(bench.device)
+    lm, tokenizer = load_bench_model(model, random_init, device, bench.dtype, text=False)
+    engine_batch_tokens = default_batch_tokens(device, bench.batch_tokens)  # what `genssd run` would use
     scorer = StudentScorer(lm, tokenizer, device, "{question}", engine_batch_tokens, cache_bytes=1 << 40)
     keep = METHODS["genssd"].select  # the engine's rule: the lowest PPL
     vocab = lm.config.get_text_config(decoder=True).vocab_size

@@ -6,14 +6,27 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from genssd_cli.bench import device_name, ratio_line, synchronize
 from genssd_cli.bench.models import load_bench_model
 
 
-def bench_train(model: str, random_init: str | None, rows: int, steps: int, batch_size: int, max_length: int,
-                lora_r: int) -> list[dict]:  # fmt: skip
+@dataclass(frozen=True)
+class TrainBench:
+    """`genssd bench train`'s flags."""
+
+    model: str  # shipped name, HF id or folder
+    random_init: str | None  # a config-only shape, e.g. qwen2.5-1.5b
+    rows: int
+    steps: int
+    batch_size: int
+    max_length: int
+    lora_r: int
+
+
+def bench_train(bench: TrainBench) -> list[dict]:
     import torch
     from rich.console import Console
 
@@ -22,6 +35,8 @@ def bench_train(model: str, random_init: str | None, rows: int, steps: int, batc
     from genssd_cli.problems import generate_arith
     from genssd_cli.train.trainer import make_trainer
 
+    model, random_init, steps, batch_size = bench.model, bench.random_init, bench.steps, bench.batch_size
+    rows, max_length, lora_r = bench.rows, bench.max_length, bench.lora_r
     device = pick_device("auto")
     examples = [
         {"prompt": [{"role": "user", "content": r["question"]}],

@@ -25,9 +25,11 @@ def bench_scoring(
 ) -> None:
     """Prefix-cached scoring (what the engine runs) against a naive full recompute."""
     from genssd_cli.bench import print_lines
+    from genssd_cli.bench.scoring import ScoringBench
     from genssd_cli.bench.scoring import bench_scoring as run_bench
 
-    print_lines(run_bench(model, random_init, prefix, n, chunk, trajectories, steps, device, dtype, batch_tokens))
+    print_lines(run_bench(ScoringBench(model, random_init, prefix, n, chunk, trajectories, steps, device, dtype,
+                                       batch_tokens)))  # fmt: skip
 
 
 @bench_app.command("engine")
@@ -42,9 +44,10 @@ def bench_engine(
 ) -> None:
     """The whole engine against a local teacher with a fixed latency: teacher busy share, loop CPU."""
     from genssd_cli.bench import print_lines
+    from genssd_cli.bench.engine import EngineBench
     from genssd_cli.bench.engine import bench_engine as run_bench
 
-    print_lines(run_bench(model, problems, n, chunk, steps, concurrency, latency))
+    print_lines(run_bench(EngineBench(model, problems, n, chunk, steps, concurrency, latency)))
 
 
 @bench_app.command("train")
@@ -59,9 +62,10 @@ def bench_train(
 ) -> None:
     """`genssd train`'s loop (TRL + peft) against a plain peft training loop, same batches."""
     from genssd_cli.bench import print_lines
+    from genssd_cli.bench.train import TrainBench
     from genssd_cli.bench.train import bench_train as run_bench
 
-    print_lines(run_bench(model, random_init, rows, steps, batch_size, max_length, lora_r))
+    print_lines(run_bench(TrainBench(model, random_init, rows, steps, batch_size, max_length, lora_r)))
 
 
 @bench_app.command("eval")
@@ -108,10 +112,11 @@ def bench_affinity(
     """teacher.routing affinity against least-loaded: the same run on a pool of vLLM servers, each
     server's prefix-cache hit rate from its /metrics."""
     from genssd_cli.bench import print_lines
+    from genssd_cli.bench.affinity import AffinityBench
     from genssd_cli.bench.affinity import bench_affinity as run_bench
 
-    print_lines(run_bench(endpoints, servers, teacher, student, problems, samples, n, chunk, steps, concurrency,
-                          vllm_python, vllm_args, startup_timeout_s))  # fmt: skip
+    print_lines(run_bench(AffinityBench(endpoints, servers, teacher, student, problems, samples, n, chunk, steps,
+                                        concurrency, vllm_python, vllm_args, startup_timeout_s)))  # fmt: skip
 
 
 @bench_app.command("resume")

@@ -20,9 +20,9 @@ def evaluate(
     overrides: list[str] = typer.Option([], "--set", help="override a setting: --set max_new_tokens=512"),
 ) -> None:
     """Accuracy of the student (with --adapter: after distillation) on an eval dataset; resumes."""
-    from genssd_cli.eval.command import eval_command
+    from genssd_cli.eval.command import EvalOptions, eval_command
 
-    m = eval_command(model, adapter, dataset, limit, samples, out, config, overrides, Console())
+    m = eval_command(EvalOptions(model, dataset, adapter, limit, samples, out, config, overrides), Console())
     passes = "".join(f", pass@{k} {v:.3f}" for k, v in m.get("pass_at_k", {}).items())
     ci = m["ci95"] or [None, None]
     print(f"accuracy {m['accuracy']:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f}) on {m['problems']} problems{passes}, "

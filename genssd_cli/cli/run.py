@@ -26,26 +26,30 @@ def run(
 ) -> None:
     """Generate Gen-SSD trajectories; running it again on the same --out resumes."""
     from genssd_cli.errors import Interrupted, UsageError
-    from genssd_cli.run.command import default_run_dir
+    from genssd_cli.run.options import RunOptions
 
     console = Console()
-    run_dir = out or default_run_dir(config)
+    options = RunOptions(config, out, limit, overrides, force)
+    run_dir = options.run_dir
     try:
         if shards is not None and shard is not None:
             raise UsageError("give --shards N (run every shard) or --shard K/N (run one), not both")
         _check_executor_flags(shards, executor, ray_address, gpus_per_shard, restarts)
         if shards is not None:
-            from genssd_cli.shards.local import run_sharded
+            from genssd_cli.shards.local import ShardedOptions, run_sharded
 
-            summary = run_sharded(config, run_dir, shards, limit, overrides, force, executor or "local", ray_address,
-                                  gpus_per_shard, 3 if restarts is None else restarts, console,
-                                  resume_command())  # fmt: skip
-        else:
-            from genssd_cli.run.command import run_command
+            sharded = ShardedOptions(shards, executor or "local", ray_address, gpus_per_shard,
+                                     3 if restarts is None else restarts)  # fmt: skip
+            summary = run_sharded(options, sharded, console, resume_command())
+        elif shard is not None:
+            from genssd_cli.shards.one import run_shard
             from genssd_cli.shards.plan import parse_shard
 
-            one = parse_shard(shard) if shard is not None else None
-            summary = run_command(config, out, limit, overrides, force, console, resume_command(), one)
+            summary = run_shard(options, parse_shard(shard), console, resume_command())
+        else:
+            from genssd_cli.run.command import run_command
+
+            summary = run_command(options, console, resume_command())
     except (KeyboardInterrupt, Interrupted):
         err_console.print(f"interrupted; resume with: {resume_command()}", markup=False, soft_wrap=True)
         raise typer.Exit(130) from None

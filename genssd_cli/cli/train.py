@@ -19,9 +19,10 @@ def train(
     processes: int = typer.Option(1, "--processes", min=1, help="data-parallel processes, one GPU each (CPU: gloo)"),
 ) -> None:
     """LoRA-fine-tune the student on kept trajectories (TRL SFT); running it again resumes."""
-    from genssd_cli.train.command import train_main
+    from genssd_cli.train.command import TrainOptions, train_main
 
-    result = train_main(run_dirs, out, config, overrides, include_incorrect, merge, processes, sys.argv[1:], Console())
+    options = TrainOptions(run_dirs, out, config, overrides, include_incorrect, merge)
+    result = train_main(options, processes, sys.argv[1:], Console())
     if result is None:  # printed by the main training process
         return
     on = f" on {result['processes']} processes" if result.get("processes", 1) > 1 else ""

@@ -20,10 +20,11 @@ def tune(
 ) -> None:
     """Pilot runs over a grid of settings, cheapest first, sharing one teacher cache; a table and a pick."""
     from genssd_cli.errors import Interrupted
-    from genssd_cli.tune.command import tune_command
+    from genssd_cli.tune.command import TuneOptions, tune_command
 
     try:
-        record = tune_command(config, grid, pilot, out, max_cost, overrides, Console(), resume_command())
+        options = TuneOptions(config, grid, pilot, out, max_cost, overrides)
+        record = tune_command(options, Console(), resume_command())
     except (KeyboardInterrupt, Interrupted):
         err_console.print(f"interrupted; resume with: {resume_command()}", markup=False, soft_wrap=True)
         raise typer.Exit(130) from None

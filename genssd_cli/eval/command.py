@@ -14,7 +14,8 @@ import json
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from rich.console import Console
 from genssd_cli.config import DataConfig, EvalConfig, load_eval_config
 from genssd_cli.errors import RuntimeFailure, UsageError
 from genssd_cli.eval.outdir import METRICS, SAMPLES, SETTINGS, read_eval_settings
-from genssd_cli.files import LineFile, write_atomic
+from genssd_cli.files import LineFile, check_out_dir, make_out_dir, parse_jsonl, write_atomic
 from genssd_cli.problems import (
     HELDOUT_COUNT,
     HELDOUT_SEED,
@@ -33,7 +34,6 @@ from genssd_cli.problems import (
     load_prompt,
     render_prompt,
 )
-from genssd_cli.rundir.records import parse_jsonl
 from genssd_cli.rundir.results_hash import changed_keys
 from genssd_cli.stats import wilson
 
@@ -111,25 +111,28 @@ def _hub_problems(name: str, cfg: EvalConfig, limit: int | None) -> list[Problem
     return problems
 
 
-def eval_command(
-    model_ref: str,
-    adapter: str | None,
-    dataset: str,
-    limit: int | None,
-    samples: int,
-    out: Path | None,
-    config_path: Path | None,
-    overrides: list[str],
-    console: Console,
-) -> dict[str, Any]:
-    from genssd_cli.answers import answers_match, extract_answer
+@dataclass(frozen=True)
+class EvalOptions:
+    """What `genssd eval` is asked to do, in the order of its flags."""
 
-    cfg = load_eval_config(config_path, overrides)
+    model: str  # shipped name, HF model id or local folder
+    dataset: str
+    adapter: str | None = None  # a LoRA adapter folder from genssd train
+    limit: int | None = None  # only the first N problems
+    samples: int = 1  # generations per problem (pass@k)
+    out: Path | None = None  # None: default_eval_dir
+    config: Path | None = None  # None: configs/eval.yaml
+    overrides: list[str] = field(default_factory=list)  # --set KEY=VALUE, in order
+
+
+def eval_command(options: EvalOptions, console: Console) -> dict[str, Any]:
+    model_ref, adapter, dataset, samples = options.model, options.adapter, options.dataset, options.samples
+    cfg = load_eval_config(options.config, options.overrides)
     if samples > 1 and cfg.temperature == 0:
         raise UsageError("--samples > 1 needs sampling: set temperature > 0 (--set temperature=0.7)")
     template = load_prompt(cfg.prompt)
-    problems = load_eval_problems(dataset, cfg, limit)
-    out = out or default_eval_dir(model_ref, adapter, dataset)
+    problems = load_eval_problems(dataset, cfg, options.limit)
+    out = options.out or default_eval_dir(model_ref, adapter, dataset)
     # What changes the results (not where they run, nor the batch size).
     settings = {"model": model_ref, "adapter": str(Path(adapter).resolve()) if adapter else None, "dataset": dataset,
                 "samples": samples, "prompt_sha256": _sha(template),
@@ -137,33 +140,8 @@ def eval_command(
     _check_settings(out, settings)
     done = _read_samples(out)
     todo = [p for p in problems if any((p.id, k) not in done for k in range(samples))]
-
     if todo:
-        from genssd_cli.eval.generation import Generated, generate_batch
-        from genssd_cli.eval.vllm_backend import VllmGenerator, use_vllm
-        from genssd_cli.models import SHIPPED, chat_prompt, load_causal_lm, pick_device, student_model_dir
-
-        console.print(f"loading {model_ref}" + (f" + adapter {adapter}" if adapter else "") + " …")
-        close = None
-        if use_vllm(cfg):
-            source = str(student_model_dir(model_ref)) if model_ref in SHIPPED else model_ref
-            generate = VllmGenerator(source, adapter, cfg)
-            tokenizer, close = generate.tokenizer, generate.close
-        else:
-            model, tokenizer = load_causal_lm(model_ref, None, adapter, pick_device(cfg.device), cfg.dtype)
-
-            def generate(prompts: list[str], cfg: EvalConfig, samples: int, seed: int) -> list[list[Generated]]:
-                return generate_batch(model, tokenizer, prompts, cfg, samples, seed)
-
-        try:
-            _write_settings(out, settings)
-            prompts = {p.id: chat_prompt(tokenizer, render_prompt(template, p.question)) for p in todo}
-            # Similar lengths together: less padding per batch.
-            todo.sort(key=lambda p: len(tokenizer(prompts[p.id], add_special_tokens=False)["input_ids"]))
-            _generate_all(generate, todo, prompts, cfg, samples, out, done, console, answers_match, extract_answer)
-        finally:
-            if close is not None:
-                close()
+        _generate_missing(options, cfg, template, todo, _Samples(out, settings, done, samples), console)
     metrics = compute_metrics(problems, done, samples)
     metrics.update({"model": model_ref, "adapter": settings["adapter"], "dataset": dataset})
     write_atomic(out / METRICS, json.dumps(metrics, indent=2) + "\n")
@@ -171,12 +149,56 @@ def eval_command(
     return metrics
 
 
-def _generate_all(generate, todo, prompts, cfg, samples, out, done, console, answers_match, extract_answer):
+@dataclass(frozen=True)
+class _Samples:
+    """The eval's folder: its settings, and the samples finished so far (added to as they come)."""
+
+    out: Path
+    settings: dict[str, Any]
+    done: dict[tuple[str, int], dict]
+    per_problem: int  # --samples
+
+
+def _generate_missing(options: EvalOptions, cfg: EvalConfig, template: str, todo: list[Problem], samples: _Samples,
+                      console: Console) -> None:  # fmt: skip
+    from genssd_cli.eval.generation import Generated, generate_batch
+    from genssd_cli.eval.vllm_backend import VllmGenerator, use_vllm
+    from genssd_cli.models import SHIPPED, chat_prompt, load_causal_lm, pick_device, student_model_dir
+
+    model_ref, adapter = options.model, options.adapter
+    console.print(f"loading {model_ref}" + (f" + adapter {adapter}" if adapter else "") + " …")
+    close = None
+    if use_vllm(cfg):
+        source = str(student_model_dir(model_ref)) if model_ref in SHIPPED else model_ref
+        generate = VllmGenerator(source, adapter, cfg)
+        tokenizer, close = generate.tokenizer, generate.close
+    else:
+        model, tokenizer = load_causal_lm(model_ref, None, adapter, pick_device(cfg.device), cfg.dtype)
+
+        def generate(prompts: list[str], cfg: EvalConfig, samples: int, seed: int) -> list[list[Generated]]:
+            return generate_batch(model, tokenizer, prompts, cfg, samples, seed)
+
+    try:
+        _write_settings(samples.out, samples.settings)
+        prompts = {p.id: chat_prompt(tokenizer, render_prompt(template, p.question)) for p in todo}
+        # Similar lengths together: less padding per batch.
+        todo.sort(key=lambda p: len(tokenizer(prompts[p.id], add_special_tokens=False)["input_ids"]))
+        _generate_all(generate, todo, prompts, cfg, samples, console)
+    finally:
+        if close is not None:
+            close()
+
+
+def _generate_all(generate: Callable[..., list], todo: list[Problem], prompts: dict[str, str], cfg: EvalConfig,
+                  samples: _Samples, console: Console) -> None:  # fmt: skip
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from genssd_cli.answers import answers_match, extract_answer
 
     columns = [TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                TimeRemainingColumn()]  # fmt: skip
-    sink = LineFile(out / SAMPLES)
+    done = samples.done
+    sink = LineFile(samples.out / SAMPLES)
     with contextlib.closing(sink), Progress(*columns, console=console) as progress:
         task = progress.add_task("eval", total=len(todo), rate="")
         tokens = 0
@@ -185,7 +207,7 @@ def _generate_all(generate, todo, prompts, cfg, samples, out, done, console, ans
             batch = todo[start : start + cfg.batch_size]
             # The seed depends on the batch's first problem, not on what was done before a resume.
             seed = cfg.seed + int(_sha(batch[0].id)[:8], 16)
-            generated = generate([prompts[p.id] for p in batch], cfg, samples, seed)
+            generated = generate([prompts[p.id] for p in batch], cfg, samples.per_problem, seed)
             for problem, gens in zip(batch, generated, strict=True):
                 for k, gen in enumerate(gens):
                     if (problem.id, k) in done:
@@ -254,8 +276,7 @@ def default_eval_dir(model_ref: str, adapter: str | None, dataset: str) -> Path:
 
 
 def _check_settings(out: Path, settings: dict[str, Any]) -> None:
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a directory")
+    check_out_dir(out)
     previous = read_eval_settings(out)
     if previous is None:
         return
@@ -265,10 +286,7 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
 
 
 def _write_settings(out: Path, settings: dict[str, Any]) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot write to {out}: {exc.strerror}") from None
+    make_out_dir(out)
     write_atomic(out / SETTINGS, json.dumps(settings, indent=2) + "\n")
 
 

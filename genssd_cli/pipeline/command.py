@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from genssd_cli.config import (
 )
 from genssd_cli.errors import RuntimeFailure, UsageError
 from genssd_cli.eval.command import check_dataset, dataset_slug
-from genssd_cli.files import write_atomic
+from genssd_cli.files import make_out_dir, write_atomic
 from genssd_cli.paths import bundled_dir
 
 RUN, TRAIN, EVAL, REPORT = "run", "train", "eval", "report"
@@ -114,44 +115,91 @@ def _check_samples(e: EvalStageSettings, settings: EvalConfig, eval_config: Path
 def pipeline_command(
     config_path: Path, out: Path | None, overrides: list[str], console: Console, resume_hint: str
 ) -> dict[str, Any]:
-    from genssd_cli.eval.command import eval_command
-    from genssd_cli.report.command import report_command
-    from genssd_cli.run.command import run_command
-    from genssd_cli.shards.local import run_sharded
-    from genssd_cli.train.command import ADAPTER, train_command
+    from genssd_cli.train.command import ADAPTER
 
     cfg = load_pipeline_config(config_path, overrides)
     run_config = _beside(config_path, cfg.run_config)
-    train_config = _beside(config_path, cfg.train_config)
     out = out or Path(cfg.out or Path("runs") / config_path.stem)
     check_eval(cfg, config_path, run_config)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot write to {out}: {exc.strerror}") from None
-    record: dict[str, Any] = {"config": str(config_path), "stages": {}}
+    make_out_dir(out)
     evals, names = stage_names(cfg)
-    earlier = _earlier_stages(out / "pipeline.json")
+    study = _Study(cfg, config_path, run_config, _beside(config_path, cfg.train_config), console, resume_hint)
+    stages = _Stages(out, names, _earlier_stages(out / "pipeline.json"), console,
+                     {"config": str(config_path), "stages": {}})  # fmt: skip
+    stage = stages.run
+    for name, dataset in evals.items():
+        stage(f"base/{name}", study.evaluate(None, dataset))
+    student: list[str] = []
+    if cfg.cold_start:
+        stage(f"cold-start/{RUN}", study.generate(cfg.cold_start.set, cfg.cold_start.limit))
+        stage(f"cold-start/{TRAIN}", study.distill(out / "cold-start" / RUN))
+        # Where every method starts from: a method helps only as far as it beats this.
+        for name, dataset in evals.items():
+            stage(f"cold-start/{name}", study.evaluate(out / "cold-start" / TRAIN / ADAPTER, dataset))
+        student = [f"student.adapter={(out / 'cold-start' / TRAIN / ADAPTER).resolve()}"]
+    for method in cfg.methods:
+        stage(f"{method}/{RUN}", study.generate([*cfg.set, *student, f"method={method}"], cfg.limit))
+        stage(f"{method}/{TRAIN}", study.distill(out / method / RUN))
+        for name, dataset in evals.items():
+            stage(f"{method}/{name}", study.evaluate(out / method / TRAIN / ADAPTER, dataset))
+    # Always redone: it only reads what the stages wrote (seconds).
+    eval_dirs = [out / s for s in names if s.rpartition("/")[2] in evals]
+    stage(REPORT, study.report([out / m / RUN for m in cfg.methods], eval_dirs))
+    return stages.record
 
-    def stage(name: str, work: Callable[[Path], dict[str, Any]]) -> None:
-        console.rule(f"stage {names.index(name) + 1}/{len(names)}: {name}", style="bold")
+
+Work = Callable[[Path], dict[str, Any]]  # a stage's command, given the stage's directory; what pipeline.json keeps
+
+
+@dataclass(frozen=True)
+class _Stages:
+    """The stages as they run: each one's rule on the console, and pipeline.json rewritten after it."""
+
+    out: Path
+    names: list[str]  # every stage, in order
+    earlier: dict[str, dict[str, Any]]  # the stages an earlier session recorded
+    console: Console
+    record: dict[str, Any]
+
+    def run(self, name: str, work: Work) -> None:
+        out, record = self.out, self.record
+        self.console.rule(f"stage {self.names.index(name) + 1}/{len(self.names)}: {name}", style="bold")
         started = time.monotonic()
         outcome = work(out / name)
         # Time spent on the stage in every session: a stage found done adds its few seconds to
         # the time the earlier sessions spent doing it, instead of replacing it.
-        wall_s = earlier.get(name, {}).get("wall_s", 0.0) + time.monotonic() - started
+        wall_s = self.earlier.get(name, {}).get("wall_s", 0.0) + time.monotonic() - started
         # The stage's time, not the part its command reports (a training's own wall_s).
         record["stages"][name] = {"dir": str(out / name), **outcome, "wall_s": round(wall_s, 1)}
         record["wall_s"] = round(sum(s["wall_s"] for s in record["stages"].values()), 1)
         write_atomic(out / "pipeline.json", json.dumps(record, indent=2) + "\n")
 
-    def generate(sets: list[str], limit: int | None) -> Callable[[Path], dict[str, Any]]:
+
+@dataclass(frozen=True)
+class _Study:
+    """The pipeline's configs resolved: each stage is one of the ordinary commands, on its own directory."""
+
+    cfg: PipelineConfig
+    config_path: Path
+    run_config: Path
+    train_config: Path
+    console: Console
+    resume_hint: str
+
+    def generate(self, sets: list[str], limit: int | None) -> Work:
+        from genssd_cli.run.command import run_command
+        from genssd_cli.run.options import RunOptions
+        from genssd_cli.shards.local import ShardedOptions, run_sharded
+
+        cfg, console, resume_hint = self.cfg, self.console, self.resume_hint
+
         def work(run_dir: Path) -> dict[str, Any]:
+            options = RunOptions(self.run_config, run_dir, limit, sets)
             if cfg.shards is None:
-                summary = run_command(run_config, run_dir, limit, sets, False, console, resume_hint)
+                summary = run_command(options, console, resume_hint)
             else:  # the run's shards as `genssd run --shards N` runs them (processes or Ray actors)
-                summary = run_sharded(run_config, run_dir, cfg.shards, limit, sets, False, cfg.executor,
-                                      cfg.ray_address, None, 3, console, resume_hint)  # fmt: skip
+                summary = run_sharded(options, ShardedOptions(cfg.shards, cfg.executor, cfg.ray_address), console,
+                                      resume_hint)  # fmt: skip
             t = summary.trajectories
             if t.failed or t.pending:
                 raise RuntimeFailure(
@@ -162,45 +210,35 @@ def pipeline_command(
 
         return work
 
-    def distill(run_dir: Path) -> Callable[[Path], dict[str, Any]]:
+    def distill(self, run_dir: Path) -> Work:
+        from genssd_cli.train.command import TrainOptions, train_command
+
         def work(train_dir: Path) -> dict[str, Any]:
-            return train_command([run_dir], train_dir, train_config, cfg.distill.set, cfg.distill.include_incorrect,
-                                 False, console)  # fmt: skip
+            options = TrainOptions([run_dir], train_dir, self.train_config, self.cfg.distill.set,
+                                   self.cfg.distill.include_incorrect)  # fmt: skip
+            return train_command(options, self.console)
 
         return work
 
-    def evaluate(adapter: Path | None, dataset: str) -> Callable[[Path], dict[str, Any]]:
+    def evaluate(self, adapter: Path | None, dataset: str) -> Work:
+        from genssd_cli.eval.command import EvalOptions, eval_command
+
         def work(eval_dir: Path) -> dict[str, Any]:
-            model = load_run_config(run_config, cfg.set).student.model
-            e = cfg.eval
-            metrics = eval_command(model, str(adapter) if adapter else None, dataset, e.limit_of(dataset),
-                                   e.samples_of(dataset), eval_dir, _beside(config_path, e.config), e.set,
-                                   console)  # fmt: skip
+            model = load_run_config(self.run_config, self.cfg.set).student.model
+            e = self.cfg.eval
+            options = EvalOptions(model, dataset, str(adapter) if adapter else None, e.limit_of(dataset),
+                                  e.samples_of(dataset), eval_dir, _beside(self.config_path, e.config),
+                                  e.set)  # fmt: skip
+            metrics = eval_command(options, self.console)
             keys = ("accuracy", "ci95", "problems", "samples_per_problem", "pass_at_k", "mean_generated_tokens")
             return {k: metrics[k] for k in keys if k in metrics}
 
         return work
 
-    for name, dataset in evals.items():
-        stage(f"base/{name}", evaluate(None, dataset))
-    student: list[str] = []
-    if cfg.cold_start:
-        stage(f"cold-start/{RUN}", generate(cfg.cold_start.set, cfg.cold_start.limit))
-        stage(f"cold-start/{TRAIN}", distill(out / "cold-start" / RUN))
-        # Where every method starts from: a method helps only as far as it beats this.
-        for name, dataset in evals.items():
-            stage(f"cold-start/{name}", evaluate(out / "cold-start" / TRAIN / ADAPTER, dataset))
-        student = [f"student.adapter={(out / 'cold-start' / TRAIN / ADAPTER).resolve()}"]
-    for method in cfg.methods:
-        stage(f"{method}/{RUN}", generate([*cfg.set, *student, f"method={method}"], cfg.limit))
-        stage(f"{method}/{TRAIN}", distill(out / method / RUN))
-        for name, dataset in evals.items():
-            stage(f"{method}/{name}", evaluate(out / method / TRAIN / ADAPTER, dataset))
-    # Always redone: it only reads what the stages wrote (seconds).
-    method_runs = [out / m / RUN for m in cfg.methods]
-    eval_dirs = [out / s for s in names if s.rpartition("/")[2] in evals]
-    stage(REPORT, lambda report_dir: report_command(method_runs, eval_dirs, report_dir, console))
-    return record
+    def report(self, method_runs: list[Path], eval_dirs: list[Path]) -> Work:
+        from genssd_cli.report.command import report_command
+
+        return lambda report_dir: report_command(method_runs, eval_dirs, report_dir, self.console)
 
 
 def _earlier_stages(path: Path) -> dict[str, dict[str, Any]]:

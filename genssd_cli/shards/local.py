@@ -16,29 +16,43 @@ import os
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
 from genssd_cli.config import load_run_config
 from genssd_cli.errors import GenssdError, Interrupted, RuntimeFailure, UsageError
+from genssd_cli.files import check_out_dir
 from genssd_cli.problems import load_problems
 from genssd_cli.procs import die_with_parent, relay_stop
-from genssd_cli.rundir.records import Summary, read_summary
-from genssd_cli.rundir.store import SUMMARY
+from genssd_cli.run.options import RunOptions
+from genssd_cli.rundir.layout import SUMMARY, read_summary
+from genssd_cli.rundir.records import Summary
 from genssd_cli.shards.plan import PLAN, check_layout, share_limits
 from genssd_cli.shards.process import FINAL_CODES, POLL_S, ShardCommand, relaunch, shard_commands
 
 EXECUTOR_LOCK = ".lock"
 
 
-def check_start(config: Path | None, run_dir: Path, count: int, limit: int | None, overrides: list[str]) -> None:
+@dataclass(frozen=True)
+class ShardedOptions:
+    """`--shards N` and where they run."""
+
+    count: int
+    executor: str = "local"  # local or ray
+    ray_address: str | None = None
+    gpus_per_shard: float | None = None  # Ray: default 1 where the cluster has GPUs
+    restarts: int = 3  # times a dead shard is started again
+
+
+def check_start(options: RunOptions, count: int) -> None:
     """The user's mistakes that every shard would make, refused here once before any starts."""
-    cfg = load_run_config(config, overrides)
-    load_problems(cfg.data, limit)
+    cfg = load_run_config(options.config, options.overrides)
+    load_problems(cfg.data, options.limit)
     share_limits(cfg, count)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"--out {run_dir} exists and is not a directory")
+    run_dir = options.run_dir
+    check_out_dir(run_dir)
     check_layout(run_dir, count)
 
 
@@ -132,22 +146,21 @@ def outcome(commands: list[ShardCommand], run_dir: Path, resume_hint: str) -> Su
     raise RuntimeFailure(f"{ended} (see {run_dir}/shard-K.log); run the same command to resume: {resume_hint}")
 
 
-def run_sharded(config: Path | None, run_dir: Path, count: int, limit: int | None, overrides: list[str], force: bool,
-                executor: str, ray_address: str | None, gpus_per_shard: float | None, max_restarts: int,
-                console: Console, resume_hint: str) -> Summary:  # fmt: skip
-    check_start(config, run_dir, count, limit, overrides)
+def run_sharded(options: RunOptions, sharded: ShardedOptions, console: Console, resume_hint: str) -> Summary:
+    run_dir, count, executor = options.run_dir, sharded.count, sharded.executor
+    check_start(options, count)
     if executor == "ray" and importlib.util.find_spec("ray") is None:
         raise UsageError("--executor ray needs Ray: pip install 'genssd[ray]' (on every node of the cluster)")
-    commands = shard_commands(config, run_dir, count, limit, overrides, force)
+    commands = shard_commands(options, count)
     with executor_lock(run_dir, commands):
         console.print(f"{count} shards, executor {executor}; each shard's output: {run_dir}/shard-K.log")
         try:
             if executor == "ray":
                 from genssd_cli.shards.ray_executor import run_on_ray
 
-                run_on_ray(commands, ray_address, gpus_per_shard, max_restarts, console)
+                run_on_ray(commands, sharded.ray_address, sharded.gpus_per_shard, sharded.restarts, console)
             else:
-                run_local(commands, max_restarts, console)
+                run_local(commands, sharded.restarts, console)
         except GenssdError:
             raise
         except KeyboardInterrupt:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from genssd_cli.run.options import RunOptions
+
 POLL_S = 0.5
 # A shard's exit status that a relaunch cannot change: done, a user's mistake, a runtime failure
 # (the teacher unreachable, the budget spent: it would fail again), a stop.
@@ -26,11 +28,13 @@ class ShardCommand:
     env: dict[str, str] = field(default_factory=dict)
 
 
-def shard_commands(config: Path | None, run_dir: Path, count: int, limit: int | None, overrides: list[str],
-                   force: bool) -> list[ShardCommand]:  # fmt: skip
+def shard_commands(options: RunOptions, count: int) -> list[ShardCommand]:
     """What each shard runs: this command for one shard; its output goes to RUN/shard-K.log."""
-    common = [*([str(config)] if config else []), "--out", str(run_dir), *(["--limit", str(limit)] if limit else []),
-              *[a for o in overrides for a in ("--set", o)], *(["--force"] if force else [])]  # fmt: skip
+    run_dir = options.run_dir
+    common = [*([str(options.config)] if options.config else []), "--out", str(run_dir),
+              *(["--limit", str(options.limit)] if options.limit else []),
+              *[a for o in options.overrides for a in ("--set", o)],
+              *(["--force"] if options.force else [])]  # fmt: skip
     argv = [sys.executable, "-m", "genssd_cli", "run", *common]
     return [ShardCommand(k, [*argv, "--shard", f"{k}/{count}"], run_dir / f"shard-{k}.log") for k in range(count)]
 

@@ -71,7 +71,6 @@ class ShardWorker:
 def run_on_ray(commands: list[ShardCommand], address: str | None, gpus_per_shard: float | None, max_restarts: int,
                console: Console) -> None:  # fmt: skip
     import ray
-    from ray.exceptions import RayActorError, RayError
 
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -89,48 +88,65 @@ def run_on_ray(commands: list[ShardCommand], address: str | None, gpus_per_shard
             num_gpus=gpus, num_cpus=0 if gpus else 1, max_concurrency=2,
             max_restarts=max_restarts, max_task_retries=max_restarts,  # a dead actor: restarted, its shard rerun
         )  # fmt: skip
-        actors = {c.index: worker.remote() for c in commands}
-        threads = os.environ.get("OMP_NUM_THREADS")
-        cwd = os.getcwd()
-        stopping = False
-
-        def start(command: ShardCommand):
-            return actors[command.index].run.remote(command.argv, str(command.log), threads, cwd)
-
-        pending = {start(c): c for c in commands}
-
-        def stop_all(signum: int) -> None:
-            nonlocal stopping
-            stopping = True
-            for actor in actors.values():
-                actor.stop.remote()
-
-        with relay_stop(stop_all):
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
-                if stopping:  # again: an actor Ray restarted since is a new one, with a shard it may start
-                    stop_all(signal.SIGTERM)
-                for ref in done:
-                    command = pending.pop(ref)
-                    try:
-                        code = ray.get(ref)
-                    except RayActorError as exc:  # restarts used up, or its node is gone for good
-                        command.code = -1
-                        console.print(f"shard {command.index}: its Ray actor died ({exc.__class__.__name__})",
-                                      markup=False)  # fmt: skip
-                        continue
-                    except RayError as exc:  # e.g. its node cannot open the log: one line, not Ray's traceback
-                        command.code = -1
-                        console.print(f"shard {command.index}: {str(exc).strip().splitlines()[-1]}", markup=False)
-                        continue
-                    if code == NO_SHARED_DIRECTORY:
-                        command.code = -1
-                        console.print(f"shard {command.index}: its node has no {cwd}: RUN and the config must be on "
-                                      "a filesystem every node mounts, at the same path", markup=False)  # fmt: skip
-                        continue
-                    if relaunch(command, code, max_restarts, console, stopping):
-                        pending[start(command)] = command
-                    elif command.code == 2:
-                        stop_all(signal.SIGTERM)
+        _watch({c.index: worker.remote() for c in commands}, commands, max_restarts, console)
     finally:
         ray.shutdown()
+
+
+def _watch(actors: dict, commands: list[ShardCommand], max_restarts: int, console: Console) -> None:
+    """Every shard on its actor until all have ended; a stop here is passed on to every actor."""
+    import ray
+
+    threads = os.environ.get("OMP_NUM_THREADS")
+    cwd = os.getcwd()
+    stopping = False
+
+    def start(command: ShardCommand):
+        return actors[command.index].run.remote(command.argv, str(command.log), threads, cwd)
+
+    pending = {start(c): c for c in commands}
+
+    def stop_all(signum: int) -> None:
+        nonlocal stopping
+        stopping = True
+        for actor in actors.values():
+            actor.stop.remote()
+
+    with relay_stop(stop_all):
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
+            if stopping:  # again: an actor Ray restarted since is a new one, with a shard it may start
+                stop_all(signal.SIGTERM)
+            for ref in done:
+                command = pending.pop(ref)
+                code = _exit_code(ref, command, cwd, console)
+                if code is None:
+                    continue
+                if relaunch(command, code, max_restarts, console, stopping):
+                    pending[start(command)] = command
+                elif command.code == 2:
+                    stop_all(signal.SIGTERM)
+
+
+def _exit_code(ref, command: ShardCommand, cwd: str, console: Console) -> int | None:
+    """How the shard's process ended; None (and the shard marked failed) where its actor or its
+    node could not run it."""
+    import ray
+    from ray.exceptions import RayActorError, RayError
+
+    try:
+        code = ray.get(ref)
+    except RayActorError as exc:  # restarts used up, or its node is gone for good
+        command.code = -1
+        console.print(f"shard {command.index}: its Ray actor died ({exc.__class__.__name__})", markup=False)
+        return None
+    except RayError as exc:  # e.g. its node cannot open the log: one line, not Ray's traceback
+        command.code = -1
+        console.print(f"shard {command.index}: {str(exc).strip().splitlines()[-1]}", markup=False)
+        return None
+    if code == NO_SHARED_DIRECTORY:
+        command.code = -1
+        console.print(f"shard {command.index}: its node has no {cwd}: RUN and the config must be on "
+                      "a filesystem every node mounts, at the same path", markup=False)  # fmt: skip
+        return None
+    return code

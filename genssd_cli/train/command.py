@@ -21,7 +21,7 @@ import traceback
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +29,9 @@ from rich.console import Console
 
 from genssd_cli.config import StudentConfig, TrainConfig, load_run_config, load_train_config
 from genssd_cli.errors import RuntimeFailure, UsageError
-from genssd_cli.files import WriteFailed, is_write_error, write_atomic, write_failed
-from genssd_cli.rundir.records import TrajectoryRow, read_rows
-from genssd_cli.rundir.store import CONFIG, TRAJECTORIES
+from genssd_cli.files import WriteFailed, check_out_dir, is_write_error, make_out_dir, write_atomic, write_failed
+from genssd_cli.rundir.layout import CONFIG, open_finished
+from genssd_cli.rundir.records import TrajectoryRow
 from genssd_cli.train.processes import die_with_launcher, launch, print_layout, reported_once
 from genssd_cli.train.trainer import (
     CHECKPOINTS,
@@ -70,14 +70,9 @@ def build_dataset(run_dirs: list[Path], include_incorrect: bool) -> tuple[list[d
     excluded_all: Counter[str] = Counter()
     manifest: dict[str, Any] = {"runs": [], "include_incorrect": include_incorrect}
     for run_dir in run_dirs:
-        path = run_dir / TRAJECTORIES
-        if not run_dir.is_dir():
-            raise UsageError(f"run directory not found: {run_dir}")
-        if not path.is_file():
-            raise UsageError(f"{run_dir} has no {TRAJECTORIES}: not a genssd run directory, or no session ended")
         try:
-            trajectories = read_rows(path, TrajectoryRow, "run `genssd run` on it again to rewrite it")
-        except RuntimeFailure as exc:
+            trajectories = open_finished(run_dir).rows
+        except RuntimeFailure as exc:  # the user's files to fix
             raise UsageError(str(exc)) from None
         excluded: Counter[str] = Counter()
         used = 0
@@ -121,24 +116,29 @@ class Plan:
     inputs: str  # what done.json was trained on
 
 
-def plan_training(
-    run_dirs: list[Path],
-    out: Path,
-    config_path: Path | None,
-    overrides: list[str],
-    include_incorrect: bool,
-    merge: bool,
-) -> Plan:
-    cfg = load_train_config(config_path, overrides)
-    if include_incorrect:
+@dataclass(frozen=True)
+class TrainOptions:
+    """What `genssd train` is asked to do (its flags but --processes)."""
+
+    run_dirs: list[Path]  # whose trajectories.jsonl to train on
+    out: Path
+    config: Path | None = None  # None: configs/train.yaml
+    overrides: list[str] = field(default_factory=list)  # --set KEY=VALUE, in order
+    include_incorrect: bool = False
+    merge: bool = False  # also write the merged model to OUT/merged
+
+
+def plan_training(options: TrainOptions) -> Plan:
+    run_dirs, out, merge = options.run_dirs, options.out, options.merge
+    cfg = load_train_config(options.config, options.overrides)
+    if options.include_incorrect:
         cfg.include_incorrect = True
     rows, manifest = build_dataset(run_dirs, cfg.include_incorrect)
     if not rows:
         what = "trajectory" if cfg.include_incorrect else "correct trajectory (--include-incorrect trains on all)"
         raise UsageError(f"nothing to train on: no {what} in {', '.join(map(str, run_dirs))}")
     cfg.student = cfg.student or run_student(run_dirs[0])
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a directory")
+    check_out_dir(out)
     import yaml
 
     resolved = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
@@ -146,51 +146,33 @@ def plan_training(
     return Plan(cfg, rows, manifest, resolved, inputs)
 
 
-def train_main(
-    run_dirs: list[Path],
-    out: Path,
-    config_path: Path | None,
-    overrides: list[str],
-    include_incorrect: bool,
-    merge: bool,
-    processes: int,
-    argv: list[str],
-    console: Console,
-) -> dict[str, Any] | None:
+def train_main(options: TrainOptions, processes: int, argv: list[str], console: Console) -> dict[str, Any] | None:
     """`genssd train ARGV`: in this process; in `processes` it launches; or as one of the processes
     a launcher started. The result to print, or None where another process prints it."""
-    args = (run_dirs, out, config_path, overrides, include_incorrect, merge)
     launched = world_size()
     if launched == 1:
         if processes == 1:
-            return train_command(*args, console)
-        plan = plan_training(*args)
-        done = _read_done(out)
+            return train_command(options, console)
+        plan = plan_training(options)
+        done = _read_done(options.out)
         if done.get("inputs") == plan.inputs:
-            console.print(f"already trained on these rows with these settings: {out / ADAPTER}")
+            console.print(f"already trained on these rows with these settings: {options.out / ADAPTER}")
             return done["result"]
-        return launch(argv, processes, plan.cfg.student.device, out, console)
+        return launch(argv, processes, plan.cfg.student.device, options.out, console)
     die_with_launcher()
     with reported_once():
         if processes not in (1, launched):
             raise UsageError(f"--processes {processes}, but the launcher started {launched}: give one of the two")
-        result = train_command(*args, console)
+        result = train_command(options, console)
     end_process_group()
     return result if is_main_process() else None
 
 
-def train_command(
-    run_dirs: list[Path],
-    out: Path,
-    config_path: Path | None,
-    overrides: list[str],
-    include_incorrect: bool,
-    merge: bool,
-    console: Console,
-) -> dict[str, Any]:
+def train_command(options: TrainOptions, console: Console) -> dict[str, Any]:
     main = is_main_process()
     console = console if main else Console(quiet=True)  # rank 0 alone prints
-    plan = plan_training(run_dirs, out, config_path, overrides, include_incorrect, merge)
+    out, merge = options.out, options.merge
+    plan = plan_training(options)
     cfg, rows, manifest = plan.cfg, plan.rows, plan.manifest
     done = _read_done(out)
     if done.get("inputs") == plan.inputs:
@@ -201,10 +183,7 @@ def train_command(
     batch, accum = batch_layout(cfg.training.batch_size, cfg.training.grad_accum, processes)
     last = None
     if main:  # rank 0 alone writes genssd's files; the others wait for it at `agreed` below
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"cannot write to {out}: {exc.strerror}") from None
+        make_out_dir(out)
         write_atomic(out / CONFIG, plan.resolved)
         cut = rows_over_length(trainer.processing_class, rows, cfg.training.max_length)
         manifest["cut_at_max_length"] = cut

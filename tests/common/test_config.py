@@ -1,3 +1,8 @@
+"""Run configuration (genssd_cli/config.py) loaded in process: --set overrides, every bad setting or
+file (unknown key, wrong type, bad YAML, not a mapping, not UTF-8) as one line, the results hash
+(genssd_cli/rundir/results_hash.py) changed by what changes results and by nothing else, and every
+bundled config under configs/ valid for its kind."""
+
 from pathlib import Path
 
 import pytest

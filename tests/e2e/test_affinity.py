@@ -13,14 +13,13 @@ from contextlib import asynccontextmanager
 
 import anyio
 import pytest
-from conftest import ROOT, genssd, run_config, write_config
-from test_run import check_run_is_consistent
+from conftest import ROOT, check_run_is_consistent, genssd, run_config, write_config
 
 from genssd_cli.config import TeacherConfig, load_run_config
 from genssd_cli.errors import UsageError
+from genssd_cli.rundir.log import read_events
 from genssd_cli.rundir.records import Response
 from genssd_cli.rundir.results_hash import results_settings, settings_hash
-from genssd_cli.rundir.store import read_events
 from genssd_cli.teacher.endpoint import SIDELINE_AFTER, Endpoint
 from genssd_cli.teacher.pool import AFFINITY_LOAD_BOUND, TeacherClient
 from genssd_cli.teacher.servers.local import start_fake_teacher

@@ -9,9 +9,9 @@ from conftest import genssd, run_config, write_config
 
 from genssd_cli.config import TeacherConfig, load_run_config
 from genssd_cli.errors import UsageError
+from genssd_cli.rundir.log import read_events
 from genssd_cli.rundir.records import Response
 from genssd_cli.rundir.replay import RunLog
-from genssd_cli.rundir.store import read_events
 
 PRICE = {"input": 100.0, "output": 400.0}  # per million tokens: big, so that small runs cost something
 

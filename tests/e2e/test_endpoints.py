@@ -9,10 +9,9 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, genssd, run_config, write_config
-from test_run import check_run_is_consistent, load_jsonl
+from conftest import ROOT, check_run_is_consistent, genssd, load_jsonl, run_config, write_config
 
-from genssd_cli.rundir.store import read_events
+from genssd_cli.rundir.log import read_events
 
 
 def test_chat_continue_run_on_a_reasoning_api_that_refuses_n(tmp_path, fake_teacher):

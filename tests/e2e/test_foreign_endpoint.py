@@ -8,7 +8,7 @@ from conftest import genssd, run_config, write_config
 
 from genssd_cli.config import TeacherConfig
 from genssd_cli.errors import TeacherFatalError
-from genssd_cli.teacher.endpoint import ForeignAnswer, Prompt
+from genssd_cli.teacher.endpoint import ForeignAnswer, Prompt, Request
 from genssd_cli.teacher.pool import TeacherClient, error_class
 
 KINDS = {
@@ -30,7 +30,7 @@ def test_the_client_names_what_came_back(fake_teacher, kind):
             with pytest.raises(TeacherFatalError) as refused:
                 await teacher.check()
             with pytest.raises(ForeignAnswer) as foreign:
-                await teacher.endpoints[0].create(Prompt("Q: 1+1?\nA:"), 2, 4, 0)
+                await teacher.endpoints[0].create(Request(Prompt("Q: 1+1?\nA:"), 2, 4, 0))
         finally:
             await teacher.aclose()
         return str(refused.value), foreign.value

@@ -9,7 +9,7 @@ import pytest
 from conftest import genssd, run_config, write_config
 
 from genssd_cli.answers import answer_statement_start
-from genssd_cli.rundir.store import read_events
+from genssd_cli.rundir.log import read_events
 
 pytestmark = pytest.mark.slow
 

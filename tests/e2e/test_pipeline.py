@@ -174,16 +174,18 @@ def test_stages_in_order_with_the_cold_start_evaluated_and_samples_passed(tmp_pa
     calls: list[tuple] = []
     done = SimpleNamespace(trajectories=SimpleNamespace(failed=0, pending=0), model_dump=lambda include: {})
 
-    def run(config, run_dir, limit, sets, force, console, hint):
-        calls.append(("run", run_dir.relative_to(out).as_posix(), [s for s in sets if s.startswith("student.")]))
+    def run(options, console, hint):
+        calls.append(("run", options.out.relative_to(out).as_posix(),
+                      [s for s in options.overrides if s.startswith("student.")]))  # fmt: skip
         return done
 
-    def train(runs, train_dir, *args):
-        calls.append(("train", train_dir.relative_to(out).as_posix()))
+    def train(options, console):
+        calls.append(("train", options.out.relative_to(out).as_posix()))
         return {}
 
-    def evaluate(model, adapter, dataset, limit, samples, eval_dir, config, sets, console):
-        calls.append(("eval", eval_dir.relative_to(out).as_posix(), adapter, dataset, samples))
+    def evaluate(options, console):
+        samples = options.samples
+        calls.append(("eval", options.out.relative_to(out).as_posix(), options.adapter, options.dataset, samples))
         return {"accuracy": 0.5, "ci95": [0.1, 0.9], "problems": 2, "samples_per_problem": samples,
                 "mean_generated_tokens": 9.0, **({"pass_at_k": {"1": 0.5, str(samples): 1.0}} if samples > 1 else {})}
 

@@ -2,53 +2,10 @@
 (genssd_cli/teacher/servers/test_teacher.py, deterministic and counting requests) and the real demo student."""
 
 import json
-import math
-from pathlib import Path
 
-from conftest import genssd, run_config, write_config
+from conftest import check_run_is_consistent, genssd, load_jsonl, run_config, write_config
 
-from genssd_cli.rundir.store import read_events
-
-
-def load_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def check_run_is_consistent(run: Path, problems: int, n: int) -> dict:
-    events = read_events(run)
-    summary = json.loads((run / "summary.json").read_text())
-    t = summary["trajectories"]
-    assert t["finished"] + t["truncated"] + t["pruned"] + t["failed"] == problems
-    assert t["pending"] == 0
-    received: dict[tuple, list[int]] = {}
-    for event in events:
-        if event.type == "response":
-            key = (event.problem_id, event.sample, event.step, event.attempt)
-            received.setdefault(key, []).extend(range(event.start, event.start + len(event.candidates)))
-        if event.type == "choice":
-            ppl = [math.inf if p is None else p for p in event.ppl]
-            assert event.chosen == ppl.index(min(ppl))
-    # Every scored step got its n candidates, each received exactly once: nothing asked for twice.
-    # Only the step a trajectory failed at (listed in failures.jsonl, never scored) may lack some.
-    failed = {(f["problem_id"], f["sample"], f["step"]) for f in load_jsonl(run / "failures.jsonl")}
-    chosen = {(e.problem_id, e.sample, e.step, e.attempt) for e in events if e.type == "choice"}
-    for key, indices in received.items():
-        if key[:3] in failed and key not in chosen:
-            assert len(set(indices)) == len(indices) and set(indices) < set(range(n)), key
-        else:
-            assert sorted(indices) == list(range(n)), key
-    rows = load_jsonl(run / "trajectories.jsonl")
-    assert len(rows) == t["finished"] + t["truncated"]
-    for row in rows:
-        assert row["prompt"][0]["role"] == "user" and row["completion"][0]["role"] == "assistant"
-        assert row["method"] == "genssd" and row["steps"] >= 1
-        assert row["teacher_tokens"] >= row["completion_tokens"] > 0
-    assert yaml_has_no_secret(run / "config.yaml")
-    return summary
-
-
-def yaml_has_no_secret(path: Path) -> bool:
-    return "sk-" not in path.read_text()
+from genssd_cli.rundir.log import read_events
 
 
 def test_run_writes_consistent_records(tmp_path, fake_teacher):

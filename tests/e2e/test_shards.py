@@ -22,7 +22,8 @@ from rich.console import Console
 
 from genssd_cli.config import LaunchConfig, RunConfig
 from genssd_cli.errors import UsageError
-from genssd_cli.rundir.store import EVENTS, read_events
+from genssd_cli.rundir.layout import EVENTS
+from genssd_cli.rundir.log import read_events
 from genssd_cli.shards.local import run_local
 from genssd_cli.shards.plan import (
     Shard,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, genssd, trajectory_row
 
-from genssd_cli.rundir.store import CONFIG, TRAJECTORIES
+from genssd_cli.rundir.layout import CONFIG, TRAJECTORIES
 from genssd_cli.train.command import ADAPTER
 
 pytestmark = pytest.mark.slow

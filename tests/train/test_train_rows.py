@@ -4,7 +4,7 @@ import json
 
 from conftest import trajectory_row
 
-from genssd_cli.rundir.store import TRAJECTORIES
+from genssd_cli.rundir.layout import TRAJECTORIES
 from genssd_cli.train.command import build_dataset
 
 
