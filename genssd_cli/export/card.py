@@ -22,6 +22,9 @@ METHODS = {
     "posthoc-ppl": "`search.n` whole trajectories per sample; the correct one of lowest student perplexity is kept",
     "morsd": "`search.n` whole trajectories per sample; correct ones, near-duplicates dropped, lowest Rationale "
     "Difficulty first (genssd's reading of the MoRSD baseline)",
+    "random-pick": "as genssd, but a seeded random chunk is kept per step (a control of genssd's)",
+    "posthoc-random": "`search.n` whole trajectories per sample; a seeded random correct one is kept (a control)",
+    "standard-kd-budget": "`search.n` whole trajectories per sample; every correct one is kept (a control)",
 }
 
 

@@ -29,7 +29,7 @@ from rich.console import Console
 
 from genssd_cli.errors import RuntimeFailure, UsageError
 from genssd_cli.eval.outdir import METRICS, SAMPLES, SETTINGS, read_eval_settings
-from genssd_cli.files import make_out_dir, parse_jsonl, write_atomic
+from genssd_cli.files import locked_out_dir, parse_jsonl, write_atomic
 from genssd_cli.report.view import (
     RUN_DIFFERENCES,
     accuracy_key,
@@ -43,6 +43,7 @@ from genssd_cli.report.view import (
 from genssd_cli.rundir.layout import CONFIG, SUMMARY, open_finished, read_summary
 from genssd_cli.rundir.log import iter_log
 from genssd_cli.rundir.records import Response, TrajectoryRow
+from genssd_cli.rundir.replay import RunLog
 from genssd_cli.shards.plan import log_paths
 from genssd_cli.stats import MIN_PAIRS, RESAMPLES, Difference, paired_bootstrap, ratio_difference
 from genssd_cli.stats import mean as mean_difference
@@ -106,24 +107,34 @@ def read_run(run_dir: Path) -> Column:
         "student_ppl": _centre(ppls),
         "length_tokens": _centre(lengths),
         "teacher_tokens": generated,
+        # Token figures built on bills split evenly (or not counted): marked ≈ in the table.
+        "approximate_tokens": teacher.approximate_tokens,
         "teacher_tokens_per_kept": round(generated / kept, 2) if kept else None,
         "teacher_tokens_per_kept_token": round(generated / kept_tokens, 3) if kept_tokens else None,
         "requests": teacher.requests,
         "cost": teacher.cost,
         "wall_s": summary.wall_s,
         "shards": summary.shards,
+        "selection": summary.selection.model_dump(mode="json") if summary.selection else None,
     }
     column = Column(method, info, {}, ppls, lengths)
     column.kept = {"student_ppl": _by_problem(rows, "student_ppl"),
                    "length_tokens": _by_problem(rows, "completion_tokens")}  # fmt: skip
     paid: dict[str, int] = {}
+    # A summary written before the selection diagnostics: they are worked out from the log here.
+    diagnose = RunLog() if summary.selection is None else None
     try:
         for event in (e for log in log_paths(run_dir) for e in iter_log(log)):  # streamed; a sharded run's: all
             if isinstance(event, Response):
                 paid[event.problem_id] = paid.get(event.problem_id, 0) + event.completion_tokens
+            if diagnose is not None:
+                diagnose.add(event)
     except UsageError:  # a log of another format version: the rest of the report stands
-        paid = {}
+        paid, diagnose = {}, None
         column.notes.append(f"{run_dir}: events.jsonl is of another log format: no per-problem teacher tokens")
+    if diagnose is not None:
+        selection = diagnose.selection.stats(summary.problems, None, diagnose.completion_tokens, diagnose.correct)
+        info["selection"] = selection.model_dump(mode="json")
     kept_of: dict[str, int] = {}
     for row in rows:
         kept_of[row.problem_id] = kept_of.get(row.problem_id, 0) + row.completion_tokens
@@ -280,6 +291,9 @@ def _warnings(columns: list[Column]) -> list[str]:
             notes.append(f"{r['dir']}: its wall time sums its {r['shards']} shards', which ran side by side")
         if r["pending"] or r["failed"]:
             notes.append(f"{r['dir']}: {r['pending']} pending and {r['failed']} failed trajectories (not finished)")
+        if r.get("approximate_tokens"):
+            notes.append(f"{r['dir']}: ≈ token counts are approximate (its teacher's bills were split evenly "
+                         "among choices, or missing: see summary.json's teacher.token_sources)")  # fmt: skip
     for dataset in datasets(columns):
         evals = [c.evals[dataset] for c in columns if dataset in c.evals]
         if len({e["problems"] for e in evals}) > 1:
@@ -362,10 +376,10 @@ def report_command(paths: list[Path], eval_dirs: list[Path], out: Path | None, c
     warnings += notes
     if out is None:
         out = paths[0] / "report" if len(paths) == 1 and (paths[0] / PIPELINE).is_file() else Path("runs") / "report"
-    make_out_dir(out)
-    write_atomic(out / "report.md", to_markdown(columns, warnings, diffs))
-    write_atomic(out / "report.json", to_json(columns, warnings, diffs))
-    plots = write_plots(columns, out)
+    with locked_out_dir(out):  # two reports into one folder would mix their files
+        write_atomic(out / "report.md", to_markdown(columns, warnings, diffs))
+        write_atomic(out / "report.json", to_json(columns, warnings, diffs))
+        plots = write_plots(columns, out)
     for table in to_rich(columns, warnings, diffs):
         console.print(table)
     return {"out": str(out), "columns": len(columns), "plots": [str(p) for p in plots]}

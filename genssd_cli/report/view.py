@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from rich.markup import escape
 from rich.table import Table
 
 from genssd_cli.files import write_atomic
@@ -104,22 +105,72 @@ def table_rows(columns: Sequence[ShownColumn]) -> list[tuple[str, list[str]]]:
     def run(key: str, digits: int = 2) -> list[str]:
         return [_fmt(c.run[key], digits) if c.run else "" for c in columns]
 
+    def tokens(cells: list[str]) -> list[str]:
+        # ≈: the run's token counts were split from bills nothing checks (summary.json says so)
+        return [f"≈ {cell}" if c.run and c.run.get("approximate_tokens") and cell != "—" else cell
+                for c, cell in zip(columns, cells, strict=True)]  # fmt: skip
+
     rows = [
         ("trajectories kept", run("kept")),
         ("  correct", run("correct")),
         ("  pruned", run("pruned")),
         ("student PPL of kept (mean / median)", [_pair(c.run["student_ppl"], 3) if c.run else "" for c in columns]),
-        ("length in tokens (mean / median)", [_pair(c.run["length_tokens"], 1) if c.run else "" for c in columns]),
-        ("teacher tokens generated", run("teacher_tokens")),
-        ("  per kept trajectory", run("teacher_tokens_per_kept", 1)),
-        ("  per kept token", run("teacher_tokens_per_kept_token", 2)),
+        ("length in tokens (mean / median)",
+         tokens([_pair(c.run["length_tokens"], 1) if c.run else "" for c in columns])),
+        ("teacher tokens generated", tokens(run("teacher_tokens"))),
+        ("  per kept trajectory", tokens(run("teacher_tokens_per_kept", 1))),
+        ("  per kept token", tokens(run("teacher_tokens_per_kept_token", 2))),
         ("teacher requests", run("requests")),
-        ("cost", run("cost", 4)),
+        ("cost", tokens(run("cost", 4))),
         ("wall time (s)", run("wall_s", 1)),
+        *selection_rows(columns),
     ]
     for dataset in datasets(columns):
         rows += _eval_rows(dataset, [c.evals.get(dataset) for c in columns])
     return rows
+
+
+# The selection block: (summary.json `selection` key, row name, how shown); "share+" shows the
+# key's base rate (`BASE`) beside it: what a uniform random pick would score.
+SELECTION_ROWS = (
+    ("selections", "selections (choices among ≥ 2 candidates)", "count"),
+    ("distinct_candidates", "  distinct candidates (mean)", "mean"),
+    ("with_distinct", "  with ≥ 2 distinct", "share"),
+    ("differs_from_first", "  kept ≠ the first candidate", "share"),
+    ("differs_from_random", "  kept ≠ a random pick (expected)", "share"),
+    ("kept_shortest", "  kept the shortest (random pick)", "share+"),
+    ("kept_stopping", "  kept one that stops (random pick)", "share+"),
+    ("resamples_per_step", "  re-samples per step", "mean"),
+    ("prune_rate", "  trajectories pruned", "share"),
+    ("teacher_tokens_per_correct_row", "  teacher tokens per correct row", "mean"),
+    ("pruned_branch_tokens", "  teacher tokens on pruned branches", "count"),
+    ("coverage", "  problems with a correct row", "share"),
+)
+BASE = {"kept_shortest": "shortest_base_rate", "kept_stopping": "stopping_base_rate"}
+
+
+def _percent(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f} %"
+
+
+def selection_rows(columns: Sequence[ShownColumn]) -> list[tuple[str, list[str]]]:
+    """What each run's choices did (summary.json `selection`): where the student's pick can
+    matter, and how it differs from a first, a random, the shortest and a stopping pick."""
+    if not any(c.run and c.run.get("selection") for c in columns):
+        return []
+
+    def cell(c: ShownColumn, key: str, shown: str) -> str:
+        if not c.run:
+            return ""
+        selection = c.run.get("selection")
+        if not selection:
+            return "—"
+        value = selection.get(key)
+        if shown == "share+" and value is not None:
+            return f"{_percent(value)} ({_percent(selection.get(BASE[key]))})"
+        return _percent(value) if shown == "share" else _fmt(value, 2)
+
+    return [(name, [cell(c, key, shown) for c in columns]) for key, name, shown in SELECTION_ROWS]
 
 
 def _eval_rows(dataset: str, evals: list[dict[str, Any] | None]) -> list[tuple[str, list[str]]]:
@@ -219,22 +270,23 @@ def to_markdown(columns: Sequence[ShownColumn], warnings: list[str], diffs: Show
 
 
 def to_rich(columns: Sequence[ShownColumn], warnings: list[str], diffs: ShownDifferences | None = None) -> list[Table]:
-    """The report's table, then the differences' (when there are any)."""
-    table = Table(title="genssd report", caption="\n".join(warnings) or None, caption_style="yellow")
+    """The report's table, then the differences' (when there are any). Every string is escaped:
+    labels and warnings hold folder and dataset names, which rich would read as markup."""
+    table = Table(title="genssd report", caption=escape("\n".join(warnings)) or None, caption_style="yellow")
     table.add_column("")
     for c in columns:
-        table.add_column(c.label, justify="right")
+        table.add_column(escape(c.label), justify="right")
     for name, cells in table_rows(columns):
-        table.add_row(name, *cells)
+        table.add_row(escape(name), *map(escape, cells))
     shown, rows = difference_rows(columns, diffs) if diffs else ([], [])
     if not rows:
         return [table]
-    second = Table(title=_title(diffs), caption=_method(diffs))
+    second = Table(title=escape(_title(diffs)), caption=escape(_method(diffs)))
     second.add_column("")
     for c in shown:
-        second.add_column(c.label, justify="right")
+        second.add_column(escape(c.label), justify="right")
     for name, cells in rows:
-        second.add_row(name, *cells)
+        second.add_row(escape(name), *map(escape, cells))
     return [table, second]
 
 

@@ -16,11 +16,19 @@ import json
 import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    TypeAdapter,
+    model_serializer,
+)
 
 SCHEMA_VERSION = 2  # 2: one `response` event per received teacher response
 Ending = Literal["stop", "truncated"]
-TokenSource = Literal["usage", "logprobs", "tokenizer", "split"]
+TokenSource = Literal["usage", "logprobs", "tokenizer", "split", "none"]
 
 
 class Record(BaseModel):
@@ -99,16 +107,18 @@ class TeacherReply(Record):
     n: int
     """Choices asked for in this request."""
     prompt_tokens: int
-    """As billed by the server."""
+    """As billed by the server (no usage: the teacher's tokenizer's count, else 0)."""
     completion_tokens: int
-    """As billed by the server, all choices together."""
+    """As billed by the server, all choices together; where the bill is missing, or far below what
+    the choices' listed tokens hold (a server that bills one choice of n), the choices' own counts."""
     endpoint: str | None = None
     """The endpoint that answered (its name in a pool)."""
     token_source: TokenSource | None = None
     """How the candidates' `tokens` were counted: `usage` (one choice: the bill itself), `logprobs`
-    (the tokens the server listed per choice, adding up to the bill), `tokenizer` (the teacher's
-    tokenizer on each text: close, not exact) or `split` (the bill shared evenly); null in logs
-    written before genssd recorded it."""
+    (the tokens the server listed per choice, adding up to the bill or replacing a bill far below
+    them), `tokenizer` (the teacher's tokenizer on each text: close, not exact), `split` (the bill
+    shared evenly, unchecked: approximate) or `none` (no usage and nothing to count with: 0); null
+    in logs written before genssd recorded it."""
     candidates: list[Candidate]
     """Candidates start, start + 1, …"""
     cached: bool = False
@@ -155,12 +165,18 @@ class Choice(TrajectoryEvent):
     """`morsd`: per candidate, its Rationale Difficulty, `answer_ppl / base_ppl` (null: not correct,
     so not ranked)."""
     answer_ppl: list[float | None] | None = None
-    """`morsd`: per candidate, the student's perplexity of `The answer is REFERENCE.` after the
-    prompt and the candidate's rationale (its text before the sentence stating its answer)."""
+    """`morsd`: per candidate, the student's perplexity of the answer sentence (the reference in
+    the student prompt's answer format: `\\boxed{REFERENCE}`, `#### REFERENCE` or `The answer is
+    REFERENCE.`) after the prompt and the candidate's rationale (its text before the sentence
+    stating its answer)."""
     base_ppl: float | None = None
     """`morsd`: the student's perplexity of that answer after the prompt alone."""
     kept: list[int] | None = None
-    """`morsd`: the candidates kept, lowest RD first (`chosen` is the first)."""
+    """`morsd`: the candidates kept, lowest RD first (`chosen` is the first); `standard-kd-budget`:
+    every correct one, in index order."""
+    pick_seed: int | None = None
+    """`random-pick`, `posthoc-random`: the seed of the random pick, from `teacher.seed` and the
+    step's key (null: the method's own rule picked)."""
 
 
 class Prune(TrajectoryEvent):
@@ -187,7 +203,8 @@ class TrajectoryRow(Record):
     sample: int
     """Which of the problem's trajectories."""
     method: str
-    """The selection method that produced it (`genssd`, `standard-kd`, `posthoc-ppl`, `morsd`)."""
+    """The selection method that produced it (`genssd`, `standard-kd`, `posthoc-ppl`, `morsd`, and the
+    controls `random-pick`, `posthoc-random`, `standard-kd-budget`)."""
     prompt: list[Message]
     """The user turn, rendered with the student prompt template."""
     completion: list[Message]
@@ -204,7 +221,8 @@ class TrajectoryRow(Record):
     steps: int
     """Chunks kept (1 for whole-trajectory methods)."""
     rank: int = 0
-    """Which of the rows kept from one request (`morsd.keep` > 1), best first; else 0."""
+    """Which of the rows kept from one request (`morsd.keep` > 1, `standard-kd-budget`), best first;
+    else 0."""
     student_ppl: float | None
     """The student's perplexity of the whole kept completion, scored alone (null: empty)."""
     teacher_tokens: int
@@ -213,6 +231,17 @@ class TrajectoryRow(Record):
     same request (rank > 0), so that a sum counts it once."""
     completion_tokens: int
     """Teacher completion tokens of the kept candidates."""
+    rd: float | None = None
+    """`morsd`: the kept rationale's Rationale Difficulty (what `morsd.fraction` and `morsd.rows`
+    select on across the dataset); absent for other methods and rows that are not correct."""
+
+    @model_serializer(mode="wrap")
+    def _without_absent_rd(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Rows of every other method are written as they were before `rd` existed, byte for byte.
+        data = handler(self)
+        if data.get("rd") is None:
+            data.pop("rd", None)
+        return data
 
 
 class Finish(TrajectoryEvent):
@@ -222,7 +251,7 @@ class Finish(TrajectoryEvent):
     row: TrajectoryRow
     """The row trajectories.jsonl gets."""
     more: list[TrajectoryRow] = Field(default_factory=list)
-    """Further rows kept from the same request (`morsd.keep` > 1), in rank order."""
+    """Further rows kept from the same request (`morsd.keep` > 1, `standard-kd-budget`), in rank order."""
 
 
 class TrajectoryError(TrajectoryEvent):
@@ -351,8 +380,13 @@ class TeacherTotals(Record):
     """Candidates received."""
     token_sources: dict[str, int] = Field(default_factory=dict)
     """Responses by how their candidates' tokens were counted (`usage`, `logprobs`: exact;
-    `tokenizer`, `split`: approximate; `unknown`: written before genssd recorded it). The totals
-    above are always what the server billed."""
+    `tokenizer`: close; `split`, `none`: approximate; `unknown`: written before genssd recorded
+    it). The totals above are what the server billed, or the choices' own counts where its bill
+    was missing or far below them."""
+    approximate_tokens: bool = False
+    """Some responses' tokens were split from a bill nothing checks, or not counted at all (see
+    `token_sources`): the token totals, the cost and the kept lengths built on them are
+    approximate (`genssd report` marks them)."""
     cost: float | None = None
     """At `teacher.price` (null: no price set)."""
     price_per_million: Price | None = None
@@ -381,6 +415,43 @@ class EngineUse(Record):
     """The event loop's own CPU time per candidate."""
     student_cache_peak_mb: float | None = None
     """Peak size of the student's prefix caches."""
+
+
+class SelectionStats(Record):
+    """What the method's choices did, from the log: a choice of two or more candidates is a
+    selection (every attempt's, re-samples included; a one-candidate method has none). Shares are
+    of selections; a base rate is what a uniform random pick would score (the mean over
+    selections of matching candidates / n). Texts compare exactly; tokens are the teacher's."""
+
+    selections: int = 0
+    """Choices among two or more candidates."""
+    distinct_candidates: float | None = None
+    """Distinct candidate texts per selection (mean)."""
+    with_distinct: float | None = None
+    """Share of selections with two or more distinct texts (where a pick can matter)."""
+    differs_from_first: float | None = None
+    """Share of selections whose kept text differs from candidate 0's."""
+    differs_from_random: float | None = None
+    """Expected share of selections whose kept text differs from a uniform random pick's: the mean
+    of 1 - (candidates with the kept one's text) / n (a random pick of an identical text agrees)."""
+    kept_shortest: float | None = None
+    """Share of selections that kept a candidate of the fewest tokens (ties count)."""
+    shortest_base_rate: float | None = None
+    """Mean of (candidates of the fewest tokens) / n."""
+    kept_stopping: float | None = None
+    """Share of selections that kept a candidate that stops (`finish_reason` stop)."""
+    stopping_base_rate: float | None = None
+    """Mean of (candidates that stop) / n."""
+    resamples_per_step: float | None = None
+    """Re-sampled attempts (attempt > 0) per step (attempt 0), all choices."""
+    prune_rate: float | None = None
+    """Pruned trajectories / ended trajectories (finished, truncated or pruned)."""
+    teacher_tokens_per_correct_row: float | None = None
+    """Teacher completion tokens of every response / correct rows (null: none correct)."""
+    pruned_branch_tokens: int = 0
+    """Teacher completion tokens of the responses of trajectories that were pruned."""
+    coverage: float | None = None
+    """Share of the run's problems with at least one correct row."""
 
 
 class ShardPlan(Record):
@@ -418,3 +489,5 @@ class Summary(Record):
     """Shards the run was split into (`genssd run --shards N`)."""
     config_hash: str | None = None
     """The results hash of the latest session."""
+    selection: SelectionStats | None = None
+    """What the method's choices did (null in summaries written before genssd computed it)."""

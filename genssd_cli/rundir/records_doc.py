@@ -22,6 +22,7 @@ from genssd_cli.rundir.records import (
     Message,
     Price,
     Record,
+    SelectionStats,
     ShardPlan,
     Summary,
     TeacherServer,
@@ -78,7 +79,7 @@ def markdown() -> str:
         ("## Trajectory rows (trajectories.jsonl)", [TrajectoryRow, Message]),
         ("## Failure rows (failures.jsonl)", [FailureRow]),
         ("## Summary (summary.json)", [Summary, TrajectoryCounts, TeacherTotals, CacheTotals, EndpointTotals, Price,
-                                       KeptStats, Centre, EngineUse]),
+                                       KeptStats, Centre, EngineUse, SelectionStats]),
         ("## Nested records of events", [Candidate, TeacherServer, EndpointUse]),
         ("## Shard plan (shards.json of a sharded run)", [ShardPlan]),
     ]  # fmt: skip

@@ -38,6 +38,7 @@ from genssd_cli.rundir.records import (
     Prune,
     Response,
     RunStart,
+    SelectionStats,
     SessionEnd,
     Summary,
     TeacherTotals,
@@ -146,12 +147,64 @@ def ref_files(events: list, problems: list[Problem], samples: int, teacher: Teac
         ),
         sessions=len(sessions), wall_s=round(sum(s.wall_s for s in sessions), 1),
         config_hash=starts[-1].config_hash if starts else None,
+        selection=ref_selection(events, problems),
     )  # fmt: skip
     return {
         TRAJECTORIES: "".join(r.line() for r in rows).encode(),
         FAILURES: "".join(r.line() for r in failures).encode(),
         SUMMARY: (json.dumps(summary.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n").encode(),
     }
+
+
+def ref_selection(events: list, problems: list[Problem]) -> SelectionStats:
+    """The selection diagnostics read plainly: every choice with its step's candidates at hand."""
+    first_end: dict = {}
+    for i, e in enumerate(events):
+        if isinstance(e, Finish | Prune):
+            first_end.setdefault((e.problem_id, e.sample), i)
+    ends = [events[i] for i in sorted(first_end.values())]
+
+    def open_at(e, i: int) -> bool:  # the trajectory had not ended when this event came
+        return first_end.get((e.problem_id, e.sample), len(events)) > i
+
+    picks = []
+    for i, c in enumerate(events):
+        if not isinstance(c, Choice) or len(c.ppl) < 2 or not open_at(c, i):
+            continue
+        have: dict = {}
+        for r in events[:i]:
+            if isinstance(r, Response) and (r.problem_id, r.sample, r.step, r.attempt) == (c.problem_id, c.sample,
+                                                                                        c.step, c.attempt):  # fmt: skip
+                have.update({r.start + k: x for k, x in enumerate(r.candidates)})
+        if all(k in have for k in range(len(c.ppl))):
+            picks.append(([have[k] for k in range(len(c.ppl))], c.chosen))
+
+    def share(values: list) -> float | None:
+        return round(sum(values) / len(values), 4) if values else None
+
+    attempts = [c.attempt for c in events if isinstance(c, Choice)]
+    pruned = {(e.problem_id, e.sample) for e in ends if isinstance(e, Prune)}
+    rows = [r for e in ends if isinstance(e, Finish) for r in (e.row, *e.more)]
+    correct = sum(r.correct for r in rows)
+    tokens = sum(e.completion_tokens for e in events if isinstance(e, Response))
+    covered = {r.problem_id for r in rows if r.correct} & {p.id for p in problems}
+    return SelectionStats(
+        selections=len(picks),
+        distinct_candidates=share([len({x.text for x in cs}) for cs, _ in picks]),
+        with_distinct=share([len({x.text for x in cs}) > 1 for cs, _ in picks]),
+        differs_from_first=share([cs[k].text != cs[0].text for cs, k in picks]),
+        differs_from_random=share([1 - [x.text for x in cs].count(cs[k].text) / len(cs) for cs, k in picks]),
+        kept_shortest=share([cs[k].tokens == min(x.tokens for x in cs) for cs, k in picks]),
+        shortest_base_rate=share([sum(x.tokens == min(y.tokens for y in cs) for x in cs) / len(cs) for cs, _ in picks]),
+        kept_stopping=share([cs[k].finish_reason == "stop" for cs, k in picks]),
+        stopping_base_rate=share([sum(x.finish_reason == "stop" for x in cs) / len(cs) for cs, _ in picks]),
+        resamples_per_step=round(sum(a > 0 for a in attempts) / attempts.count(0), 4) if 0 in attempts else None,
+        prune_rate=round(len(pruned) / len(ends), 4) if ends else None,
+        teacher_tokens_per_correct_row=round(tokens / correct, 2) if correct else None,
+        pruned_branch_tokens=sum(e.completion_tokens for i, e in enumerate(events)
+                                 if isinstance(e, Response) and (e.problem_id, e.sample) in pruned and open_at(e, i)),
+        coverage=round(len(covered) / len(problems), 4) if problems else None,
+    )  # fmt: skip
 
 
 def materialised(run_dir: Path) -> dict[str, bytes]:
@@ -169,6 +222,15 @@ def materialise(run_dir: Path, problems: list[Problem], cfg) -> dict[str, bytes]
 
 
 SUMMARY_FIELDS_SINCE_RECORDED = {"shards": 1}
+# Computed from the log since (not a default): the recorded runs' selection diagnostics, pinned in part.
+RECORDED_SELECTION = {
+    "genssd": {"selections": 20, "distinct_candidates": 1.6, "with_distinct": 0.3, "differs_from_first": 0.25,
+               "prune_rate": 0.0, "resamples_per_step": 0.0, "pruned_branch_tokens": 0, "coverage": 0.7},
+    "standard-kd": {"selections": 0, "distinct_candidates": None, "prune_rate": 0.0, "coverage": 0.4,
+                    "teacher_tokens_per_correct_row": 57.75},
+    "posthoc-ppl": {"selections": 10, "with_distinct": 0.8, "kept_shortest": 0.6, "shortest_base_rate": 0.675,
+                    "coverage": 0.8},
+}
 
 
 @pytest.mark.parametrize("method", ["genssd", "standard-kd", "posthoc-ppl"])
@@ -185,7 +247,12 @@ def test_recorded_runs_materialise_as_the_list_reading_and_as_recorded(method, t
     # The files the code before wrote when the run was recorded; summary.json has gained fields since,
     # each at its default for such a run.
     assert {k: v for k, v in ours.items() if k != SUMMARY} == {k: v for k, v in recorded.items() if k != SUMMARY}
-    assert json.loads(ours[SUMMARY]) == {**json.loads(recorded[SUMMARY]), **SUMMARY_FIELDS_SINCE_RECORDED}
+    ours_summary = json.loads(ours[SUMMARY])
+    selection = ours_summary.pop("selection")
+    assert ours_summary["teacher"].pop("approximate_tokens") is False  # a field since: every count was exact
+    assert ours_summary == {**json.loads(recorded[SUMMARY]), **SUMMARY_FIELDS_SINCE_RECORDED}
+    assert selection == ref_selection(events, problems).model_dump(mode="json")
+    assert {k: selection[k] for k in RECORDED_SELECTION[method]} == RECORDED_SELECTION[method]
 
 
 # ---- a log with every kind of record -------------------------------------------------------------
