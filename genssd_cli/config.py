@@ -3,6 +3,7 @@ YAML loading with `--set key=value` overrides."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
@@ -13,6 +14,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from genssd_cli.errors import UsageError
 from genssd_cli.methods import METHODS
 from genssd_cli.paths import bundled_dir
+from genssd_cli.redact import is_env_name, redact
 
 
 class _Strict(BaseModel):
@@ -27,6 +29,35 @@ class LaunchConfig(_Strict):
     n_ctx: int = Field(4096, ge=256)
     startup_timeout_s: float = Field(180.0, gt=0)
     extra_args: list[str] = Field(default_factory=list)
+
+    @field_validator("extra_args")
+    @classmethod
+    def _not_ours(cls, args: list[str]) -> list[str]:
+        """genssd sets where the server listens and its key; a key here would also show in `ps`.
+        The server's argparse takes any unique prefix of a flag, so prefixes count too."""
+        for arg in args:
+            flag = arg.split("=", 1)[0].lstrip("-").replace("-", "_").lower()
+            if not arg.startswith("--") or not flag:
+                continue
+            if "api_key".startswith(flag) and len(flag) >= 2:
+                raise ValueError(
+                    "API keys are never read from config files: genssd gives the server it launches a key of "
+                    "its own (drop --api_key)"
+                )
+            taken = next((name for name in ("host", "port", "config_file") if name.startswith(flag)), None)
+            if taken:
+                raise ValueError(f"--{taken} is genssd's to set (it listens on 127.0.0.1 at teacher.launch.port)")
+        return args
+
+
+def _env_name(name: str | None) -> str | None:
+    """`api_key_env` names a variable; a key typed there by mistake is refused without being shown."""
+    if name is not None and not is_env_name(name):
+        raise ValueError(
+            "not the name of an environment variable (letters, digits and _): put the key itself in a "
+            "variable and give that variable's name (the value is not shown here)"
+        )
+    return name
 
 
 class PriceSettings(_Strict):
@@ -51,14 +82,25 @@ class EndpointConfig(_Strict):
     tokens_per_minute: float | None = Field(None, gt=0)
     price: PriceSettings | None = None
 
+    _key_env = field_validator("api_key_env")(_env_name)
+
     @property
     def label(self) -> str:
         return self.name or endpoint_label(self.base_url)
 
 
 def endpoint_label(base_url: str) -> str:
-    parsed = urlparse(base_url)
-    return parsed.netloc or base_url
+    """host:port, credentials in the URL redacted (`***@host:port`): a label is written and shown."""
+    parsed = urlparse(redact(base_url))
+    return parsed.netloc or redact(base_url)
+
+
+# The request fields genssd sets itself (or the OpenAI client does): teacher.extra_body may not hold them.
+GENSSD_REQUEST_FIELDS = frozenset({
+    "model", "prompt", "messages", "n", "max_tokens", "max_completion_tokens", "seed", "temperature", "top_p",
+    "stop", "logprobs", "top_logprobs", "stream", "stream_options", "echo", "continue_final_message",
+    "add_generation_prompt",
+})  # fmt: skip
 
 
 class TeacherConfig(_Strict):
@@ -92,6 +134,14 @@ class TeacherConfig(_Strict):
     requests_per_minute: float | None = Field(None, gt=0, description="per endpoint; null: no limit")
     tokens_per_minute: float | None = Field(None, gt=0, description="per endpoint (prompt + max new); null: none")
     timeout_s: float = Field(120.0, gt=0)
+    request_deadline_s: float | None = Field(
+        None, gt=0, description="the longest one request may take in all, a server trickling its bytes included "
+        "(then retried as a `deadline` fault); null: twice timeout_s",
+    )
+    max_reply_bytes: int = Field(
+        32 * 2**20, ge=2**16, description="the largest reply read (then retried as a `too_large` fault); the "
+        "default holds 16 choices of 8192 tokens with their logprobs",
+    )
     retries: int = Field(5, ge=0)
     preflight: bool = Field(True, description="genssd run first checks that chat-continue really continues")
     logprobs: bool = Field(
@@ -102,6 +152,14 @@ class TeacherConfig(_Strict):
         None, description="a sqlite file of teacher responses shared by runs: a request sent before is answered "
         "from it and not paid again (docs/teachers.md#the-response-cache); null: none",
     )
+    extra_body: dict[str, Any] = Field(
+        default_factory=dict,
+        description="more fields sent with every request (completions and chat), e.g. the server's sampler: "
+        "repeat_penalty, top_k, min_p, chat_template_kwargs, a provider's routing; part of the results hash and of "
+        "the response cache's identity; the fields genssd sets itself are refused",
+    )
+
+    _key_env = field_validator("api_key_env")(_env_name)
 
     @model_validator(mode="before")
     @classmethod
@@ -112,6 +170,20 @@ class TeacherConfig(_Strict):
                 "and set teacher.api_key_env to that variable's name"
             )
         return data
+
+    @field_validator("extra_body")
+    @classmethod
+    def _extra_body_adds_only(cls, body: dict[str, Any]) -> dict[str, Any]:
+        # A field genssd sets itself would silently replace (or be replaced by) genssd's own value.
+        clash = sorted(set(body) & GENSSD_REQUEST_FIELDS)
+        if clash:
+            raise ValueError(f"{', '.join(clash)} genssd sets itself (teacher.model, .temperature, .top_p, .stop, "
+                             ".seed, search.*): not in extra_body")  # fmt: skip
+        try:
+            json.dumps(body, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"must hold JSON values only ({exc})") from None
+        return body
 
     @model_validator(mode="after")
     def _one_endpoint(self) -> TeacherConfig:
@@ -163,6 +235,13 @@ class MorsdSettings(_Strict):
         0.8, gt=0, le=1, description="word n-gram Jaccard overlap at which a rationale repeats a kept one"
     )
     duplicate_ngram: int = Field(3, ge=1, description="n of those word n-grams")
+    fraction: float | None = Field(
+        None, gt=0, le=1, description="ours: dataset-level selection, after every problem ended: keep the "
+        "lowest-RD fraction of the rows the per-request step kept, across the dataset; null: every one",
+    )
+    rows: int | None = Field(
+        None, ge=1, description="ours: dataset-level selection: keep the N lowest-RD of those rows; null: no budget"
+    )
 
 
 class DataConfig(_Strict):

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from genssd_cli.config import RunConfig
+from genssd_cli.redact import redact
 
 # Settings that do not change what the run produces: where the teacher lives, how fast we go.
 _NOT_RESULTS = {
@@ -28,6 +29,8 @@ _NOT_RESULTS = {
     "teacher.max_concurrency",
     "teacher.routing",  # where a request goes, not what it asks
     "teacher.timeout_s",
+    "teacher.request_deadline_s",  # a reply past it is retried, like a timeout
+    "teacher.max_reply_bytes",  # a reply past it is retried, never kept
     "teacher.retries",
     "teacher.launch.port",
     "teacher.launch.startup_timeout_s",
@@ -48,6 +51,8 @@ _LATER_DEFAULTS = {
     "prompts.teacher_chat_template": None,
     "data.steps": None,
     "data.too_long": "refuse",
+    "morsd.fraction": None,
+    "morsd.rows": None,
 }
 
 
@@ -56,6 +61,11 @@ def results_settings(config: RunConfig, prompt_texts: dict[str, str]) -> dict[st
     flat = _flatten(config.model_dump(mode="json"))
     flat = {k: v for k, v in flat.items() if k not in _NOT_RESULTS and not k.startswith("engine.")}
     flat = {k: v for k, v in flat.items() if k not in _LATER_DEFAULTS or _LATER_DEFAULTS[k] != v}
+    # teacher.extra_body as one canonical value (flattened, an empty nested mapping would vanish); absent
+    # while empty, so runs made before it existed keep their hash.
+    flat = {k: v for k, v in flat.items() if not k.startswith("teacher.extra_body.")}
+    if config.teacher.extra_body:
+        flat["teacher.extra_body"] = json.dumps(config.teacher.extra_body, sort_keys=True, separators=(",", ":"))
     if config.teacher.mode == "completions":
         flat.pop("teacher.prefill", None)  # not used
     if config.method != "morsd":
@@ -88,4 +98,9 @@ def dump_config_yaml(config: RunConfig, config_hash: str) -> str:
         "# Resolved genssd run config (API keys are never stored: only env var names).\n"
         f"# results hash: {config_hash}\n"
     )
-    return header + yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    resolved = config.model_dump(mode="json")
+    teacher = resolved["teacher"]
+    for server in [teacher, *teacher["endpoints"]]:  # a password or key in a URL is not stored either
+        if server.get("base_url"):
+            server["base_url"] = redact(server["base_url"])
+    return header + yaml.safe_dump(resolved, sort_keys=False)

@@ -11,7 +11,7 @@ from dataclasses import replace
 from rich.console import Console
 
 from genssd_cli.files import SortedSpool
-from genssd_cli.run.materialise import materialise, write_results
+from genssd_cli.run.materialise import dataset_selection, materialise, write_results
 from genssd_cli.run.options import RunOptions
 from genssd_cli.run.session import Prepared, SessionHooks, prepare, run_session
 from genssd_cli.rundir.layout import CONFIG, EVENTS, TRAJECTORIES
@@ -84,6 +84,7 @@ class ShardHooks(SessionHooks):
             with RunLog(whole.cfg.teacher, SortedSpool(whole.dir / TRAJECTORIES)) as log:
                 for k in range(count):
                     log.read(shard_dir(whole.dir, k) / EVENTS)
-                write_results(files, log, whole.problems, whole.cfg.search.samples, shards=count)
+                write_results(files, log, whole.problems, whole.cfg.search.samples, shards=count,
+                              morsd=dataset_selection(whole.cfg))
             files.write_text(CONFIG, dump_config_yaml(whole.cfg, whole.config_hash))
         self.console.print(f"every shard has completed: {whole.dir}/{TRAJECTORIES} holds them all")

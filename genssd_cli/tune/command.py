@@ -20,8 +20,9 @@ once the budget is gone, points whose run has not ended are listed as not run.
 
 The table (terminal, OUT/tune.md, OUT/tune.json) is computed from each run directory's
 events.jsonl, restricted to the pilot problems; OUT/tune.png plots
-teacher tokens per kept token against the kept trajectories' mean student PPL. The recommendation
-follows RECOMMENDATION_RULE, ours.
+teacher tokens per correct kept row against the kept rows' mean student PPL (the trade-off). The
+recommendation follows RECOMMENDATION_RULE, ours: the fewest teacher tokens per correct kept row,
+not the lowest kept PPL, which is the selection's own objective.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 from rich.console import Console
 
 from genssd_cli.errors import BudgetReached, UsageError
-from genssd_cli.files import check_out_dir, make_out_dir, write_atomic
+from genssd_cli.files import check_out_dir, locked_out_dir, write_atomic
 from genssd_cli.tune.measure import RECOMMENDATION_RULE, cost, ended, measure, recommend
 from genssd_cli.tune.plan import BUDGET, NOT_RUN, ORDER_RULE, RAN, Point, parse_grid, plan
 from genssd_cli.tune.render import PILOT_HEADING, pilot_note, recommendation_line, to_markdown, to_rich, write_plot
@@ -63,47 +64,49 @@ def tune_command(options: TuneOptions, console: Console, resume_hint: str) -> di
     out = options.out or Path("runs") / f"tune-{config_path.stem}"
     check_out_dir(out)
     points, shared = plan(config_path, grid, pilot, sets, max_cost, out)
-    make_out_dir(out)
-    console.print(f"{len(points)} points on the first {pilot} problems, {ORDER_RULE}", markup=False)
-    stopped = False
-    for number, point in enumerate(points, start=1):
-        run_dir = out / point.slug
-        budget: list[str] = []
-        if not ended(run_dir, point):  # an ended run costs nothing more: it runs whatever is left
-            if stopped:
-                console.print(f"{point.slug}: not run, the sweep stopped at the budget", markup=False)
-                continue
-            if max_cost is not None:
-                # Its own earlier cost + what is left = the budget less what the other points spent.
-                allowance = max_cost - sum(cost(out / p.slug, p.cfg.teacher) for p in points if p is not point)
-                if allowance <= 0:
-                    console.print(f"{point.slug}: not run, the budget is spent", markup=False)
+    with locked_out_dir(out):  # a second sweep here would run the same points side by side
+        console.print(f"{len(points)} points on the first {pilot} problems, {ORDER_RULE}", markup=False)
+        stopped = False
+        for number, point in enumerate(points, start=1):
+            run_dir = out / point.slug
+            budget: list[str] = []
+            if not ended(run_dir, point):  # an ended run costs nothing more: it runs whatever is left
+                if stopped:
+                    console.print(f"{point.slug}: not run, the sweep stopped at the budget", markup=False)
                     continue
-                point.max_cost = allowance
-                budget = [f"max_cost={allowance!r}"]
-        console.rule(f"point {number}/{len(points)}: {point.slug}")
-        try:
-            options = RunOptions(config_path, run_dir, pilot, [*shared, *sets, *point.overrides, *budget])
-            run_command(options, console, resume_hint)
-            point.status = RAN
-        except BudgetReached as exc:
-            why = "the sweep's budget is spent: raise --max-cost and run the same command to go on" if budget else exc
-            console.print(f"{point.slug}: {why}", markup=False)
-            point.status = BUDGET
-            stopped = True
-    for point in points:
-        if point.status != NOT_RUN:
-            point.numbers = measure(out / point.slug, point)
-    best = recommend(points)
-    record = _record(options, grid, out, points, best)
-    write_atomic(out / "tune.json", json.dumps(record, indent=2) + "\n")
-    write_atomic(out / "tune.md", to_markdown(record, points, best))
-    write_plot(points, best, out / "tune.png")
-    console.print(to_rich(record, points))
-    console.print(recommendation_line(best), markup=False)
-    console.print(f"rule: {RECOMMENDATION_RULE}", markup=False)
-    console.print(f"{PILOT_HEADING}: {pilot_note(pilot)}", markup=False)
-    return record
+                if max_cost is not None:
+                    # Its own earlier cost + what is left = the budget less what the other points spent.
+                    allowance = max_cost - sum(cost(out / p.slug, p.cfg.teacher) for p in points if p is not point)
+                    if allowance <= 0:
+                        console.print(f"{point.slug}: not run, the budget is spent", markup=False)
+                        continue
+                    point.max_cost = allowance
+                    budget = [f"max_cost={allowance!r}"]
+            console.rule(f"point {number}/{len(points)}: {point.slug}")
+            try:
+                # Its own name: `options` (the sweep's) is read again for the record below.
+                run_options = RunOptions(config_path, run_dir, pilot, [*shared, *sets, *point.overrides, *budget])
+                run_command(run_options, console, resume_hint)
+                point.status = RAN
+            except BudgetReached as exc:
+                spent = "the sweep's budget is spent: raise --max-cost and run the same command to go on"
+                why = spent if budget else exc
+                console.print(f"{point.slug}: {why}", markup=False)
+                point.status = BUDGET
+                stopped = True
+        for point in points:
+            if point.status != NOT_RUN:
+                point.numbers = measure(out / point.slug, point)
+        best = recommend(points)
+        record = _record(options, grid, out, points, best)
+        write_atomic(out / "tune.json", json.dumps(record, indent=2) + "\n")
+        write_atomic(out / "tune.md", to_markdown(record, points, best))
+        write_plot(points, best, out / "tune.png")
+        console.print(to_rich(record, points))
+        console.print(recommendation_line(best), markup=False)
+        console.print(f"rule: {RECOMMENDATION_RULE}", markup=False)
+        console.print(f"{PILOT_HEADING}: {pilot_note(pilot)}", markup=False)
+        return record
 
 
 def _record(options: TuneOptions, grid: dict[str, list[str]], out: Path, points: list[Point],

@@ -17,10 +17,14 @@ from genssd_cli.stats import wilson
 from genssd_cli.tune.plan import RAN, Point
 
 Z = 1.96  # 95 %
+# Not the kept traces' student PPL: that is what the selection itself minimises (the same student
+# selects and measures), so a rule on it would favour whatever selects hardest, whatever it costs.
 RECOMMENDATION_RULE = (
-    "our rule, not the paper's: among the points whose correct kept trajectories number at least half the best "
-    "point's, the lowest mean student PPL of kept trajectories; ties: fewer teacher tokens per kept token "
-    "(points stopped by the budget, or with failed or unfinished trajectories, are partial and left out)"
+    "our rule, not the paper's: among the points whose correct kept rows number at least half the best point's "
+    "(and at least one), the fewest teacher completion tokens per correct kept row, the cost of one usable "
+    "training row; ties: more correct kept rows. The student PPL of the kept rows, the selection objective "
+    "itself, plays no part: it is shown beside the cost as the trade-off (points stopped by the budget, or with "
+    "failed or unfinished trajectories, are partial and left out)"
 )
 
 
@@ -74,6 +78,7 @@ def measure(run_dir: Path, point: Point) -> dict[str, Any]:
         "teacher_completion_tokens": paid,
         "kept_tokens": kept_tokens,
         "teacher_tokens_per_kept_token": _round(paid / kept_tokens) if kept_tokens else None,
+        "teacher_tokens_per_correct_row": _round(paid / correct) if correct else None,
         "student_ppl": {
             "mean": _round(statistics.fmean(ppls)) if ppls else None,
             "median": _round(statistics.median(ppls)) if ppls else None,
@@ -105,10 +110,8 @@ def recommend(points: list[Point]) -> Point | None:
     if not measured:
         return None
     most = max(p.numbers["correct"] for p in measured)
-    eligible = [
-        p for p in measured if p.numbers["correct"] >= most / 2 and p.numbers["student_ppl"]["mean"] is not None
-    ]
+    eligible = [p for p in measured if p.numbers["correct"] >= max(1, most / 2)]
     if not eligible:
         return None
-    return min(eligible, key=lambda p: (p.numbers["student_ppl"]["mean"],
-                                        p.numbers["teacher_tokens_per_kept_token"] or math.inf))  # fmt: skip
+    return min(eligible, key=lambda p: (p.numbers["teacher_tokens_per_correct_row"] or math.inf,
+                                        -p.numbers["correct"]))  # fmt: skip

@@ -26,7 +26,8 @@ def pilot_note(pilot: int) -> str:
 
 
 HEADERS = ("point", "est. teacher tokens / problem", "status", "kept / pruned / failed", "prune rate",
-           "teacher tokens / kept token", "student PPL of kept (mean / median)", "length (mean tokens)",
+           "teacher tokens / kept token", "teacher tokens / correct row", "student PPL of kept (mean / median)",
+           "length (mean tokens)",
            "correct of kept (95 % Wilson)", "distinct candidates / step", "cost")  # fmt: skip
 
 
@@ -44,6 +45,7 @@ def _cells(point: Point) -> list[str]:
         f"{n['kept']} / {n['pruned']} / {n['failed']}" + (f" ({n['pending']} pending)" if n["pending"] else ""),
         _show(None if n["prune_rate"] is None else 100 * n["prune_rate"], "{:.0f} %"),
         _show(n["teacher_tokens_per_kept_token"], "{:.2f}"),
+        _show(n["teacher_tokens_per_correct_row"], "{:,.0f}"),
         f"{_show(ppl['mean'], '{:.3f}')} / {_show(ppl['median'], '{:.3f}')}",
         _show(n["length_tokens_mean"], "{:.1f}"),
         correct,
@@ -58,7 +60,7 @@ def _show(value: float | None, form: str) -> str:
 
 def recommendation_line(best: Point | None) -> str:
     if best is None:
-        return "recommended: none (no point that ran to its end kept a trajectory the student scored)"
+        return "recommended: none (no point that ran to its end kept a correct row)"
     return f"recommended: {best.slug} ({', '.join(best.overrides)})"
 
 
@@ -90,7 +92,10 @@ def to_markdown(record: dict[str, Any], points: list[Point], best: Point | None)
         "",
         "Teacher tokens: completion tokens of every response for the pilot problems (cache hits included: what "
         "the setting uses; the cost is what was paid). Prune rate: pruned / (kept + pruned). Distinct candidates "
-        "per step: the mean over scored steps of distinct candidate texts / candidates received (n).",
+        "per step: the mean over scored steps of distinct candidate texts / candidates received (n). Teacher "
+        "tokens / correct row: those teacher tokens over the correct kept rows, what one usable training row costs. "
+        "The student PPL of the kept rows is what the selection minimises (the same student selects and "
+        "measures): lower by construction, so it is shown as the trade-off, not used to recommend.",
         "",
         f"**{recommendation_line(best)}**. Rule: {RECOMMENDATION_RULE}.",
         "",
@@ -98,14 +103,15 @@ def to_markdown(record: dict[str, Any], points: list[Point], best: Point | None)
         "",
         pilot_note(record["pilot"]),
         "",
-        "![teacher tokens per kept token vs mean kept PPL](tune.png)",
+        "![teacher tokens per correct row vs mean kept PPL](tune.png)",
         "",
     ]
     return "\n".join(lines)
 
 
 def write_plot(points: list[Point], best: Point | None, path: Path) -> None:
-    """Teacher tokens per kept token vs the mean kept PPL, one labelled point per setting."""
+    """The trade-off: teacher tokens per correct kept row (what the rule minimises) vs the mean kept
+    PPL (what the selection minimises), one labelled point per setting."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,15 +120,16 @@ def write_plot(points: list[Point], best: Point | None, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for point in points:
         n = point.numbers
-        if not n or n["teacher_tokens_per_kept_token"] is None or n["student_ppl"]["mean"] is None:
+        if not n or n["teacher_tokens_per_correct_row"] is None or n["student_ppl"]["mean"] is None:
             continue
-        x, y = n["teacher_tokens_per_kept_token"], n["student_ppl"]["mean"]
+        x, y = n["teacher_tokens_per_correct_row"], n["student_ppl"]["mean"]
         ax.scatter([x], [y], color="tab:red" if point is best else "tab:blue")
         ax.annotate(point.slug + (" (recommended)" if point is best else ""), (x, y), textcoords="offset points",
                     xytext=(5, 5), fontsize=8)  # fmt: skip
-    ax.set_xlabel("teacher tokens generated per kept token")
+    ax.set_xlabel("teacher tokens generated per correct kept row (the recommendation's measure)")
     ax.set_ylabel("mean student PPL of kept trajectories")
-    ax.set_title("genssd tune: lower left is cheaper and easier for the student", fontsize=9)
+    ax.set_title("genssd tune: left is cheaper per usable row; lower is easier for the student (the selection's "
+                 "own objective)", fontsize=9)
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=100)

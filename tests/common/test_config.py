@@ -97,3 +97,28 @@ def test_every_bundled_config_is_valid():
         cfg = load_run_config(path)
         load_prompt(cfg.prompts.teacher)
         load_prompt(cfg.prompts.student)
+
+
+def test_teacher_extra_body_is_part_of_the_results_hash():
+    """teacher.extra_body (the server's own sampler fields) changes the results hash, as one key
+    whatever its nesting; an empty one adds no key, so runs made before it existed keep their hash."""
+    prompts = {"teacher": "T {question}", "student": "S {question}"}
+    plain = results_settings(load_run_config(None, ["teacher.extra_body={}"]), prompts)
+    assert "teacher.extra_body" not in plain
+    pinned = results_settings(load_run_config(None, ["teacher.extra_body={repeat_penalty: 1.0}"]), prompts)
+    assert changed_keys(plain, pinned) == ["teacher.extra_body"]
+    other = results_settings(load_run_config(None, ["teacher.extra_body={repeat_penalty: 1.1}"]), prompts)
+    assert settings_hash(other) != settings_hash(pinned)
+    nested = results_settings(load_run_config(None, ["teacher.extra_body={chat_template_kwargs: {}}"]), prompts)
+    assert settings_hash(nested) != settings_hash(plain)  # an empty nested mapping is still a setting
+
+
+@pytest.mark.parametrize("field", ["seed", "temperature", "n", "stop", "max_tokens", "messages"])
+def test_teacher_extra_body_refuses_what_genssd_sets_itself(field):
+    """A field genssd sets itself in extra_body is refused in one line naming it, not silently
+    sent twice (or overriding genssd's own value)."""
+    with pytest.raises(UsageError) as info:
+        load_run_config(None, [f"teacher.extra_body={{{field}: 1, top_k: 20}}"])
+    message = str(info.value)
+    assert f"teacher.extra_body: {field} genssd sets itself" in message and "\n" not in message
+    assert load_run_config(None, ["teacher.extra_body={top_k: 20, min_p: 0.0}"]).teacher.extra_body["top_k"] == 20

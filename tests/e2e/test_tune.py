@@ -61,6 +61,7 @@ def recomputed(run: Path) -> dict:
         "pruned": pruned,
         "prune_rate": pruned / (len(finishes) + pruned),
         "teacher_tokens_per_kept_token": paid / kept_tokens if kept_tokens else None,
+        "teacher_tokens_per_correct_row": paid / correct if correct else None,
         "ppl_mean": statistics.fmean(ppls) if ppls else None,
         "ppl_median": statistics.median(ppls) if ppls else None,
         "length_tokens_mean": kept_tokens / len(rows) if rows else None,
@@ -140,10 +141,11 @@ def test_a_grid_runs_cheapest_first_shares_the_cache_and_a_second_tune_asks_noth
         assert db.execute("SELECT count(*) FROM responses").fetchone()[0] == sent
 
     # The recommendation, by the stated rule on the recomputed numbers.
+    for point in points:
+        assert close(point["teacher_tokens_per_correct_row"], numbers[point["slug"]]["teacher_tokens_per_correct_row"])
     most = max(m["correct"] for m in numbers.values())
-    eligible = [p["slug"] for p in points if numbers[p["slug"]]["correct"] >= most / 2
-                and numbers[p["slug"]]["ppl_mean"] is not None]  # fmt: skip
-    expected = min(eligible, key=lambda s: (numbers[s]["ppl_mean"], numbers[s]["teacher_tokens_per_kept_token"]))
+    eligible = [p["slug"] for p in points if numbers[p["slug"]]["correct"] >= max(1, most / 2)]
+    expected = min(eligible, key=lambda s: (numbers[s]["teacher_tokens_per_correct_row"], -numbers[s]["correct"]))
     assert record["recommendation"]["slug"] == expected
     assert record["recommendation"]["rule"].startswith("our rule")
     assert f"recommended: {expected}" in result.stdout
@@ -192,30 +194,33 @@ def test_the_budget_is_the_whole_sweeps_and_ends_it_cleanly(tmp_path, fake_teach
     assert json.loads((out / "tune.json").read_text()) == record
 
 
-def test_the_recommendation_rule_where_the_correctness_bar_decides():
-    """The rule on points made by hand: the bar (half the best point's correct count) leaves out the
-    easiest point; a PPL tie goes to fewer teacher tokens per kept token; a partial point (stopped by
-    the budget, or with trajectories that failed or did not end) never wins."""
+def test_the_recommendation_rule_is_cost_per_correct_row_not_the_selection_objective():
+    """The rule on points made by hand: the fewest teacher tokens per correct kept row wins, even
+    against a point whose kept PPL (the selection's own objective) is far lower; the bar (half the
+    best point's correct count, at least one) leaves out a cheap point with few correct rows; a
+    cost tie goes to more correct rows; a partial point (stopped by the budget, or with
+    trajectories that failed or did not end) never wins; no correct row anywhere: none."""
     cfg = load_run_config(None)
 
-    def point(name: str, correct: int, ppl: float | None, tokens: float | None, status: str = RAN,
+    def point(name: str, correct: int, ppl: float | None, per_correct: float | None, status: str = RAN,
               failed: int = 0, pending: int = 0) -> Point:  # fmt: skip
-        numbers = {"correct": correct, "student_ppl": {"mean": ppl}, "teacher_tokens_per_kept_token": tokens,
+        numbers = {"correct": correct, "student_ppl": {"mean": ppl}, "teacher_tokens_per_correct_row": per_correct,
                    "failed": failed, "pending": pending}  # fmt: skip
         return Point({"x": name}, name, cfg, [], status=status, numbers=numbers)
 
-    most = point("most-correct", 6, 12.0, 2.0)
-    easy_but_wrong = point("easy-but-wrong", 2, 5.0, 1.0)  # 2 < 6 / 2: below the bar
-    tie_cheaper = point("tie-cheaper", 3, 9.0, 1.5)  # 3 >= 6 / 2
-    tie_dearer = point("tie-dearer", 4, 9.0, 2.5)
-    partial = point("partial", 6, 1.0, 1.0, status=BUDGET)
-    unscored = point("unscored", 6, None, None)
-    assert recommend([most, easy_but_wrong, tie_dearer, tie_cheaper, partial, unscored]) is tie_cheaper
-    assert recommend([most, easy_but_wrong]) is most
-    assert recommend([easy_but_wrong, point("none-correct", 0, 3.0, 1.0)]) is easy_but_wrong  # 2 >= 2 / 2; 0 < 1
-    assert recommend([partial, unscored]) is None
-    failures = [point("failed", 6, 1.0, 1.0, failed=1), point("pending", 6, 1.0, 1.0, pending=2)]
-    assert recommend([most, *failures]) is most
+    most = point("most-correct", 6, 12.0, 400.0)
+    lowest_ppl = point("lowest-ppl", 5, 2.0, 900.0)  # what the old rule (lowest kept PPL) picked
+    few_correct = point("few-correct", 2, 9.0, 100.0)  # 2 < 6 / 2: below the bar
+    tie_more = point("tie-more-correct", 4, 9.0, 300.0)
+    tie_fewer = point("tie-fewer-correct", 3, 9.0, 300.0)
+    partial = point("partial", 6, 1.0, 10.0, status=BUDGET)
+    assert recommend([most, lowest_ppl, few_correct, tie_fewer, tie_more, partial]) is tie_more
+    assert recommend([most, lowest_ppl]) is most
+    assert recommend([few_correct, point("none-correct", 0, 1.0, None)]) is few_correct  # 2 >= 2 / 2
+    assert recommend([point("none-correct", 0, 1.0, None)]) is None
+    assert recommend([partial]) is None
+    failures = [point("failed", 6, 1.0, 10.0, failed=1), point("pending", 6, 1.0, 10.0, pending=2)]
+    assert recommend([lowest_ppl, *failures]) is lowest_ppl
 
 
 def test_bad_inputs_are_one_line_and_create_nothing(tmp_path, fake_teacher):
