@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import anyio
@@ -34,8 +35,8 @@ import anyio
 from genssd_cli.answers import answer_statement_start, answers_match, extract_answer
 from genssd_cli.config import RunConfig
 from genssd_cli.errors import ContextTooLong, StopRequested, TeacherUnavailable
-from genssd_cli.methods import METHODS, morsd_keep
-from genssd_cli.problems import Problem, render_prompt
+from genssd_cli.methods import METHODS, answer_sentence, morsd_keep
+from genssd_cli.problems import Problem, load_prompt, render_prompt
 from genssd_cli.run.control import RunControl
 from genssd_cli.run.counters import RunStats
 from genssd_cli.rundir.records import (
@@ -110,15 +111,23 @@ class Engine:
         self.stop = parts.control.stop
         self.stats = parts.stats
         self.method = METHODS[cfg.method]
+        self._rd: dict[tuple[str, int], list[float | None]] = {}  # MoRSD: each candidate's RD, until its rows are made
+        self._student_prompt: str | None = None  # MoRSD: the student's template, for its answer format
 
     async def run(self, problems: list[Problem]) -> None:
-        limiter = anyio.CapacityLimiter(self.cfg.engine.max_active_problems)
+        # A problem's task starts when a place frees up, in problem order: not one task per problem
+        # up front (100 k problems would be 100 k tasks waiting).
+        places = anyio.Semaphore(self.cfg.engine.max_active_problems)
         async with anyio.create_task_group() as outer:
             outer.start_soon(self.scoring.serve)
             outer.start_soon(self._drop_scoring_on_stop)
             async with anyio.create_task_group() as work:
                 for problem in problems:
-                    work.start_soon(self._problem, problem, limiter)
+                    await places.acquire()
+                    if self.stop.is_set():  # no new problem after a stop
+                        places.release()
+                        break
+                    work.start_soon(self._problem, problem, places)
             outer.cancel_scope.cancel()
 
     async def _drop_scoring_on_stop(self) -> None:
@@ -127,19 +136,18 @@ class Engine:
         await self.scoring.stop.wait()
         self.scoring.interrupt()
 
-    async def _problem(self, problem: Problem, limiter: anyio.CapacityLimiter) -> None:
-        async with limiter:
-            if self.stop.is_set():
-                return
-            self.stats.problems_active += 1
-            try:
-                async with anyio.create_task_group() as group:
-                    for sample in range(self.search.samples):
-                        group.start_soon(self._trajectory, Trajectory(problem, sample))
-            finally:
-                self.stats.problems_active -= 1
-            if not self.stop.is_set():
-                self.stats.problems_done += 1
+    async def _problem(self, problem: Problem, places: anyio.Semaphore) -> None:
+        """One problem's trajectories; its place (taken by run) is given back when they end."""
+        self.stats.problems_active += 1
+        try:
+            async with anyio.create_task_group() as group:
+                for sample in range(self.search.samples):
+                    group.start_soon(self._trajectory, Trajectory(problem, sample))
+        finally:
+            self.stats.problems_active -= 1
+            places.release()
+        if not self.stop.is_set():
+            self.stats.problems_done += 1
 
     async def _trajectory(self, t: Trajectory) -> None:
         ended = self.replay.ended.get(t.key)
@@ -160,10 +168,12 @@ class Engine:
                     prompt = Prompt(teacher_prompt, t.text, t.key)  # the key routes it (affinity)
                     candidates = await self._candidates(t, attempt, prompt, max_tokens, search.n)
                     scores, best = await self._choose(t, attempt, student_prompt + t.text, candidates)
-                    if not self._too_hard(scores[best].ppl):
+                    # On the step's lowest PPL, whatever was picked: a random-pick control prunes as genssd.
+                    lowest = min(s.ppl for s in scores)
+                    if not self._too_hard(lowest):
                         break
                 else:
-                    self.store.append(Prune(**t.ids, step=t.steps, best_ppl=scores[best].ppl))
+                    self.store.append(Prune(**t.ids, step=t.steps, best_ppl=lowest))
                     self.stats.pruned += 1
                     return
                 if self._accept(t, candidates[best], scores[best].ppl):
@@ -189,13 +199,20 @@ class Engine:
         for rank, index in enumerate(kept):
             copy = Trajectory(t.problem, t.sample, teacher_tokens=t.teacher_tokens if rank == 0 else 0)
             complete = self._accept(copy, candidates[index], math.inf)  # its PPL counts at the finish, scored whole
-            rows.append(await self._row(copy, "stop" if complete else "truncated", rank))
+            row = await self._row(copy, "stop" if complete else "truncated", rank)
+            rd = self._rd.get(t.key)
+            if rd is not None and rd[index] is not None:  # MoRSD's dataset-level selection reads it off the row
+                row = row.model_copy(update={"rd": round(rd[index], 6)})
+            rows.append(row)
+        self._rd.pop(t.key, None)
         self._end(Finish(**t.ids, row=rows[0], more=rows[1:]))
 
     async def _choose_whole(self, t: Trajectory, context: str, candidates: list[Candidate]) -> list[int]:
         """The kept candidates, best first (one, except for MoRSD with morsd.keep > 1)."""
         recorded = self.replay.choices.get((*t.key, 0, 0))
         if recorded is not None:
+            if recorded.rd is not None:
+                self._rd[t.key] = recorded.rd
             return recorded.kept or [recorded.chosen]
         texts = [self._until_stop(c.text) for c in candidates]
         correct = []
@@ -204,18 +221,30 @@ class Engine:
                 correct.append((await self._verdict(t, text, self._complete(c)))[1])
         if self.method.rationale_difficulty:
             return await self._choose_morsd(t, context, texts, correct)
-        if self.method.uses_n:
+        if self.method.scores_candidates:
             scores = await self.scoring.score(ScoreRequest(context, texts))
-        else:  # a single candidate: nothing to choose, its PPL is computed once, at the finish
-            scores = [Score(math.inf, 0)]
-        best = self.method.select([s.ppl for s in scores], correct)
-        self.store.append(_choice(t, 0, 0, best, scores, correct or None))
+        else:  # nothing to score before the pick: the kept rows' PPL is computed at the finish
+            scores = [Score(math.inf, 0)] * len(texts)
+        if self.method.keep_all_correct:
+            kept = self.method.keep(correct)
+            self.store.append(_choice(t, 0, 0, kept[0], scores, correct).model_copy(update={"kept": kept}))
+            return kept
+        seed = self._pick_seed(t, 0)
+        best = self.method.select([s.ppl for s in scores], correct, seed)
+        self.store.append(_choice(t, 0, 0, best, scores, correct or None, seed))
         return [best]
+
+    def _pick_seed(self, t: Trajectory, attempt: int) -> int | None:
+        """A random-pick control's seed for this step: from teacher.seed and the step's key, so a
+        rerun picks the same and the student has no say (None: the method picks by its rule)."""
+        if not self.method.random_pick:
+            return None
+        return request_seed(self.cfg.teacher.seed, "pick", *t.key, t.steps, attempt)
 
     async def _choose_morsd(self, t: Trajectory, context: str, texts: list[str], correct: list[bool]) -> list[int]:
         """Rationale Difficulty of each correct candidate: the student's PPL of the answer after
         its rationale, over the PPL of the answer after the prompt alone; then MoRSD's pick."""
-        answer = f"The answer is {t.problem.reference}."
+        answer = answer_sentence(self._student_template(), t.problem.reference)  # the student's answer format
         ranked = [i for i, ok in enumerate(correct) if ok]
         rationales = [texts[i][: answer_statement_start(texts[i])] for i in ranked]  # correct: it states one
         scored = await self.scoring.score_all(
@@ -226,6 +255,7 @@ class Engine:
         rd: list[float | None] = [None] * len(texts)
         for i, [score] in zip(ranked, scored[1:], strict=True):
             answer_ppl[i], rd[i] = score.ppl, score.ppl / base
+        self._rd[t.key] = rd
         morsd = self.cfg.morsd
         compared = dict(zip(ranked, rationales, strict=True))  # redundancy is between rationales
         kept = morsd_keep(rd, [compared.get(i, "") for i in range(len(texts))], morsd.keep,
@@ -235,6 +265,11 @@ class Engine:
             tokens=[0] * len(texts), rd=rd, answer_ppl=answer_ppl, base_ppl=base, kept=kept,
         ))  # fmt: skip
         return kept
+
+    def _student_template(self) -> str:
+        if self._student_prompt is None:
+            self._student_prompt = load_prompt(self.cfg.prompts.student)
+        return self._student_prompt
 
     def _until_stop(self, text: str) -> str:
         cut = _find_stop(text, self.cfg.teacher.stop, 0)
@@ -297,9 +332,14 @@ class Engine:
             ppls = [math.inf if p is None else p for p in recorded.ppl]
             return [Score(p, n) for p, n in zip(ppls, recorded.tokens, strict=True)], recorded.chosen
         texts = [c.text for c in candidates]
-        scores = await self.scoring.score(ScoreRequest(context, texts, key=t.key, keep=self.method.select))
-        best = self.method.select([s.ppl for s in scores])
-        self.store.append(_choice(t, t.steps, attempt, best, scores))
+        seed = self._pick_seed(t, attempt)
+
+        def keep(ppls: Sequence[float]) -> int:  # the scorer keeps the prefix cache of the same pick
+            return self.method.select(ppls, seed=seed)
+
+        scores = await self.scoring.score(ScoreRequest(context, texts, key=t.key, keep=keep))
+        best = keep([s.ppl for s in scores])
+        self.store.append(_choice(t, t.steps, attempt, best, scores, seed=seed))
         return scores, best
 
     def _pay(self, reply: TeacherReply) -> None:
@@ -361,12 +401,13 @@ class Engine:
         self.stats.correct += ended.correct
 
 
-def _choice(
-    t: Trajectory, step: int, attempt: int, chosen: int, scores: list[Score], correct: list[bool] | None = None
+def _choice(  # noqa: PLR0913 -- the record's fields
+    t: Trajectory, step: int, attempt: int, chosen: int, scores: list[Score], correct: list[bool] | None = None,
+    seed: int | None = None,
 ) -> Choice:
     return Choice(**t.ids, step=step, attempt=attempt, chosen=chosen, correct=correct,
                   ppl=[s.ppl if math.isfinite(s.ppl) else None for s in scores],
-                  tokens=[s.tokens for s in scores])  # fmt: skip
+                  tokens=[s.tokens for s in scores], pick_seed=seed)  # fmt: skip
 
 
 def _longest(stops: list[str]) -> int:

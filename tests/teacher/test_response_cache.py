@@ -2,7 +2,8 @@
 sent again and comes back marked cached, placed where the new request puts it; a miss is sent once
 and stored; an answer of one choice to an n-choice request (n ignored) is stored as the single
 request's; the stored JSON keeps the shape earlier genssd versions wrote and read; a failed write
-ends the cache's part in the run, not the run, and the pool says why."""
+ends the cache's part in the run, not the run, and the pool says why; a damaged row (bad JSON,
+wrong types, an sqlite error on read) is ignored, counted and asked again."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import sqlite3
 
 import anyio
+import pytest
 
 from genssd_cli.config import TeacherConfig
 from genssd_cli.rundir.records import Candidate, TeacherReply
@@ -97,4 +99,53 @@ def test_a_failed_write_stops_the_cache_not_the_run(tmp_path):
     ask(cache, server, Request(Prompt("Q"), 2, 8, 7))  # from now on every request is sent
     assert len(server.sent) == 2
     cache.learn(model_identity(CFG), "honours_n", True)  # no raise: nothing more is written
+    assert cache.fact(model_identity(CFG), "honours_n") is None
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["{not json", json.dumps({"candidates": [{"text": 7, "finish_reason": "length", "completion_tokens": 2}],
+                              "prompt_tokens": 5, "completion_tokens": 2, "endpoint": "node1"}),
+     json.dumps({"candidates": [], "prompt_tokens": 5, "completion_tokens": 2}),
+     json.dumps({"candidates": [{"text": "x", "finish_reason": "stop", "completion_tokens": -1}],
+                 "prompt_tokens": None, "completion_tokens": 2}),
+     json.dumps({"candidates": [{"text": "x", "finish_reason": "stop", "completion_tokens": 1}] * 3,
+                 "prompt_tokens": 5, "completion_tokens": 3})],
+    ids=["not-json", "text-a-number", "no-candidates", "wrong-counts", "more-than-asked"],
+)  # fmt: skip
+def test_a_damaged_row_is_ignored_counted_and_asked_again(tmp_path, damage):
+    """A row corrupted in the sqlite file is not trusted: the request goes to the server again, the
+    pool counts it (retries `cache_invalid`), and the new answer replaces the row."""
+    cache, server = ResponseCache(tmp_path / "c.sqlite"), Server()
+    pool = TeacherClient(CFG, cache=cache)
+    request = Request(Prompt("Q"), 2, 8, 7)
+    first = ask(cache, server, request)
+    with sqlite3.connect(tmp_path / "c.sqlite") as db:
+        db.execute("UPDATE responses SET response = ?", (damage,))
+    again = ask(cache, server, request)
+    assert len(server.sent) == 2 and not again.cached and again == first
+    assert cache.ignored == 1 and pool.retries["cache_invalid"] == 1
+    hit = ask(cache, server, request)  # the fresh answer took the damaged row's place
+    assert hit.cached and len(server.sent) == 2
+
+
+class BrokenRead:
+    """A connection whose reads fail as on a damaged file; writes go through."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def execute(self, statement: str, values: tuple = ()):
+        if statement.startswith("SELECT"):
+            raise sqlite3.DatabaseError("database disk image is malformed")
+        return self.db.execute(statement, values)
+
+
+def test_an_sqlite_error_on_read_is_a_miss_not_a_crash(tmp_path):
+    """sqlite errors on read (a damaged file) are caught: the server answers, nothing is learnt."""
+    cache, server = ResponseCache(tmp_path / "c.sqlite"), Server()
+    ask(cache, server, Request(Prompt("Q"), 2, 8, 7))
+    cache._db = BrokenRead(cache._db)
+    reply = ask(cache, server, Request(Prompt("Q"), 2, 8, 7))
+    assert len(server.sent) == 2 and not reply.cached and cache.ignored == 1
     assert cache.fact(model_identity(CFG), "honours_n") is None

@@ -5,7 +5,8 @@ Completions depend only on (text continued, seed): the same request always gets 
 A text ending in a count ("…, 7, 8," or "…, 9, 1") is counted on, as a model continuing text does. Every
 request is appended to a JSONL log (prompt, seed, n, fault) so tests can count repeats. Faults
 are injected at a configurable rate: HTTP errors, a malformed or empty body, a reset connection, fewer
-choices than asked, and a hang past the client's timeout. Whether the k-th identical request
+choices than asked, and a hang past the client's timeout; with --fault-kinds, replies of the wrong
+shape or size too (SHAPE_FAULTS). Whether the k-th identical request
 (same prompt and seed) fails is decided by hashing it with --fault-seed, so a run's faults do
 not depend on the order in which concurrent requests arrive.
 
@@ -15,6 +16,8 @@ true`, as some hosted APIs do); otherwise a new answer to the user message start
 hands text before "The answer is" back as `reasoning_content` (its `</think>` dropped, as vLLM's
 reasoning parsers do); `--reject-n` answers 400 to n > 1 on both APIs, as many hosted APIs do.
 Each word is a token; asked for `logprobs`, every choice lists its tokens (`--no-logprobs`: never).
+`--bill-one-choice` bills only the first choice's tokens, as llama.cpp's llama-server does for n > 1;
+`--no-usage` sends no usage at all.
 `--foreign KIND` answers every request as a misconfigured base_url would: a login page (HTML), a
 JSON object of another API, an error object under status 200, an empty body, a redirect.
 
@@ -33,7 +36,15 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+# What every genssd request holds, and the chat API's continuation switches.
+_USUAL_FIELDS = frozenset({"model", "prompt", "messages", "n", "max_tokens", "seed", "temperature", "top_p", "stop",
+                           "logprobs", "continue_final_message", "add_generation_prompt"})  # fmt: skip
 FAULTS = ["500", "502", "503", "504", "429", "malformed", "empty", "reset", "fewer", "hang"]
+# Replies of the wrong shape or size, drawn instead with --fault-kinds: a choice whose text (or
+# message content) is a number, a null choice index, a 400 whose error message is an object, a
+# body past the client's size limit (no Content-Length: only counting finds it), a body trickled
+# a few bytes at a time (each gap inside the read timeout, the whole past the deadline).
+SHAPE_FAULTS = ["wrong-type", "null-index", "error-object", "oversize", "trickle"]
 
 
 def continuation(prompt: str, seed: int, max_tokens: int, stop: list[str], answers: int = 61) -> tuple[str, str, int]:
@@ -75,6 +86,39 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (a 'hang' fault)
             pass
+
+    def _reply(self, fault: str | None, body: dict) -> None:
+        """A 200 reply, spoilt as a shape fault says."""
+        first = body["choices"][0] if body["choices"] else {}
+        if fault == "wrong-type" and first:
+            first["message" if "message" in first else "text"] = 12345
+        elif fault == "null-index" and first:
+            first["index"] = None
+        elif fault in ("oversize", "trickle"):
+            return self._stream(fault, json.dumps(body).encode())
+        self._send(200, body)
+
+    def _stream(self, fault: str, data: bytes) -> None:
+        """oversize: --oversize-bytes of padding, no Content-Length (the body ends at the close);
+        trickle: the body 8 bytes at a time, --trickle-gap-s apart."""
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            if fault == "oversize":
+                self.wfile.write(data[:-1] + b', "padding": "')
+                for _ in range(self.server.oversize_bytes // 65536 + 1):
+                    self.wfile.write(b"x" * 65536)
+                self.wfile.write(b'"}')
+            else:
+                for at in range(0, len(data), 8):
+                    self.wfile.write(data[at : at + 8])
+                    self.wfile.flush()
+                    time.sleep(self.server.trickle_gap_s)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up, as it should
+            pass
+        self.close_connection = True
 
     def _authorised(self) -> bool:
         if self.server.api_key and self.headers.get("Authorization") != f"Bearer {self.server.api_key}":
@@ -123,7 +167,8 @@ class Handler(BaseHTTPRequestHandler):
             return
         if self.server.status:
             self.server.record(req, str(self.server.status))
-            return self._send(self.server.status, {"error": {"message": f"forced {self.server.status}"}})
+            message = self.server.error_message or f"forced {self.server.status}"
+            return self._send(self.server.status, {"error": {"message": message}})
         if req.get("model") != self.server.model:
             return self._send(404, {"error": {"message": f"model {req.get('model')} not found"}})
         chat = self.path.rstrip("/").endswith("/chat/completions")
@@ -148,6 +193,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(
                 200, {"id": "x", "object": "text_completion", "created": 0, "model": self.server.model, "choices": []}
             )
+        if fault == "error-object":
+            return self._send(400, {"error": {"message": {"detail": "an object where text belongs"}}})
         if fault in ("500", "502", "503", "504", "429"):
             headers = {"Retry-After": "0"} if fault == "429" else {}
             return self._send(int(fault), {"error": {"message": f"injected {fault}"}}, headers)
@@ -158,7 +205,7 @@ class Handler(BaseHTTPRequestHandler):
         max_tokens = int(req["max_tokens"])
         stop = req.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
-        choices, total = [], 0
+        choices, total, counts = [], 0, []
         for i in range(n):
             text, finish, tokens = continuation(req["prompt"], seed + i, max_tokens, stop, self.server.answers)
             logprobs = self.server.logprobs(req, tokens, chat)
@@ -168,20 +215,12 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 choices.append({"index": i, "text": text, "finish_reason": finish, "logprobs": logprobs})
             total += tokens
+            counts.append(tokens)
         if self.server.latency_per_token:
             time.sleep(self.server.latency_per_token * total)
-        if chat:
-            return self._send(200, {
-                "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": self.server.model,
-                "choices": choices,
-                "usage": {"prompt_tokens": len(req["prompt"].split()), "completion_tokens": total,
-                          "total_tokens": total + len(req["prompt"].split())},
-            })  # fmt: skip
-        self._send(200, {
-            "id": "cmpl-fake", "object": "text_completion", "created": 0, "model": self.server.model,
-            "choices": choices,
-            "usage": {"prompt_tokens": len(req["prompt"].split()), "completion_tokens": total,
-                      "total_tokens": total + len(req["prompt"].split())},
+        self._reply(fault, {
+            "id": "chatcmpl-fake" if chat else "cmpl-fake", "object": "chat.completion" if chat else "text_completion",
+            "created": 0, "model": self.server.model, "choices": choices, **self.server.usage(req, counts),
         })  # fmt: skip
 
 
@@ -193,17 +232,23 @@ class FakeServer(ThreadingHTTPServer):
         self.model = args.model
         self.ignore_n = args.ignore_n
         self.status = args.status
+        self.error_message = args.error_message
         self.latency_per_token = args.latency_per_token
         self.hang_s = args.hang_s
         self.max_prompt_words = args.max_prompt_words
         self.api_key = args.api_key
         self.fault_rate = args.fault_rate
+        self.fault_kinds = args.fault_kinds.split(",") if args.fault_kinds else FAULTS
+        self.oversize_bytes = args.oversize_bytes
+        self.trickle_gap_s = args.trickle_gap_s
         self.answers = args.answer_range
         self.fault_seed = args.fault_seed
         self.prefill = args.prefill
         self.reasoning = args.reasoning
         self.reject_n = args.reject_n
         self.no_logprobs = args.no_logprobs
+        self.bill_one_choice = args.bill_one_choice
+        self.no_usage = args.no_usage
         self.foreign = args.foreign
         self._seen: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
@@ -243,13 +288,22 @@ class FakeServer(ThreadingHTTPServer):
         return {"tokens": [f"t{k}" for k in range(tokens)], "token_logprobs": [-1.0] * tokens,
                 "top_logprobs": None, "text_offset": list(range(tokens))}  # fmt: skip
 
+    def usage(self, req: dict, counts: list[int]) -> dict:
+        """The bill: every choice's tokens; with --bill-one-choice the first choice's alone (as
+        llama.cpp's llama-server bills n choices); with --no-usage none at all (legal, if rare)."""
+        if self.no_usage:
+            return {}
+        prompt = len(req["prompt"].split())
+        billed = counts[0] if self.bill_one_choice and counts else sum(counts)
+        return {"usage": {"prompt_tokens": prompt, "completion_tokens": billed, "total_tokens": billed + prompt}}
+
     def next_fault(self, req: dict) -> str | None:
         key = json.dumps([req["prompt"], req.get("seed")])  # not n: learning n must not change faults
         with self._lock:
             self._seen[key] += 1
             repeat = self._seen[key]
         draw = random.Random(hashlib.sha256(f"{self.fault_seed}\x00{repeat}\x00{key}".encode()).digest())
-        return draw.choice(FAULTS) if draw.random() < self.fault_rate else None
+        return draw.choice(self.fault_kinds) if draw.random() < self.fault_rate else None
 
     def record(self, req: dict, fault: str | None) -> None:
         if self._log is None:
@@ -261,6 +315,8 @@ class FakeServer(ThreadingHTTPServer):
                 "n": req.get("n"),
                 "max_tokens": req.get("max_tokens"),
                 "fault": fault,
+                # Fields beyond the ones genssd always sets (teacher.extra_body's, say), so tests see them.
+                "extra": {k: v for k, v in req.items() if k not in _USUAL_FIELDS},
             }
         )
         with self._lock:
@@ -275,8 +331,13 @@ def main() -> None:
     parser.add_argument("--log")
     parser.add_argument("--ignore-n", action="store_true", help="answer one choice, like llama.cpp")
     parser.add_argument("--status", type=int, default=0, help="answer every POST with this status")
+    parser.add_argument("--error-message", help="the error message of --status answers (any text)")
     parser.add_argument("--fault-rate", type=float, default=0.0)
     parser.add_argument("--fault-seed", type=int, default=0)
+    parser.add_argument("--fault-kinds", help=f"comma-separated faults to draw from (default: {','.join(FAULTS)}; "
+                        f"also {','.join(SHAPE_FAULTS)})")  # fmt: skip
+    parser.add_argument("--oversize-bytes", type=int, default=2**21, help="the padding of an 'oversize' fault")
+    parser.add_argument("--trickle-gap-s", type=float, default=0.1, help="the gap between a 'trickle' fault's bytes")
     parser.add_argument("--latency-per-token", type=float, default=0.0)
     parser.add_argument("--hang-s", type=float, default=3.0, help="how long a 'hang' fault stalls")
     parser.add_argument("--max-prompt-words", type=int, default=0, help="400 'context length' beyond")
@@ -287,6 +348,9 @@ def main() -> None:
     parser.add_argument("--reasoning", action="store_true", help="thinking as reasoning_content, apart")
     parser.add_argument("--reject-n", action="store_true", help="answer 400 to n > 1")
     parser.add_argument("--no-logprobs", action="store_true", help="ignore logprobs, as some servers do")
+    parser.add_argument("--bill-one-choice", action="store_true",
+                        help="usage bills the first choice's tokens only, as llama.cpp's llama-server does for n > 1")
+    parser.add_argument("--no-usage", action="store_true", help="send no usage (token counts) at all")
     parser.add_argument("--foreign", choices=["html", "json", "error", "empty", "redirect"],
                         help="answer everything as no OpenAI-compatible API does (a login page, another JSON, …)")
     args = parser.parse_args()
