@@ -4,8 +4,10 @@ The probes (probes.py) are one or two tiny requests each, sent the way the run s
 (raw completions, or a partial assistant message continued through the chat API). Hard failures
 (unreachable, model not served, the run's own prompt refused, a chat-continue that restarts
 instead of continuing) make the command exit 1; the rest says how genssd adapts (an endpoint that
-ignores or refuses `n` is asked once per candidate, stop strings are also cut on our side) or
-what the user should change. `genssd run` runs the continuation probe itself at start.
+ignores or refuses `n` is asked once per candidate, stop strings are also cut on our side, a bill
+of one choice of n is replaced by each choice's listed tokens) or what the user should change
+(a bill genssd can only split evenly, or none at all, makes the token figures approximate).
+`genssd run` runs the continuation probe itself at start.
 """
 
 from __future__ import annotations
@@ -21,10 +23,18 @@ from rich.table import Table
 
 from genssd_cli.config import RunConfig, load_run_config
 from genssd_cli.errors import RuntimeFailure
-from genssd_cli.problems import load_problems, render_prompt, teacher_template
+from genssd_cli.problems import load_problems, render_prompt, teacher_template, teacher_token_counter
+from genssd_cli.redact import printable
 from genssd_cli.teacher.endpoint import Endpoint, ForeignAnswer, Prompt, Request, ShortResponse
 from genssd_cli.teacher.pool import TeacherClient, check_api_keys, error_class
-from genssd_cli.teacher.probes import continues_verdict, n_honoured, seed_honoured, stops_honoured
+from genssd_cli.teacher.probes import (
+    continues_verdict,
+    n_honoured,
+    sampler_defaults,
+    seed_honoured,
+    stops_honoured,
+    tokens_counted,
+)
 
 
 @dataclass
@@ -72,8 +82,12 @@ async def diagnose(cfg: RunConfig, endpoint: Endpoint, context: int | None) -> l
         return out
     out.append(Finding("completion", True, f"{api} answers ({first.prompt_tokens} prompt tokens)", ""))
 
+    async def tokens(endpoint: Endpoint):
+        return await tokens_counted(endpoint, cfg.max_cost)
+
     checks = (("n > 1 honoured", n_honoured), ("seed honoured", seed_honoured),
-              ("continues the prefix", continues_verdict), ("stop strings honoured", stops_honoured))  # fmt: skip
+              ("continues the prefix", continues_verdict), ("stop strings honoured", stops_honoured),
+              ("token counts", tokens))  # fmt: skip
     for name, check in checks:
         try:
             out.append(Finding(name, *await check(endpoint)))
@@ -81,8 +95,12 @@ async def diagnose(cfg: RunConfig, endpoint: Endpoint, context: int | None) -> l
             out.append(Finding(name, False, f"the probe request failed ({error_class(exc)})", "see the server's log"))
         except (IndexError, TypeError, AttributeError, ShortResponse):  # no choices, or no text in them
             out.append(Finding(name, False, "the answer had no usable choice", "see the server's log"))
+    out.append(Finding("sampling defaults", *await sampler_defaults(endpoint)))
     continues = next(f for f in out if f.check == "continues the prefix")
     continues.fatal = teacher.mode == "chat-continue" and continues.ok is False
+    counts = next(f for f in out if f.check == "token counts")
+    # `genssd run` refuses max_cost with no usage and nothing to count with: so does doctor.
+    counts.fatal = "max_cost is refused" in counts.then
 
     need = first.prompt_tokens + cfg.search.max_new_tokens
     if context is None:
@@ -98,11 +116,11 @@ async def diagnose(cfg: RunConfig, endpoint: Endpoint, context: int | None) -> l
 
 def render(findings: list[Finding], endpoint: Endpoint, model: str, mode: str) -> Table:
     marks = {True: "[green]ok[/]", False: "[red]no[/]", None: "[yellow]?[/]"}
-    table = Table(title=f"genssd doctor: {model} at {endpoint.base_url} ({mode})")
+    table = Table(title=escape(printable(f"genssd doctor: {model} at {endpoint.base_url} ({mode})")))
     for column in ("check", "", "found", "genssd then"):
         table.add_column(column, overflow="fold")
-    for f in findings:
-        table.add_row(f.check, marks[f.ok], escape(f.found), escape(f.then))
+    for f in findings:  # what a server said, too: no escape sequences, no rich markup
+        table.add_row(f.check, marks[f.ok], escape(printable(f.found)), escape(printable(f.then)))
     return table
 
 
@@ -115,12 +133,14 @@ def doctor_command(config_path: Path | None, overrides: list[str], console: Cons
     check_api_keys(cfg.teacher)
 
     async def every_endpoint(base_url: str | None, context: int | None) -> list[tuple[Endpoint, list[Finding]]]:
-        pool = TeacherClient(cfg.teacher, base_url)
+        pool = TeacherClient(cfg.teacher, base_url, count_tokens=teacher_token_counter(cfg.prompts),
+                             api_key=server.api_key if server else None)  # fmt: skip
         try:
             return [(e, await diagnose(cfg, e, context)) for e in pool.endpoints]
         finally:
             await pool.aclose()
 
+    server = None
     if cfg.teacher.launch is None:
         results = anyio.run(every_endpoint, None, None)
     else:
@@ -128,7 +148,7 @@ def doctor_command(config_path: Path | None, overrides: list[str], console: Cons
 
         with tempfile.TemporaryDirectory() as scratch:
             server = LocalServer(cfg.teacher.launch, cfg.teacher.model, Path(scratch) / "teacher-server.log")
-            console.print(f"starting teacher server for {cfg.teacher.launch.gguf} …")
+            console.print(f"starting teacher server for {cfg.teacher.launch.gguf} …", markup=False)
             with launched(server):
                 server.wait_ready()
                 results = anyio.run(every_endpoint, server.base_url, cfg.teacher.launch.n_ctx)

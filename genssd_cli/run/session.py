@@ -4,7 +4,7 @@ the log, and the files materialised from it at the end.
 Every check that can fail on user input runs before the run directory is touched (`prepare`), so a
 bad config or dataset never damages an earlier run's files.
 
-Signals: the first Ctrl-C or SIGTERM stops sending, lets requests in flight finish and be
+Signals: the first Ctrl-C, SIGTERM or SIGHUP stops sending, lets requests in flight finish and be
 recorded, writes the summary and exits 130; a second one exits at once. Either way every line
 of events.jsonl is whole (only the event-loop thread writes it), so the run resumes.
 
@@ -15,7 +15,6 @@ budget, the completion marker, the merge) comes in through `SessionHooks` (genss
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -26,13 +25,14 @@ from typing import Any
 
 import anyio
 from rich.console import Console
+from rich.markup import escape
 
 from genssd_cli import __version__
 from genssd_cli.config import RunConfig, TeacherConfig, load_run_config
 from genssd_cli.errors import BudgetReached, Interrupted, UsageError, unwrap_group
 from genssd_cli.files import WriteFailed, check_out_dir
 from genssd_cli.problems import Problem, load_problems, load_prompt, teacher_template, teacher_token_counter
-from genssd_cli.procs import reinstall_sigterm_as_keyboard_interrupt, sigterm_as_keyboard_interrupt
+from genssd_cli.procs import STOP_SIGNALS, reinstall_sigterm_as_keyboard_interrupt, sigterm_as_keyboard_interrupt
 from genssd_cli.run.control import RunControl
 from genssd_cli.run.counters import RunStats
 from genssd_cli.run.engine import Collaborators, Engine
@@ -47,7 +47,7 @@ from genssd_cli.rundir.store import RunStore
 from genssd_cli.student.scorer import StudentScorer
 from genssd_cli.student.scoring_queue import ScoringQueue
 from genssd_cli.teacher.pool import TeacherClient, check_api_keys
-from genssd_cli.teacher.probes import preflight
+from genssd_cli.teacher.probes import preflight, usage_preflight
 from genssd_cli.teacher.response_cache import ResponseCache
 from genssd_cli.teacher.servers.llama_cpp import LocalServer, launched, stop_leftover_server
 
@@ -186,7 +186,8 @@ class _Session:
             self.server.wait_ready()
         base_url = self.server.base_url if self.server else cfg.teacher.base_url
         self.teacher = TeacherClient(cfg.teacher, base_url, count_tokens=teacher_token_counter(cfg.prompts),
-                                     cache=cache)  # fmt: skip
+                                     cache=cache, api_key=self.server.api_key if self.server else None)  # fmt: skip
+        self.teacher.warn = lambda line: console.print(f"warning: {escape(line)}")
         self.stats = RunStats(problems_total=len(to_run), retries=self.teacher.retries,
                               endpoints=self.teacher.health if len(self.teacher.endpoints) > 1 else None)  # fmt: skip
         return to_run
@@ -268,9 +269,11 @@ class _Session:
             async with anyio.create_task_group() as helpers:
                 helpers.start_soon(_watch_signals, control, self.console, self._abort)
                 for warning in await teacher.check():
-                    self.console.print(f"warning: {warning}")
+                    self.console.print(f"warning: {warning}", markup=False)
                 if cfg.teacher.preflight and cfg.teacher.mode == "chat-continue":
                     await preflight(teacher)
+                if cfg.max_cost is not None:  # a bill that cannot be counted is refused before spending
+                    await usage_preflight(teacher)
                 engine = self._begin(control)
                 helpers.start_soon(self.store.sync_every_interval)
                 cpu, wall = time.thread_time(), time.monotonic()
@@ -333,7 +336,7 @@ async def _check_teacher(cfg: TeacherConfig) -> None:
 
 
 async def _watch_signals(control: RunControl, console: Console, abort: Callable[[], None]) -> None:
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:  # SIGHUP: the terminal closed
         async for _ in signals:
             if control.stopping:
                 abort()

@@ -4,33 +4,54 @@ health, its rendezvous score for a trajectory (the pool's affinity routing), and
 asked and paid.
 
 One `create` is one HTTP request, no retries: the pool (pool.py) decides where a retry goes.
+Its reply is untrusted: validated once here (shapes.py), read no further than
+`teacher.max_reply_bytes` and given `teacher.request_deadline_s` in all; a reply that fails any of
+these is a fault the pool retries (`malformed`, `too_large`, `deadline`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import ipaddress
 import json
 import math
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import NamedTuple, TypeVar
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
 import openai
 from aiolimiter import AsyncLimiter
+from pydantic import ValidationError
 
 from genssd_cli.config import EndpointConfig, TeacherConfig, endpoint_label
 from genssd_cli.errors import UsageError
+from genssd_cli.redact import looks_like_key, redact
 from genssd_cli.rundir.records import Candidate, TeacherReply, TokenSource
+from genssd_cli.teacher.shapes import (
+    ChatCompletion,
+    ChatMessage,
+    Completion,
+    ErrorBody,
+    ModelEntry,
+    ModelList,
+    server_text,
+    shape_error,
+)
 
 # A server that failed this many times in a row is sidelined: its work goes to the others.
 SIDELINE_AFTER = 3
 SIDELINE_FIRST_S = 2.0
 SIDELINE_MAX_S = 60.0
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -58,7 +79,23 @@ class Request:
 
 
 class ShortResponse(Exception):
-    """Malformed or empty body: worth another try."""
+    """Malformed or empty body: worth another try. `kind` is its fault class (the pool counts
+    retries by it)."""
+
+    kind = "malformed"
+
+
+class ReplyTooLarge(ShortResponse):
+    """A reply past `teacher.max_reply_bytes`: read no further; worth another try."""
+
+    kind = "too_large"
+
+
+class DeadlinePassed(ShortResponse):
+    """A request past `teacher.request_deadline_s` in all (a server trickling its bytes outlasts
+    any per-read timeout); worth another try."""
+
+    kind = "deadline"
 
 
 class ForeignAnswer(ShortResponse):
@@ -72,7 +109,7 @@ class ForeignAnswer(ShortResponse):
         error = _error_message(body) if "json" in kind else None
         shown = f"body {body[:60]!r}" if body else "empty body"
         what = f"an error object ({error})" if error else f"{kind}, {shown}"
-        moved = f", redirected to {response.url}" if response.history else ""
+        moved = f", redirected to {redact(str(response.url))}" if response.history else ""
         super().__init__(f"teacher {base_url} did not answer as an OpenAI-compatible API (HTTP {response.status_code}"
                          f"{moved}: {what}); check its base_url (it ends in /v1 on most servers)")  # fmt: skip
 
@@ -83,14 +120,14 @@ def _error_message(body: str) -> str | None:
     except (ValueError, AttributeError):
         return None
     if isinstance(error, dict):
-        return str(error.get("message") or error)[:120]
-    return str(error)[:120] if error else None
+        return server_text(error.get("message") or error, 120)
+    return server_text(error, 120) if error else None
 
 
-def parsed(raw, base_url: str, key: str):
-    """The body of a raw SDK response, parsed, when it is a JSON object holding `key` (`choices`,
-    `data`), else ForeignAnswer: the SDK itself hands an HTML page back as a string and a foreign
-    JSON object as a model with its fields missing."""
+def parsed(raw, base_url: str, key: str) -> dict:
+    """The body of a raw SDK response when it is a JSON object holding `key` (`choices`, `data`),
+    else ForeignAnswer (an HTML page, a foreign JSON object, an error object under 200). Its
+    shape is checked by the caller (shapes.py)."""
     response: httpx.Response = raw.http_response
     try:
         body = response.json() if "json" in response.headers.get("content-type", "") else None
@@ -98,7 +135,57 @@ def parsed(raw, base_url: str, key: str):
         body = None
     if not isinstance(body, dict) or key not in body or "error" in body:
         raise ForeignAnswer(base_url, response)
-    return raw.parse()
+    return body
+
+
+def validated(shape: type[Completion] | type[ChatCompletion] | type[ModelList], body: dict, base_url: str):
+    """`body` as `shape`, else ShortResponse (a `malformed` fault) saying what was wrong."""
+    try:
+        return shape.model_validate(body)
+    except ValidationError as exc:
+        raise ShortResponse(f"teacher {base_url} sent a malformed reply ({shape_error(exc)})") from None
+
+
+def refusal_text(exc: openai.APIStatusError) -> str:
+    """A 4xx's message in one bounded line without control characters; ShortResponse when its
+    body is JSON of the wrong shape (an error object whose message is no text)."""
+    response = exc.response
+    try:
+        body = response.json()
+    except ValueError:  # not JSON: its text, if any
+        return server_text(response.text or f"HTTP {exc.status_code}")
+    if not isinstance(body, dict):
+        return server_text(body)
+    try:
+        message = ErrorBody.model_validate(body).text()
+    except ValidationError as err:
+        raise ShortResponse(f"teacher answered HTTP {exc.status_code} with a malformed error ({shape_error(err)})"
+                            ) from None  # fmt: skip
+    return server_text(message or body)
+
+
+@functools.cache
+def _bounded_stream_class(base: type) -> type:
+    """A byte stream (of the HTTP library's own stream type, which it checks) that raises
+    ReplyTooLarge once more than `limit` bytes came through."""
+
+    class Bounded(base):  # type: ignore[misc, valid-type]
+        def __init__(self, stream, limit: int, base_url: str) -> None:
+            self.stream, self.limit, self.base_url = stream, limit, base_url
+
+        async def __aiter__(self):
+            seen = 0
+            async for chunk in self.stream:
+                seen += len(chunk)
+                if seen > self.limit:
+                    raise ReplyTooLarge(f"teacher {self.base_url} sent a reply over teacher.max_reply_bytes "
+                                        f"({self.limit} bytes)")  # fmt: skip
+                yield chunk
+
+        async def aclose(self) -> None:
+            await self.stream.aclose()
+
+    return Bounded
 
 
 class Endpoint:
@@ -108,17 +195,23 @@ class Endpoint:
         base_url: str,
         own: EndpointConfig | None = None,
         count_tokens: Callable[[str], int] | None = None,
+        key: str | None = None,
     ):
         self.teacher = teacher
         self.count_tokens = count_tokens  # the teacher's tokenizer, when known
-        self.base_url = base_url
+        self.base_url = redact(base_url)  # what is shown and written; only the client gets the real URL
         self.name = own.label if own else endpoint_label(base_url)
         self.weight = own.weight if own else 1.0
-        key_env = (own.api_key_env if own else None) or teacher.api_key_env
-        # Retries are the pool's (tenacity), so the SDK's own are off.
+        # `key`: a launched server's own; else the endpoint's variable's (shared_key_withheld).
+        # Retries are the pool's (tenacity), so the SDK's own are off. Bodies uncompressed, so the
+        # bytes counted against max_reply_bytes are the bytes parsed (no gzip bomb).
         self.client = openai.AsyncOpenAI(
-            base_url=base_url, api_key=api_key(key_env), max_retries=0, timeout=teacher.timeout_s
-        )
+            base_url=base_url, api_key=key or api_key(key_env_of(teacher, own)), max_retries=0,
+            timeout=teacher.timeout_s, default_headers={"Accept-Encoding": "identity"},
+            http_client=openai.DefaultAsyncHttpxClient(event_hooks={"response": [self._bound_reply]}),
+        )  # fmt: skip
+        # A total bound per request: the SDK's timeout is per read, which a trickling server never trips.
+        self.deadline_s = teacher.request_deadline_s or 2 * teacher.timeout_s
         self.limit = anyio.CapacityLimiter((own and own.max_concurrency) or teacher.max_concurrency)
         rpm = (own and own.requests_per_minute) or teacher.requests_per_minute
         tpm = (own and own.tokens_per_minute) or teacher.tokens_per_minute
@@ -133,14 +226,46 @@ class Endpoint:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.failures: Counter[str] = Counter()
+        # What was wrong with a bill ("missing", "underbilled", "unchecked") -> the line to warn with.
+        self.token_notes: dict[str, str] = {}
         self.strikes = 0  # failures in a row
         self.sidelined_until = 0.0
         self.sidelined = 0  # times sidelined
 
-    async def models(self) -> list:
-        """The models the endpoint lists (GET /v1/models); ForeignAnswer when it is no such API."""
-        raw = await self.client.models.with_raw_response.list()
-        return list(parsed(raw, self.base_url, "data").data)
+    async def models(self) -> list[ModelEntry]:
+        """The models the endpoint lists (GET /v1/models); ForeignAnswer when it is no such API,
+        ShortResponse when the list is of the wrong shape."""
+        raw = await self._bounded(self.client.models.with_raw_response.list)
+        return list(validated(ModelList, parsed(raw, self.base_url, "data"), self.base_url).data)
+
+    async def _bound_reply(self, response: httpx.Response) -> None:
+        """Every response's body is read through a counter that stops past max_reply_bytes (a
+        declared length past it, or a compressed body, stops it before reading)."""
+        limit = self.teacher.max_reply_bytes
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise ReplyTooLarge(f"teacher {self.base_url} announced a reply of {declared} bytes, over "
+                                f"teacher.max_reply_bytes ({limit})")  # fmt: skip
+        if response.headers.get("content-encoding", "identity").lower() != "identity":
+            raise ShortResponse(f"teacher {self.base_url} compressed its reply though asked not to")
+        base = next(k for k in type(response.stream).__mro__ if k.__name__ == "AsyncByteStream")
+        response.stream = _bounded_stream_class(base)(response.stream, limit, self.base_url)
+
+    async def _bounded(self, call: Callable[..., Awaitable[T]], *args, **kwargs) -> T:
+        """One SDK call within the request deadline; our own faults raised as themselves (the SDK
+        hands an error raised while reading as a connection error caused by it)."""
+        with anyio.move_on_after(self.deadline_s):
+            try:
+                return await call(*args, **kwargs)
+            except openai.APIConnectionError as exc:
+                if isinstance(exc.__cause__, ShortResponse):
+                    raise exc.__cause__ from None
+                raise
+            except openai.BadRequestError as exc:
+                refusal_text(exc)  # a malformed error body is a malformed reply (ShortResponse)
+                raise
+        raise DeadlinePassed(f"teacher {self.base_url} did not finish within teacher.request_deadline_s "
+                             f"({self.deadline_s:g} s)")  # fmt: skip
 
     def held(self) -> int:
         """Requests routed here and not answered yet: queued for the limits or in flight."""
@@ -225,62 +350,151 @@ class Endpoint:
             "stop": (t.stop if stop is None else stop) or None,
         }  # fmt: skip
         # Usage is per request: with several choices, only their tokens tell each one's share.
-        want_tokens = t.logprobs and n > 1
+        # With no usage at all (a server that omits it), one choice needs them too.
+        want_tokens = t.logprobs and (n > 1 or "missing" in self.token_notes)
         if t.mode == "completions":
             if want_tokens:
-                options["logprobs"] = 0  # the chosen tokens only, no alternatives
-            raw = await self.client.completions.with_raw_response.create(prompt=prompt.head + prompt.trace, **options)
-            response = parsed(raw, self.base_url, "choices")
-            choices = sorted(response.choices or [], key=lambda c: c.index)[:n]
-            if not choices or any(c.text is None for c in choices):
+                # The chosen tokens and one alternative: llama.cpp's llama-server lists none for 0.
+                options["logprobs"] = 1
+            raw = await self._bounded(
+                self.client.completions.with_raw_response.create,
+                prompt=prompt.head + prompt.trace, extra_body=t.extra_body or None, **options,
+            )  # fmt: skip
+            response = validated(Completion, parsed(raw, self.base_url, "choices"), self.base_url)
+            choices = response.in_order()[:n]
+            if not choices:
                 raise ShortResponse("response had no choices")
             texts = [(c.text, c.finish_reason) for c in choices]
-            listed = [len(c.logprobs.tokens) if c.logprobs and c.logprobs.tokens is not None else None
-                      for c in choices]  # fmt: skip
+            listed = [listed_tokens(c.logprobs) for c in choices]
         else:
             if want_tokens:
                 options["logprobs"] = True
             extra = {"continue_final_message": True, "add_generation_prompt": False}
-            raw = await self.client.chat.completions.with_raw_response.create(
+            raw = await self._bounded(
+                self.client.chat.completions.with_raw_response.create,
                 messages=chat_messages(t, prompt),
-                extra_body=extra if t.prefill == "continue_final_message" else None,
+                extra_body={**t.extra_body, **(extra if t.prefill == "continue_final_message" else {})} or None,
                 **options,
             )
-            response = parsed(raw, self.base_url, "choices")
-            choices = sorted(response.choices or [], key=lambda c: c.index)[:n]
-            if not choices or any(c.message is None for c in choices):
+            response = validated(ChatCompletion, parsed(raw, self.base_url, "choices"), self.base_url)
+            choices = response.in_order()[:n]
+            if not choices:
                 raise ShortResponse("response had no choices")
             texts = [(continued_text(c.message), c.finish_reason) for c in choices]
-            listed = [len(c.logprobs.content) if c.logprobs and c.logprobs.content is not None else None
-                      for c in choices]  # fmt: skip
-        usage = response.usage
-        prompt_tokens = usage.prompt_tokens if usage else 0
-        completion_tokens = usage.completion_tokens if usage else 0
+            listed = [listed_tokens(c.logprobs) for c in choices]
+        counted, prompt_tokens = self._counted(response.usage, listed, [text for text, _ in texts], prompt)
         self.requests += 1
         self.prompt_tokens += prompt_tokens
-        self.completion_tokens += completion_tokens
-        counts, source = per_choice_tokens(completion_tokens, listed, [text for text, _ in texts], self.count_tokens)
+        self.completion_tokens += counted.total
         candidates = [Candidate(text=text, finish_reason=finish or "length", tokens=count)
-                      for (text, finish), count in zip(texts, counts, strict=True)]  # fmt: skip
+                      for (text, finish), count in zip(texts, counted.tokens, strict=True)]  # fmt: skip
         return TeacherReply(start=request.start, seed=seed, n=n, prompt_tokens=prompt_tokens,
-                            completion_tokens=completion_tokens, endpoint=self.name, token_source=source,
+                            completion_tokens=counted.total, endpoint=self.name, token_source=counted.source,
                             candidates=candidates)  # fmt: skip
+
+    def _counted(self, usage, listed: list[int | None], texts: list[str], prompt: Prompt) -> tuple[Counted, int]:
+        """The reply's token counts (per_choice_tokens) and its prompt tokens (without a bill: the
+        teacher's tokenizer's count, else 0); what was wrong with the bill is noted once per kind
+        in `token_notes`, the line the pool warns with."""
+        billed_prompt = usage_count(usage, "prompt_tokens")
+        counted = per_choice_tokens(usage_count(usage, "completion_tokens"), listed, texts, self.count_tokens)
+        if billed_prompt is None:
+            counted = counted._replace(problem="missing")
+        if counted.problem is not None and counted.problem not in self.token_notes:
+            self.token_notes[counted.problem] = token_warning(counted, self.name, self.count_tokens is not None)
+        if billed_prompt is not None:
+            return counted, billed_prompt
+        return counted, self.count_tokens(prompt.head + prompt.trace) if self.count_tokens else 0
+
+
+# A bill below this share of the tokens its choices hold covers fewer choices than were sent
+# (llama.cpp's llama-server bills about one of n); a tokenizer's count is close, never this far off.
+UNDERBILLED = 0.75
+
+
+class Counted(NamedTuple):
+    """A reply's completion tokens: each choice's, where they came from, the reply's total (the
+    bill, or the choices' own counts where the bill is missing or too small), and what was wrong
+    with the bill: `missing` (no usage), `underbilled` (fewer tokens than the choices hold),
+    `unchecked` (several choices and nothing to check the bill against: split evenly)."""
+
+    tokens: list[int]
+    source: TokenSource
+    total: int
+    problem: str | None = None
+
+
+def usage_count(usage: object, field: str) -> int | None:
+    """A usage count the server sent: a non-negative integer, else none (null, negative, 3.5,
+    "7", true: a count that cannot be trusted is treated as missing)."""
+    value = getattr(usage, field, None) if usage is not None else None
+    return value if type(value) is int and value >= 0 else None
+
+
+def listed_tokens(logprobs: object) -> int | None:
+    """How many tokens a choice's logprobs list: OpenAI's `tokens` (completions) or `content`
+    (chat, and llama.cpp's llama-server in completions too); None when there is no such list."""
+    if logprobs is None:
+        return None
+    extra = getattr(logprobs, "model_extra", None) or {}
+    for field in ("tokens", "content"):
+        value = getattr(logprobs, field, None)
+        value = extra.get(field) if value is None else value
+        if isinstance(value, list):
+            return len(value)
+    return None
 
 
 def per_choice_tokens(
-    billed: int, listed: list[int | None], texts: list[str], count_tokens: Callable[[str], int] | None
-) -> tuple[list[int], TokenSource]:
+    billed: int | None, listed: list[int | None], texts: list[str], count_tokens: Callable[[str], int] | None
+) -> Counted:
     """Each choice's completion tokens, and where they came from. One choice: the bill itself.
-    Several: the tokens the server listed per choice (logprobs), trusted only when they add up
-    to the bill; else the teacher's tokenizer on each text, when known (close, not exact: the
-    server may count an end token or tokenize across the seam); else the bill split evenly."""
-    if len(texts) == 1:
-        return [billed], "usage"
-    if all(count is not None for count in listed) and sum(listed) == billed:
-        return list(listed), "logprobs"
+    Several: the tokens the server listed per choice (logprobs) when they add up to the bill, or
+    when the bill is far below them (a server that bills one choice of n: the lists are what it
+    generated); else the teacher's tokenizer on each text, when known (close, not exact: the
+    server may count an end token or tokenize across the seam); else the bill split evenly,
+    which nothing checks. No bill (no usage, or a count that is no count): the lists, else the
+    tokenizer, else nothing (`none`, 0 tokens)."""
+    n = len(texts)
+    known = [count for count in listed if count is not None]
+    known = known if len(known) == n else None
+    if billed is None:
+        if known is not None:
+            return Counted(known, "logprobs", sum(known), "missing")
+        if count_tokens is not None:
+            counts = [count_tokens(text) for text in texts]
+            return Counted(counts, "tokenizer", sum(counts), "missing")
+        return Counted([0] * n, "none", 0, "missing")
+    if n == 1:
+        return Counted([billed], "usage", billed)
+    if known is not None and sum(known) == billed:
+        return Counted(known, "logprobs", billed)
+    if known is not None and billed < UNDERBILLED * sum(known):
+        return Counted(known, "logprobs", sum(known), "underbilled")
     if count_tokens is not None:
-        return [count_tokens(text) for text in texts], "tokenizer"
-    return [billed // len(texts)] * len(texts), "split"
+        counts = [count_tokens(text) for text in texts]
+        if billed < UNDERBILLED * sum(counts):
+            return Counted(counts, "tokenizer", sum(counts), "underbilled")
+        return Counted(counts, "tokenizer", billed)
+    return Counted([billed // n] * n, "split", billed, "unchecked")
+
+
+def token_warning(counted: Counted, name: str, tokenizer: bool) -> str:
+    """The one line a run warns with, the first time a bill is missing, too small or unchecked."""
+    fix = ("set prompts.teacher_chat_template to the teacher's tokenizer (genssd counts with it), or serve "
+           "logprobs (teacher.logprobs: true)")  # fmt: skip
+    if counted.problem == "missing" and not tokenizer:
+        counted_how = "completion tokens from the logprobs, " if counted.source == "logprobs" else ""
+        return (f"teacher {name} sends no usage (token counts): {counted_how}prompt tokens and the cost are "
+                f"unknown (counted as 0; summary.json marks them approximate); {fix}")  # fmt: skip
+    if counted.problem == "missing":
+        return f"teacher {name} sends no usage (token counts): genssd counts them with the teacher's tokenizer"
+    if counted.problem == "underbilled":
+        return (f"teacher {name} bills fewer completion tokens than its choices hold (about one choice of n): "
+                f"genssd counts each choice from the {counted.source}, and the cost from those counts")  # fmt: skip
+    return (f"teacher {name} lists no tokens per choice that add up to its bill: each response's bill is split "
+            "evenly among its choices, unchecked (a server that bills one choice of n makes it n times too low): "
+            f"teacher tokens, kept lengths and cost are approximate (summary.json marks them); {fix}")  # fmt: skip
 
 
 def chat_messages(teacher: TeacherConfig, prompt: Prompt) -> list[dict]:
@@ -291,12 +505,11 @@ def chat_messages(teacher: TeacherConfig, prompt: Prompt) -> list[dict]:
     return [*system, {"role": "user", "content": prompt.head}, partial]
 
 
-def continued_text(message) -> str:
+def continued_text(message: ChatMessage) -> str:
     """The continuation as one string. A server with a reasoning parser hands the thinking back
     apart (`reasoning_content`, or `reasoning` in newer vLLM) and drops the `</think>` between
     the two parts; genssd puts it back, so the trace reads as the model wrote it."""
-    extra = message.model_extra or {}
-    reasoning = getattr(message, "reasoning_content", None) or extra.get("reasoning_content") or extra.get("reasoning")
+    reasoning = message.reasoning_content or message.reasoning
     content = message.content or ""
     if reasoning and content:
         return f"{reasoning}</think>{content}"
@@ -308,6 +521,30 @@ def api_key(env_name: str | None) -> str:
     if not env_name:
         return "EMPTY"  # local servers ignore it; the SDK insists on one
     key = os.environ.get(env_name, "")
+    if not key and looks_like_key(env_name):  # the key itself typed there: never echoed
+        raise UsageError("teacher.api_key_env holds what looks like a key, not the name of a variable that is set: "
+                         "put the key in an environment variable and give that variable's name")  # fmt: skip
     if not key:
         raise UsageError(f"teacher.api_key_env: environment variable {env_name} is not set")
     return key
+
+
+def key_env_of(teacher: TeacherConfig, own: EndpointConfig | None) -> str | None:
+    """The variable whose key an endpoint is sent: its own; else the teacher's, unless withheld."""
+    if own is None or own.api_key_env:
+        return own.api_key_env if own else teacher.api_key_env
+    return None if shared_key_withheld(teacher, own) else teacher.api_key_env
+
+
+def shared_key_withheld(teacher: TeacherConfig, own: EndpointConfig) -> bool:
+    """A pool's teacher-wide key is sent only to an endpoint that names no key of its own and is
+    https or on this machine: plain http elsewhere would show it to the network."""
+    if not teacher.api_key_env or own.api_key_env:
+        return False
+    url = urlsplit(own.base_url)
+    if url.scheme == "https" or url.hostname == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(url.hostname or "").is_loopback
+    except ValueError:  # a host name other than localhost
+        return True

@@ -24,8 +24,17 @@ from genssd_cli.errors import (
     TeacherFatalError,
     TeacherUnavailable,
 )
+from genssd_cli.redact import printable
 from genssd_cli.rundir.records import Candidate, TeacherReply
-from genssd_cli.teacher.endpoint import SIDELINE_AFTER, Endpoint, ForeignAnswer, Request, ShortResponse, api_key
+from genssd_cli.teacher.endpoint import (
+    SIDELINE_AFTER,
+    Endpoint,
+    Request,
+    ShortResponse,
+    api_key,
+    refusal_text,
+    shared_key_withheld,
+)
 from genssd_cli.teacher.protocol import OnReply
 from genssd_cli.teacher.response_cache import ResponseCache, model_identity
 
@@ -44,6 +53,8 @@ def error_class(exc: BaseException) -> str:
         return "connection"
     if isinstance(exc, openai.APIStatusError):
         return f"http_{exc.status_code}"
+    if isinstance(exc, ShortResponse):
+        return exc.kind  # malformed, too_large, deadline
     if isinstance(exc, (ShortResponse, openai.APIResponseValidationError, ValueError)):
         return "malformed"
     return type(exc).__name__
@@ -102,13 +113,17 @@ class TeacherClient:
         backoff_s: float = 0.5,
         count_tokens: Callable[[str], int] | None = None,
         cache: ResponseCache | None = None,
+        api_key: str | None = None,
     ):
+        """`base_url` and `api_key`: a launched server's, instead of the config's."""
         self.cfg = cfg
         self.cache = cache  # wraps sending: a request it has answered before is not sent
+        if cache is not None:  # a damaged cache row, asked again, counts as a retry
+            cache.on_ignored = lambda: self.retries.update(["cache_invalid"])
         if cfg.endpoints:
             self.endpoints = [Endpoint(cfg, own.base_url, own, count_tokens) for own in cfg.endpoints]
         else:
-            self.endpoints = [Endpoint(cfg, base_url or cfg.base_url, None, count_tokens)]
+            self.endpoints = [Endpoint(cfg, base_url or cfg.base_url, None, count_tokens, api_key)]
         self._backoff_s = backoff_s
         # Whether the servers honour n: learnt by an earlier run of this model (a hint), or by this one.
         self.honours_n: bool | None = cache.fact(model_identity(cfg), "honours_n") if cache else None  # type: ignore[assignment]
@@ -118,6 +133,9 @@ class TeacherClient:
         self._busy_since = time.monotonic()
         self.retries: Counter[str] = Counter()
         self.stop: anyio.Event | None = None  # set by the runner inside the event loop
+        # Told once per kind when a server's bill is missing, too small or unchecked (the session prints it).
+        self.warn: Callable[[str], None] | None = None
+        self._warned: set[str] = set()
 
     @property
     def cache_failure(self) -> str | None:
@@ -158,7 +176,12 @@ class TeacherClient:
                 warnings.append(f"{exc}; its share goes to the other endpoints until it answers")
         if len(warnings) == len(self.endpoints):
             raise RuntimeFailure("no teacher endpoint is reachable: " + "; ".join(warnings))
-        return warnings
+        withheld = [own.label for own in self.cfg.endpoints if shared_key_withheld(self.cfg, own)]
+        if withheld:
+            warnings.append(f"teacher.api_key_env's key is not sent to {', '.join(withheld)}: plain http to "
+                            "another machine would show it to the network (give such an endpoint its own "
+                            "api_key_env)")  # fmt: skip
+        return [printable(w) for w in warnings]
 
     def health(self) -> str:
         """`node1 3 in flight, 120 answered; node2 sidelined 8s` for the progress panel."""
@@ -259,7 +282,7 @@ class TeacherClient:
                         return await self._ask(endpoint, failed_on, request)
         except openai.BadRequestError as exc:
             if "context" in str(exc).lower():
-                raise ContextTooLong(str(exc)) from None
+                raise ContextTooLong(_brief(exc)) from None
             raise RequestRefused(f"teacher {endpoint.base_url} refused the request (400): {_brief(exc)}") from None
         except openai.AuthenticationError:
             raise TeacherFatalError(f"teacher {endpoint.base_url} rejected the API key (401)") from None
@@ -292,6 +315,10 @@ class TeacherClient:
         finally:
             self._in_flight_changes(-1)
         endpoint.succeeded()
+        for kind, line in endpoint.token_notes.items():
+            if kind not in self._warned and self.warn is not None:
+                self._warned.add(kind)
+                self.warn(line)
         return reply
 
     async def _pick(self, avoid: set[Endpoint], trajectory: tuple[str, int] | None) -> Endpoint:
@@ -348,11 +375,11 @@ async def _check_endpoint(endpoint: Endpoint, model: str) -> None:
         raise TeacherFatalError(f"teacher {endpoint.base_url} rejected the API key (401)") from None
     except (openai.APIConnectionError, openai.APIStatusError) as exc:
         raise RuntimeFailure(f"teacher endpoint {endpoint.base_url} is unreachable ({error_class(exc)})") from None
-    except ForeignAnswer as exc:  # a web page, a proxy's login: no run can work with it
+    except ShortResponse as exc:  # a web page, a proxy's login, a list of the wrong shape: no run can work with it
         raise TeacherFatalError(str(exc)) from None
     served = [m.id for m in models]
     if served and model not in served:
-        listed = ", ".join(served[:5])
+        listed = ", ".join(printable(str(m))[:80] for m in served[:5])  # a server's text: no escape sequences
         raise TeacherFatalError(f"teacher model {model!r} is not served at {endpoint.base_url} (it serves: {listed})")
 
 
@@ -379,6 +406,4 @@ def _severity(exc: Exception) -> int:
 
 
 def _brief(exc: openai.APIStatusError) -> str:
-    body = exc.body if isinstance(exc.body, dict) else {}
-    message = body.get("message") or (body.get("error") or {}).get("message") if body else None
-    return (message or str(exc)).splitlines()[0][:200]
+    return refusal_text(exc)  # one bounded line, control characters removed (a malformed body: the endpoint's)

@@ -1,6 +1,8 @@
 """Teacher cost: counted from the usage of every logged response, shown while running, in
 summary.json, and `max_cost` stops a run cleanly so that raising it resumes without asking the
-teacher anything twice."""
+teacher anything twice. A bill genssd can only split (a server that bills one choice of n and
+lists no tokens) is warned about once and marked approximate in summary.json and the report; a
+server with no usage is refused with max_cost before anything is spent."""
 
 import json
 
@@ -53,10 +55,12 @@ def test_max_cost_stops_cleanly_and_raising_it_resumes(tmp_path, fake_teacher):
     assert again.returncode == 1 and "reached max_cost" in again.stderr
     assert len(server.requests()) == asked
 
-    # Raised: the run ends as the uncapped one did, asking only for what it never received.
+    # Raised: the run ends as the uncapped one did, asking only for what it never received (and
+    # the one-token request that shows, with max_cost set, that the bill can be counted).
     done = genssd("run", str(path), "--out", str(capped), "--set", f"max_cost={10 * total}")
     assert done.returncode == 0, done.stderr
-    assert len(server.requests()) - asked_whole == asked_whole
+    probes = [r for r in server.requests()[asked:] if r["max_tokens"] == 1]
+    assert len(probes) == 1 and len(server.requests()) - asked_whole - len(probes) == asked_whole
     assert (capped / "trajectories.jsonl").read_text() == (whole / "trajectories.jsonl").read_text()
     final = json.loads((capped / "summary.json").read_text())["teacher"]
     assert final["cost"] == pytest.approx(total, abs=1e-6)
@@ -82,3 +86,21 @@ def test_a_cache_hit_answered_in_another_pool_has_no_price_here():
 
     assert RunLog.of([hit("a")], teacher).saved_cost == pytest.approx((10 * 1.0 + 5 * 2.0) / 1e6)
     assert RunLog.of([hit("a"), hit("elsewhere")], teacher).saved_cost is None
+
+
+@pytest.mark.slow
+def test_a_bill_genssd_can_only_split_is_warned_and_marked_approximate(tmp_path, fake_teacher):
+    """A server that bills one choice of n and lists no tokens per choice (llama.cpp's
+    llama-server with logprobs off): the run warns once, summary.json marks its token figures
+    approximate, and `genssd report` marks them ≈ with a note."""
+    server = fake_teacher("--bill-one-choice", "--no-logprobs")
+    path = write_config(tmp_path / "c.yaml", run_config(server.base_url, data={"count": 2}))
+    run = tmp_path / "run"
+    result = genssd("run", str(path), "--out", str(run))
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout + result.stderr).count("split evenly") == 1
+    teacher = json.loads((run / "summary.json").read_text())["teacher"]
+    assert teacher["approximate_tokens"] is True and set(teacher["token_sources"]) == {"split"}
+    report = genssd("report", str(run), "--out", str(tmp_path / "report"))
+    assert report.returncode == 0, report.stderr
+    assert "≈" in report.stdout and "token counts are approximate" in report.stdout

@@ -53,6 +53,7 @@ def test_doctor_when_n_is_honoured(tmp_path, fake_teacher):
     result = doctor(tmp_path, server.base_url)
     assert result.returncode == 0, result.stderr
     assert rows(result.stdout)["n > 1 honoured"].startswith("ok asked 3 choices, got 3")
+    assert rows(result.stdout)["token counts"].startswith("ok")  # listed per choice, adding up to the bill
 
 
 def test_doctor_on_an_unreachable_endpoint_is_one_error_line(tmp_path):
@@ -120,3 +121,19 @@ def test_doctor_probes_every_endpoint_of_a_pool(tmp_path, fake_teacher):
     assert result.returncode == 1
     assert result.stdout.count("genssd doctor: fake-teacher at") == 2
     assert result.stderr.strip() == "error: the teacher endpoint cannot serve a run: dead: reachable failed"
+
+
+def test_doctor_says_when_token_counts_can_only_be_split(tmp_path, fake_teacher):
+    """Before any run: a server that bills one choice of n and lists no tokens per choice gets a
+    row saying its bill is split evenly and the figures approximate; one that lists them, that each
+    choice is counted from them; one that sends no usage at all fails doctor when max_cost is set
+    (the run would refuse it)."""
+    split = rows(doctor(tmp_path, fake_teacher("--bill-one-choice", "--no-logprobs").base_url).stdout)
+    assert split["token counts"].startswith("no") and "split evenly" in split["token counts"]
+    assert "approximate" in split["token counts"]
+    listed = rows(doctor(tmp_path, fake_teacher("--bill-one-choice").base_url).stdout)
+    assert listed["token counts"].startswith("? usage bills fewer tokens than the choices hold")
+    refused = doctor(tmp_path, fake_teacher("--no-usage", "--no-logprobs").base_url, "--set", "max_cost=1",
+                     price={"input": 1.0, "output": 1.0})  # fmt: skip
+    assert refused.returncode == 1 and "token counts" in refused.stderr
+    assert "max_cost is refused" in rows(refused.stdout)["token counts"]
