@@ -21,7 +21,7 @@ FAMILIES = {
     "pipeline", "bench",
 }  # fmt: skip
 # The modules at the top that every family may use; they import no family.
-SHARED = {"config", "methods", "answers", "stats", "models", "problems", "files", "procs", "errors", "paths"}
+SHARED = {"config", "methods", "answers", "stats", "models", "problems", "files", "procs", "errors", "paths", "redact"}
 # The package itself, `python -m genssd_cli`, and the old path of the test teacher (kept because
 # docs and scripts name `python -m genssd_cli.fake_teacher`).
 ENTRY_POINTS = {"__init__", "__main__", "fake_teacher"}

@@ -11,6 +11,7 @@ from genssd_cli.cli import bench, doctor, eval, export, pipeline, report, run, t
 from genssd_cli.cli.common import err_console
 from genssd_cli.errors import GenssdError
 from genssd_cli.files import is_write_error, write_failed
+from genssd_cli.redact import shown
 
 app = typer.Typer(
     help="Gen-SSD: grow a teacher's chain of thought chunk by chunk, keep the chunks a small "
@@ -68,5 +69,6 @@ def main() -> None:
 
 
 def _fail(message: str, code: int) -> None:
-    err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    """The one error line: credentials in a URL redacted, a server's control characters removed."""
+    err_console.print(f"error: {shown(message)}", markup=False, highlight=False, soft_wrap=True)
     sys.exit(code)

@@ -66,7 +66,7 @@ def test_steps_through_the_real_client(llama_server):
     prompt = render_prompt(load_prompt("teacher_fewshot"), "Tom has 3 bags of 5 apples. How many apples?")
 
     async def steps():
-        teacher = TeacherClient(cfg, llama_server.base_url)
+        teacher = TeacherClient(cfg, llama_server.base_url, api_key=llama_server.api_key)
         try:
             await teacher.check()
             first = await collect(teacher, prompt, 3, 12, 1234)
