@@ -10,6 +10,8 @@ import sys
 from collections.abc import Callable, Iterator
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# What stops genssd with a drain: Ctrl-C, SIGTERM, and SIGHUP (the terminal it ran in closed).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 # Run before the child's own code, in the fresh child (single-threaded, unlike genssd, where a
 # preexec_fn could deadlock): ask the kernel for SIGKILL when the parent dies, make sure the parent
@@ -43,10 +45,10 @@ def die_with(parent_pid: int) -> None:
 
 @contextlib.contextmanager
 def relay_stop(stop_all: Callable[[int], None]) -> Iterator[None]:
-    """A Ctrl-C or SIGTERM here is passed on to every child (they run in sessions of their own, so
-    the terminal's Ctrl-C reaches them once, from here): they drain and record what is in flight while
-    this process waits; a second one stops them at once."""
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    """A Ctrl-C, SIGTERM or SIGHUP here is passed on to every child (they run in sessions of their
+    own, so the terminal's Ctrl-C reaches them once, from here): they drain and record what is in
+    flight while this process waits; a second one stops them at once."""
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
 
     def relay(signum, frame) -> None:
         stop_all(signal.SIGTERM)
@@ -66,14 +68,16 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
 
 @contextlib.contextmanager
 def sigterm_as_keyboard_interrupt() -> Iterator[None]:
-    """Outside an event loop, SIGTERM unwinds like Ctrl-C, so what `finally` stops is stopped."""
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    """Outside an event loop, SIGTERM and SIGHUP unwind like Ctrl-C, so what `finally` stops is stopped."""
+    previous = {s: signal.signal(s, _raise_keyboard_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def reinstall_sigterm_as_keyboard_interrupt() -> None:
-    """After an event loop that replaced the handler."""
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    """After an event loop that replaced the handlers."""
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, _raise_keyboard_interrupt)

@@ -182,7 +182,7 @@ def test_faults_on_a_fifth_of_requests_lose_nothing(tmp_path, fake_teacher):
           f"asked on resume={len(asked)}")  # fmt: skip
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])  # SIGHUP: its terminal closed
 def test_first_signal_drains_and_records_what_was_in_flight(tmp_path, fake_teacher, signum):
     server = fake_teacher("--ignore-n", "--latency-per-token", "0.03")
     cfg = run_config(server.base_url, data={"count": 6}, engine={"max_active_problems": 6})

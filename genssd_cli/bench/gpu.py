@@ -42,6 +42,7 @@ from typing import Any
 from genssd_cli.bench.models import RANDOM_INIT_SHAPES
 from genssd_cli.errors import UsageError
 from genssd_cli.files import make_out_dir
+from genssd_cli.procs import die_with_parent
 
 JSONL, SUMMARY_MD, PARTS_LOG = "gpu-check.jsonl", "summary.md", "parts.log"
 FULL_BUDGET_S = 480.0  # the parts' budgets below add up to this; --budget-s scales them
@@ -218,8 +219,8 @@ def _run_part(part: Part, spec: dict, timeout: float, log: Path) -> PartResult:
     env.setdefault("HF_HUB_OFFLINE", "1")  # random-init shapes and local folders only: never wait on a network
     command = [sys.executable, "-m", "genssd_cli.bench.gpu_parts", part.name, json.dumps(spec), str(result_file)]
     started = time.monotonic()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               text=True, env=env, start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(die_with_parent(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL, text=True, env=env, start_new_session=True)  # fmt: skip
     try:
         output, _ = process.communicate(timeout=timeout)
         status = "ok" if process.returncode == 0 else "failed"

@@ -24,7 +24,15 @@ from rich.console import Console
 from genssd_cli.config import DataConfig, EvalConfig, load_eval_config
 from genssd_cli.errors import RuntimeFailure, UsageError
 from genssd_cli.eval.outdir import METRICS, SAMPLES, SETTINGS, read_eval_settings
-from genssd_cli.files import LineFile, check_out_dir, make_out_dir, parse_jsonl, write_atomic
+from genssd_cli.files import (
+    LineFile,
+    check_out_dir,
+    cut_torn_tail,
+    locked_out_dir,
+    make_out_dir,
+    parse_jsonl,
+    write_atomic,
+)
 from genssd_cli.problems import (
     HELDOUT_COUNT,
     HELDOUT_SEED,
@@ -138,13 +146,14 @@ def eval_command(options: EvalOptions, console: Console) -> dict[str, Any]:
                 "samples": samples, "prompt_sha256": _sha(template),
                 **cfg.model_dump(exclude={"device", "batch_size", "backend", "vllm_args"})}  # fmt: skip
     _check_settings(out, settings)
-    done = _read_samples(out)
-    todo = [p for p in problems if any((p.id, k) not in done for k in range(samples))]
-    if todo:
-        _generate_missing(options, cfg, template, todo, _Samples(out, settings, done, samples), console)
-    metrics = compute_metrics(problems, done, samples)
-    metrics.update({"model": model_ref, "adapter": settings["adapter"], "dataset": dataset})
-    write_atomic(out / METRICS, json.dumps(metrics, indent=2) + "\n")
+    with locked_out_dir(out):  # a second eval on this folder is refused: its samples would mix
+        done = _read_samples(out)
+        todo = [p for p in problems if any((p.id, k) not in done for k in range(samples))]
+        if todo:
+            _generate_missing(options, cfg, template, todo, _Samples(out, settings, done, samples), console)
+        metrics = compute_metrics(problems, done, samples)
+        metrics.update({"model": model_ref, "adapter": settings["adapter"], "dataset": dataset})
+        write_atomic(out / METRICS, json.dumps(metrics, indent=2) + "\n")
     metrics["out"] = str(out)
     return metrics
 
@@ -294,9 +303,7 @@ def _read_samples(out: Path) -> dict[tuple[str, int], dict]:
     """Finished samples; a torn last line (killed mid-write) is cut off, to be generated again."""
     path = out / SAMPLES
     rows = parse_jsonl(path, "move the file away to start over")
-    if path.exists():  # new rows are appended after the last whole line
-        with open(path, "r+b") as f:
-            f.truncate(f.read().rfind(b"\n") + 1)
+    cut_torn_tail(path)  # new rows are appended after the last whole line
     try:
         return {(row["problem_id"], row["sample"]): row for row in rows}
     except (KeyError, TypeError):

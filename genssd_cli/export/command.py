@@ -25,12 +25,13 @@ from genssd_cli.errors import UsageError
 from genssd_cli.export.card import dataset_card
 from genssd_cli.export.folder import check_out, write_folder
 from genssd_cli.export.rows import dataset_rows, read_runs
+from genssd_cli.files import hold_lock, make_out_dir, remove_lock
 
 
 def export_command(run_dirs: list[Path], out: Path, only_correct: bool) -> dict[str, Any]:
     """Writes the dataset folder; returns its counts for the command's one line."""
     folder = Path(os.path.abspath(out))  # "." and ".." resolved: the folder is renamed by parent and name
-    replacing = check_out(folder)
+    check_out(folder)  # refused before the runs are read
     runs = read_runs(run_dirs)
     rows = dataset_rows(runs, only_correct)
     total = sum(len(r.rows) for r in runs)
@@ -39,5 +40,12 @@ def export_command(run_dirs: list[Path], out: Path, only_correct: bool) -> dict[
         raise UsageError(f"nothing to export: {what} in {', '.join(map(str, run_dirs))}")
     today = datetime.datetime.now(datetime.UTC).date().isoformat()
     card = dataset_card(runs, rows, only_correct, folder.name, today)
-    write_folder(folder, rows, card, replacing)
+    # The folder is replaced whole, so its lock lies beside it; checked again once held.
+    make_out_dir(folder.parent)
+    lock = folder.parent / f".{folder.name}.lock"
+    held = hold_lock(lock, f"{out} is in use by another genssd command")
+    try:
+        write_folder(folder, rows, card, check_out(folder))
+    finally:
+        remove_lock(held, lock)
     return {"rows": len(rows), "correct": sum(r["correct"] for r in rows), "runs": len(runs), "out": str(out)}

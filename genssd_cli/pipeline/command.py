@@ -36,7 +36,7 @@ from genssd_cli.config import (
 )
 from genssd_cli.errors import RuntimeFailure, UsageError
 from genssd_cli.eval.command import check_dataset, dataset_slug
-from genssd_cli.files import make_out_dir, write_atomic
+from genssd_cli.files import locked_out_dir, write_atomic
 from genssd_cli.paths import bundled_dir
 
 RUN, TRAIN, EVAL, REPORT = "run", "train", "eval", "report"
@@ -115,13 +115,18 @@ def _check_samples(e: EvalStageSettings, settings: EvalConfig, eval_config: Path
 def pipeline_command(
     config_path: Path, out: Path | None, overrides: list[str], console: Console, resume_hint: str
 ) -> dict[str, Any]:
-    from genssd_cli.train.command import ADAPTER
-
     cfg = load_pipeline_config(config_path, overrides)
     run_config = _beside(config_path, cfg.run_config)
     out = out or Path(cfg.out or Path("runs") / config_path.stem)
     check_eval(cfg, config_path, run_config)
-    make_out_dir(out)
+    with locked_out_dir(out):  # a second pipeline here would run every stage twice, side by side
+        return _run_stages(cfg, config_path, run_config, out, console, resume_hint)
+
+
+def _run_stages(cfg: PipelineConfig, config_path: Path, run_config: Path, out: Path, console: Console,
+                resume_hint: str) -> dict[str, Any]:  # fmt: skip
+    from genssd_cli.train.command import ADAPTER
+
     evals, names = stage_names(cfg)
     study = _Study(cfg, config_path, run_config, _beside(config_path, cfg.train_config), console, resume_hint)
     stages = _Stages(out, names, _earlier_stages(out / "pipeline.json"), console,

@@ -8,40 +8,27 @@ Only the event-loop thread writes, so one `RunStore` owns the log file alone.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import anyio
 
-from genssd_cli.errors import RuntimeFailure, UsageError
-from genssd_cli.files import LineFile, WriteFailed, write_atomic, write_failed
+from genssd_cli import files
+from genssd_cli.errors import UsageError
+from genssd_cli.files import LineFile, WriteFailed, hold_lock, refuse_symlink, write_atomic, write_failed
 from genssd_cli.rundir.layout import EVENTS, LOCK
 from genssd_cli.rundir.records import Event, Record
 
-TAIL_BLOCK = 1 << 16
+# New run folders and logs: the owner's only (less what the umask takes too).
+PRIVATE_DIR = 0o700
+PRIVATE_FILE = 0o600
 
 
 def torn_tail(run_dir: Path) -> bytes:
-    """Bytes after the last newline: a record whose write was cut short."""
-    path = run_dir / EVENTS
-    if not path.exists():
-        return b""
-    with open(path, "rb") as f:  # read backwards from the end: the log may be larger than memory
-        end = f.seek(0, os.SEEK_END)
-        tail = b""
-        while end > 0:
-            start = max(0, end - TAIL_BLOCK)
-            f.seek(start)
-            tail = f.read(end - start) + tail
-            cut = tail.rfind(b"\n")
-            if cut >= 0:
-                return tail[cut + 1 :]
-            end = start
-        return tail
+    """Bytes after the last newline of the log: a record whose write was cut short."""
+    return files.torn_tail(run_dir / EVENTS)
 
 
 class RunStore:
@@ -61,23 +48,12 @@ class RunStore:
     def __enter__(self) -> RunStore:
         try:
             self._created = not self.dir.exists()
-            self.dir.mkdir(parents=True, exist_ok=True)
-            lock = open(self.dir / LOCK, "a+")
+            self.dir.parent.mkdir(parents=True, exist_ok=True)
+            self.dir.mkdir(mode=PRIVATE_DIR, exist_ok=True)  # prompts and replies: the owner's only (docs/resume.md)
         except OSError as exc:
             raise UsageError(f"cannot write to run directory {self.dir}: {exc.strerror}") from None
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "?"
-            lock.close()
-            raise RuntimeFailure(f"run directory {self.dir} is in use by another genssd run (pid {holder})") from None
-        with contextlib.suppress(OSError):  # the holder's pid is for the message only; a full disk may refuse it
-            lock.seek(0)
-            lock.truncate()
-            lock.write(str(os.getpid()))
-            lock.flush()
-        self._lock_file = lock
+        busy = f"run directory {self.dir} is in use by another genssd run"
+        self._lock_file = hold_lock(self.dir / LOCK, busy, f"run directory {self.dir}")
         return self
 
     def __exit__(self, exc_type, *exc: object) -> None:
@@ -106,6 +82,7 @@ class RunStore:
     def open_log(self) -> None:
         """Set a torn tail aside (kept in events.jsonl.torn for inspection) and open for append."""
         path = self.dir / EVENTS
+        refuse_symlink(path)  # before the torn tail is cut: never in the file a link names
         tail = torn_tail(self.dir)
         if tail:
             torn = path.with_suffix(".jsonl.torn")
@@ -116,7 +93,7 @@ class RunStore:
                 raise write_failed(torn, exc) from None
             with open(path, "r+b") as log:
                 log.truncate(path.stat().st_size - len(tail))
-        self._events = LineFile(path)
+        self._events = LineFile(path, PRIVATE_FILE)
 
     @property
     def log_open(self) -> bool:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from genssd_cli.redact import shown
 from genssd_cli.run.options import RunOptions
 
 POLL_S = 0.5
@@ -64,5 +65,10 @@ def relaunch(command: ShardCommand, code: int, max_restarts: int, console: Conso
 def _last_error(log: Path) -> str:
     if not log.is_file():
         return ""
-    lines = [line for line in log.read_text(errors="replace").splitlines() if line.startswith("error: ")]
-    return lines[-1].removeprefix("error: ") if lines else ""
+    last = b""
+    with open(log, "rb") as lines:  # line by line: a shard's log grows with its run
+        for line in lines:
+            if line.startswith(b"error: "):
+                last = line
+    text = last.decode("utf-8", errors="replace").rstrip("\r\n").removeprefix("error: ")
+    return shown(text) if last else ""  # a log line: shown as any error is

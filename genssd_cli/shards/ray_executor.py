@@ -5,7 +5,7 @@ process that dies under a live actor is started again from here. Nothing here wr
 the shard processes do, so RUN must be on a filesystem every node mounts.
 
 On an existing cluster: `genssd run CONFIG --shards N --executor ray --ray-address auto` on a
-node of it (or `ray://HEAD:10001`); without an address Ray starts a local cluster.
+node of it (or `ray://HEAD:10001`); without an address a local cluster of the run's own, on loopback only.
 """
 
 from __future__ import annotations
@@ -70,12 +70,7 @@ class ShardWorker:
 
 def run_on_ray(commands: list[ShardCommand], address: str | None, gpus_per_shard: float | None, max_restarts: int,
                console: Console) -> None:  # fmt: skip
-    import ray
-
-    try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise RuntimeFailure(f"cannot reach the Ray cluster {address or '(local)'}: {exc}") from None
+    ray = _init_ray(address)
     try:
         cluster_gpus = ray.cluster_resources().get("GPU", 0)
         gpus = gpus_per_shard if gpus_per_shard is not None else (1 if cluster_gpus else 0)
@@ -91,6 +86,44 @@ def run_on_ray(commands: list[ShardCommand], address: str | None, gpus_per_shard
         _watch({c.index: worker.remote() for c in commands}, commands, max_restarts, console)
     finally:
         ray.shutdown()
+
+
+def _init_ray(address: str | None):
+    """Ray, attached to the cluster the user named (`auto` reads RAY_ADDRESS) or, without an
+    address, a new local cluster of this run's own whose services listen on loopback only:
+    `address="local"` never attaches to a cluster found in RAY_ADDRESS or under /tmp/ray."""
+    if address is not None:
+        import ray
+
+        return _connect(ray, address=address)
+    # Ray swaps a loopback node address for the machine's own (and so binds its gRPC servers to
+    # every interface) unless "clusters" are off, as they are on macOS and Windows: read when Ray
+    # is imported and by the services it starts, so set in the environment first.
+    saved = os.environ.get(_LOCAL_ONLY)
+    os.environ[_LOCAL_ONLY] = "0"
+    try:
+        import ray
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False  # Ray was imported before: its constant read already
+        return _connect(ray, address="local", _node_ip_address="127.0.0.1")
+    finally:
+        if saved is None:
+            os.environ.pop(_LOCAL_ONLY, None)
+        else:
+            os.environ[_LOCAL_ONLY] = saved
+
+
+_LOCAL_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _connect(ray, address: str, **local: str):
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False, **local)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = "(local)" if address == "local" else address
+        raise RuntimeFailure(f"cannot reach the Ray cluster {where}: {exc}") from None
+    return ray
 
 
 def _watch(actors: dict, commands: list[ShardCommand], max_restarts: int, console: Console) -> None:

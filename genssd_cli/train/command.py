@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import time
 import traceback
@@ -29,7 +30,15 @@ from rich.console import Console
 
 from genssd_cli.config import StudentConfig, TrainConfig, load_run_config, load_train_config
 from genssd_cli.errors import RuntimeFailure, UsageError
-from genssd_cli.files import WriteFailed, check_out_dir, is_write_error, make_out_dir, write_atomic, write_failed
+from genssd_cli.files import (
+    WriteFailed,
+    check_out_dir,
+    is_write_error,
+    locked_out_dir,
+    make_out_dir,
+    write_atomic,
+    write_failed,
+)
 from genssd_cli.rundir.layout import CONFIG, open_finished
 from genssd_cli.rundir.records import TrajectoryRow
 from genssd_cli.train.processes import die_with_launcher, launch, print_layout, reported_once
@@ -169,6 +178,13 @@ def train_main(options: TrainOptions, processes: int, argv: list[str], console: 
 
 
 def train_command(options: TrainOptions, console: Console) -> dict[str, Any]:
+    if not is_main_process():  # rank 0 holds the folder for every process of the training
+        return _train(options, console)
+    with locked_out_dir(options.out):  # a second train here would remove this one's checkpoint in progress
+        return _train(options, console)
+
+
+def _train(options: TrainOptions, console: Console) -> dict[str, Any]:
     main = is_main_process()
     console = console if main else Console(quiet=True)  # rank 0 alone prints
     out, merge = options.out, options.merge
@@ -197,6 +213,7 @@ def train_command(options: TrainOptions, console: Console) -> dict[str, Any]:
         last = last_complete_checkpoint(out / CHECKPOINTS, console)
     last = agreed(last)  # every process resumes from the checkpoint rank 0 found
     if last:
+        refuse_unsafe_resume(last)
         console.print(f"resuming from {last}")
     started = time.monotonic()
     with _writes_to(out):
@@ -225,6 +242,22 @@ def train_command(options: TrainOptions, console: Console) -> dict[str, Any]:
         # Written last: a re-run with the same rows and settings has nothing to do.
         write_atomic(out / DONE, json.dumps({"inputs": plan.inputs, "result": result}) + "\n")
     return result
+
+
+SAFE_TORCH = (2, 6)  # torch.load defaults to weights_only: a checkpoint's RNG state cannot run code
+
+
+def refuse_unsafe_resume(checkpoint: str, torch_version: str | None = None) -> None:
+    """Resuming unpickles the checkpoint's RNG state (transformers' Trainer); below torch 2.6 that
+    may run whatever code a planted checkpoint holds, so the resume is refused in one line."""
+    if torch_version is None:
+        import torch
+
+        torch_version = torch.__version__
+    major, minor = (int(part) for part in re.findall(r"\d+", torch_version)[:2])  # "2.5.1+cu121": (2, 5)
+    if (major, minor) < SAFE_TORCH:
+        raise UsageError(f"{checkpoint}: resuming needs torch >= 2.6 (safe checkpoint loading), torch "
+                         f"{torch_version} is installed: upgrade torch, or move the checkpoints away")  # fmt: skip
 
 
 def last_complete_checkpoint(checkpoints: Path, console: Console) -> str | None:

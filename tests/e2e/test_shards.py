@@ -2,11 +2,14 @@
 directory, the endpoint limits and the budget shared out, and end to end on the real CLI with the
 deterministic test teacher and the real student — local processes and a local Ray cluster, one
 shard killed mid-run: the merged trajectories.jsonl is byte-identical to an unsharded run's and no
-recorded response is asked for again."""
+recorded response is asked for again; the local Ray cluster (RAY_ADDRESS set or not) listens on
+loopback only."""
 
 from __future__ import annotations
 
+import contextlib
 import io
+import ipaddress
 import json
 import os
 import signal
@@ -165,6 +168,24 @@ def _kill_a_shard_mid_run(run: Path, index: int, process: subprocess.Popen, kill
     return pid, seeds
 
 
+def _listening_addresses(pid: int) -> set[tuple[str, str]]:
+    """(process name, address) of every listening TCP socket of `pid` and its descendants."""
+    import psutil
+
+    found = set()
+    root = psutil.Process(pid)
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):  # a worker that ended meanwhile
+            name = process.name()
+            found |= {(name, c.laddr.ip) for c in process.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+    return found
+
+
+def _is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip.split("%")[0])
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("executor", ["local", "ray"])
 def test_sharded_run_equals_an_unsharded_one(tmp_path, fake_teacher, executor):
@@ -178,10 +199,16 @@ def test_sharded_run_equals_an_unsharded_one(tmp_path, fake_teacher, executor):
     run = tmp_path / "sharded"
     command = [sys.executable, "-m", "genssd_cli", "run", str(path), "--out", str(run), "--shards", "2",
                "--executor", executor]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # Ray: a local cluster of its own
+    # Ray: a local cluster of the run's own, whatever RAY_ADDRESS names (here: nothing listens there).
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9", "COLUMNS": "200"}
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**env, "COLUMNS": "200"})  # fmt: skip
+                               env=env)  # fmt: skip
     killed, seeds = _kill_a_shard_mid_run(run, 0, process, kill_parent=executor == "ray")
+    if executor == "ray":  # every service of the local cluster (GCS, raylet, workers, agents) on loopback
+        listening = _listening_addresses(process.pid)
+        assert {"gcs_server", "raylet"} <= {name for name, _ in listening}, listening
+        print("listening:", sorted(listening))
+        assert all(_is_loopback(ip) for _, ip in listening), listening
     asked_at_kill = len(server.requests())
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, out + err

@@ -76,7 +76,7 @@ def test_run_directory_is_exclusive(tmp_path):
 @pytest.mark.parametrize(("policy", "expected"), [("record", 5), ("never", 0), ("interval", 1)])
 def test_fsync_policy(tmp_path, monkeypatch, policy, expected):
     synced = []
-    monkeypatch.setattr("genssd_cli.rundir.store.os.fsync", synced.append)
+    monkeypatch.setattr("genssd_cli.files.os.fsync", synced.append)
     with RunStore(tmp_path / "run", fsync=policy, fsync_interval_ms=60_000) as store:
         store.open_log()
         for i in range(5):
