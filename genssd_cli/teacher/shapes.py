@@ -42,12 +42,12 @@ class _Shape(BaseModel):
 
 
 class Usage(_Shape):
-    """Its counts are judged where they are used (endpoint.usage_count): a count that is no count
+    """Its counts are judged where they are used (token_counts.usage_count): a count that is no count
     is treated as missing and counted from the logprobs or the tokenizer, not refused."""
 
 
 class CompletionLogprobs(_Shape):
-    """OpenAI's `tokens`, or llama-server's `content`: read by endpoint.listed_tokens."""
+    """OpenAI's `tokens`, or llama-server's `content`: read by token_counts.listed_tokens."""
 
 
 class CompletionChoice(_Shape):
@@ -64,7 +64,7 @@ class ChatMessage(_Shape):
 
 
 class ChatLogprobs(_Shape):
-    """`content`: read by endpoint.listed_tokens."""
+    """`content`: read by token_counts.listed_tokens."""
 
 
 class ChatChoice(_Shape):

@@ -11,10 +11,11 @@ from conftest import collect
 from genssd_cli.config import TeacherConfig
 from genssd_cli.errors import RuntimeFailure, StopRequested, TeacherFatalError, TeacherUnavailable, UsageError
 from genssd_cli.rundir.records import TeacherReply
-from genssd_cli.teacher.endpoint import Prompt, Request, per_choice_tokens
+from genssd_cli.teacher.endpoint import Prompt, Request
 from genssd_cli.teacher.pool import TeacherClient
 from genssd_cli.teacher.response_cache import ResponseCache, model_identity, request_identity
 from genssd_cli.teacher.servers.test_teacher import continuation
+from genssd_cli.teacher.token_counts import per_choice_tokens
 
 
 def client(url: str, **kw) -> TeacherClient:

@@ -11,10 +11,10 @@ from conftest import collect
 
 from genssd_cli.config import TeacherConfig
 from genssd_cli.errors import UsageError
-from genssd_cli.teacher.endpoint import listed_tokens, per_choice_tokens, usage_count
 from genssd_cli.teacher.pool import TeacherClient
 from genssd_cli.teacher.probes import usage_preflight
 from genssd_cli.teacher.servers.test_teacher import continuation
+from genssd_cli.teacher.token_counts import listed_tokens, per_choice_tokens, usage_count
 
 PROMPT, STOP = "Q: 5-2?\nA:", ["\nQuestion:"]
 
