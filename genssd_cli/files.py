@@ -230,11 +230,11 @@ def hold_lock(path: Path, busy: str, folder: str | None = None) -> IO[str]:
         if _still_named(lock, path):
             break
         lock.close()  # its holder removed the file as it let go (`remove_lock`): take the new one
-    with contextlib.suppress(OSError):  # the holder's pid is for the message only; a full disk may refuse it
-        lock.seek(0)
-        lock.truncate()
-        lock.write(str(os.getpid()))
-        lock.flush()
+    # The holder's pid is for the message only; a full disk may refuse it. Written past the file
+    # object's buffer: a refused write left in the buffer would be tried again, and raise, at close.
+    with contextlib.suppress(OSError):
+        os.ftruncate(lock.fileno(), 0)
+        os.pwrite(lock.fileno(), str(os.getpid()).encode(), 0)
     return lock
 
 
@@ -258,8 +258,8 @@ def remove_lock(lock: IO[str], path: Path) -> None:
 def locked_out_dir(path: Path, lock: Path | None = None) -> Iterator[None]:
     """A command's output folder, made and held while the command writes it: a second genssd
     command on it is refused in one line naming it. The lock is `path/.lock` unless `lock` names
-    another file (a folder replaced whole keeps its lock beside it). A folder made here that holds
-    only the lock at the end (the command refused before writing) is taken back."""
+    another file (a folder replaced whole keeps its lock beside it), removed when the command ends.
+    A folder made here that is empty at the end (the command refused before writing) is taken back."""
     created = not path.exists()
     make_out_dir(path)
     lock = lock or path / LOCK
@@ -267,11 +267,10 @@ def locked_out_dir(path: Path, lock: Path | None = None) -> Iterator[None]:
     try:
         yield
     finally:
-        held.close()
-        if created and {p.name for p in path.iterdir()} <= {LOCK}:
+        remove_lock(held, lock)  # the folder holds what the command wrote, and nothing of ours besides
+        if created:
             with contextlib.suppress(OSError):
-                (path / LOCK).unlink(missing_ok=True)
-                path.rmdir()
+                path.rmdir()  # only when empty: the command was refused before writing
 
 
 # ---- reading what was appended --------------------------------------------------------------

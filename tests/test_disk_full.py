@@ -165,9 +165,9 @@ def test_eval_samples_on_a_full_disk_resume(tmp_path, small_disk):
     expected = (reference.path / "eval/samples.jsonl").read_text().splitlines()
     assert len(expected) == 12 and len("".join(expected)) > 4096  # more than a page
 
-    # Room for the settings (a 4 KiB page) and about half of the samples: the disk fills while
-    # samples are appended.
-    disk = small_disk(len("".join(expected)) // 2, overhead=4096)
+    # Room for the settings and the folder's lock (a 4 KiB page each) and about half of the samples:
+    # the disk fills while samples are appended.
+    disk = small_disk(len("".join(expected)) // 2, overhead=2 * 4096)
     out = disk.path / "eval"
     full = disk.genssd(*args, "--out", str(out))
     check_refused_in_one_line(full, out / "samples.jsonl")

@@ -55,7 +55,8 @@ def test_a_second_train_on_a_held_folder_is_refused_in_one_line(tmp_path):
 
 def test_a_folder_made_for_a_refused_command_is_taken_back(tmp_path):
     """The lock makes the folder; a command refused before writing anything leaves none behind,
-    and the lock is free again once the command ends."""
+    and the lock is free again once the command ends, its file removed (nothing of ours stays in
+    the user's folder)."""
     out = tmp_path / "new"
     with pytest.raises(UsageError), locked_out_dir(out):
         raise UsageError("refused")
@@ -64,7 +65,7 @@ def test_a_folder_made_for_a_refused_command_is_taken_back(tmp_path):
         (out / "kept").write_text("x")
     with locked_out_dir(out):  # released: the next command takes it
         pass
-    assert sorted(p.name for p in out.iterdir()) == [files.LOCK, "kept"]
+    assert sorted(p.name for p in out.iterdir()) == ["kept"]
 
 
 def test_write_atomic_temporary_names_are_unique_under_two_threads(tmp_path):

@@ -180,6 +180,7 @@ def train_main(options: TrainOptions, processes: int, argv: list[str], console: 
 def train_command(options: TrainOptions, console: Console) -> dict[str, Any]:
     if not is_main_process():  # rank 0 holds the folder for every process of the training
         return _train(options, console)
+    check_out_dir(options.out)  # a file in its place is said as such, before the lock would try to make it
     with locked_out_dir(options.out):  # a second train here would remove this one's checkpoint in progress
         return _train(options, console)
 

@@ -143,12 +143,15 @@ def test_a_grid_runs_cheapest_first_shares_the_cache_and_a_second_tune_asks_noth
     # The recommendation, by the stated rule on the recomputed numbers.
     for point in points:
         assert close(point["teacher_tokens_per_correct_row"], numbers[point["slug"]]["teacher_tokens_per_correct_row"])
+    # (The rule's choices among points are tested in process: test_the_recommendation_rule_is_…; the
+    # test teacher's answers are rarely right, so a pilot here may have no correct row, and then no pick.)
     most = max(m["correct"] for m in numbers.values())
     eligible = [p["slug"] for p in points if numbers[p["slug"]]["correct"] >= max(1, most / 2)]
-    expected = min(eligible, key=lambda s: (numbers[s]["teacher_tokens_per_correct_row"], -numbers[s]["correct"]))
+    expected = min(eligible, key=lambda s: (numbers[s]["teacher_tokens_per_correct_row"], -numbers[s]["correct"]),
+                   default=None)  # fmt: skip
     assert record["recommendation"]["slug"] == expected
     assert record["recommendation"]["rule"].startswith("our rule")
-    assert f"recommended: {expected}" in result.stdout
+    assert (f"recommended: {expected}" in result.stdout) == (expected is not None)
     markdown = (out / "tune.md").read_text()
     assert "our rule" in markdown and "What a pilot can and cannot predict" in markdown
     assert "cannot predict the trained student's accuracy" in markdown
@@ -185,7 +188,8 @@ def test_the_budget_is_the_whole_sweeps_and_ends_it_cleanly(tmp_path, fake_teach
     assert not (out / second["slug"]).exists() and second["max_cost"] is None and "kept" not in second
     assert record["recommendation"]["slug"] is None  # a partial point is not recommended
     sent = len(server.requests())
-    assert sent == first["requests"] > 0
+    probes = [r for r in server.requests() if r["max_tokens"] == 1]  # max_cost's check that the bill can be counted
+    assert len(probes) == 1 and sent - len(probes) == first["requests"] > 0
 
     # Again with the same budget: nothing asked, the same table.
     again = genssd(*args)
