@@ -1,7 +1,5 @@
-"""Reading `genssd doctor`'s table back from its terminal output, for the e2e tests that run doctor
-against real servers (imported as `doctor_table`: pytest puts this folder on sys.path for its test
-files; a test module of another folder, such as tests/teacher/test_doctor.py, is not importable
-from here when the whole tree is collected). No tests here."""
+"""Reading `genssd doctor`'s table back from its terminal output, for the tests that run doctor
+(imported as `doctor_table`: pytest puts this folder on sys.path for its test files). No tests here."""
 
 
 def rows(stdout: str) -> dict[str, str]:

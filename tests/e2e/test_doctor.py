@@ -4,29 +4,12 @@ that continues a partial assistant message — or does not) and, in test_real_te
 llama.cpp server."""
 
 from conftest import genssd, run_config, write_config
+from doctor_table import rows
 
 
 def doctor(tmp_path, base_url: str, *extra: str, **teacher):
     config = write_config(tmp_path / "c.yaml", run_config(base_url, teacher=teacher))
     return genssd("doctor", str(config), *extra)
-
-
-def rows(stdout: str) -> dict[str, str]:
-    """check name -> the rest of its table row (a row folded over several lines joined up)."""
-    found: dict[str, list[list[str]]] = {}
-    last = None
-    for line in stdout.splitlines():
-        cells = [c.strip() for c in line.split("│")]
-        if len(cells) <= 3:
-            last = None
-            continue
-        if cells[1]:
-            last = cells[1]
-            found[last] = [[c] for c in cells[2:]]
-        elif last is not None:
-            for column, cell in zip(found[last], cells[2:], strict=False):
-                column.append(cell)
-    return {check: " ".join(" ".join(p for p in col if p) for col in cols) for check, cols in found.items()}
 
 
 def test_doctor_reports_what_the_endpoint_does(tmp_path, fake_teacher):
