@@ -1,5 +1,2 @@
-"""The `genssd` command line: the Typer app (app.py) and one module per command."""
-
-from genssd_cli.cli.app import main
-
-__all__ = ["main"]
+"""The `genssd` command line: the Typer app (app.py, whose `main` is the `genssd` script) and one
+module per command."""
